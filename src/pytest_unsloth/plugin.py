@@ -1,1 +1,116 @@
-"""pytest-unsloth hooks."""
+"""pytest-unsloth's hooks (the ``pytest11`` entry point named ``unsloth``).
+
+Imported by every pytest run in the environment, so it imports only the standard library and
+pytest; everything else loads inside the hooks that need it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+import pytest
+
+# Modules registered as plugins at configure time: their fixtures, markers and hooks.
+_PLUGIN_MODULES = (
+    ("unsloth-markers", "pytest_unsloth.markers"),
+    ("unsloth-fixtures", "pytest_unsloth.fixtures"),
+    ("unsloth-grpo-fixture", "pytest_unsloth.grpo.fixture"),
+)
+
+
+def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
+    """Register the hook specifications (``pytest_unsloth_checks`` and friends)."""
+    from pytest_unsloth import hooks
+
+    pluginmanager.add_hookspecs(hooks)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """Add the ``--unsloth-*`` options and ``unsloth_*`` ini keys."""
+    from pytest_unsloth.settings import addoptions
+
+    addoptions(parser)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    """Resolve the settings once and register the parts of the plugin."""
+    from pytest_unsloth.settings import SETTINGS_KEY, resolve
+
+    settings = resolve(config)
+    config.stash[SETTINGS_KEY] = settings
+    config.addinivalue_line(
+        "markers", "unsloth_env: an environment check item made by pytest --unsloth-env"
+    )
+    pm = config.pluginmanager
+    for name, module in _PLUGIN_MODULES:
+        if not pm.has_plugin(name):
+            try:  # TEMP while the parts are being written
+                pm.register(importlib.import_module(module), name)
+            except ModuleNotFoundError as exc:
+                if exc.name != module:
+                    raise
+    if settings.env:
+        from pytest_unsloth.checks import BuiltinChecks
+        from pytest_unsloth.report import Reporter
+
+        pm.register(BuiltinChecks(), "unsloth-builtin-checks")
+        pm.register(Reporter(config), "unsloth-reporter")
+
+
+def _env_only(config: pytest.Config) -> bool:
+    """``--unsloth-env`` without test paths on the command line runs the checks alone."""
+    from pytest_unsloth.settings import SETTINGS_KEY
+
+    settings = config.stash.get(SETTINGS_KEY, None)
+    return bool(settings and settings.env and config.args_source != pytest.Config.ArgsSource.ARGS)
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """In checks-only mode, collect no test files (nothing of the user's is imported)."""
+    return True if _env_only(config) else None
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(
+    session: pytest.Session, config: pytest.Config, items: list[pytest.Item]
+) -> None:
+    """Put one ``unsloth-env::NAME`` item per selected check before the user's tests."""
+    from pytest_unsloth.settings import SETTINGS_KEY
+
+    settings = config.stash[SETTINGS_KEY]
+    if not settings.env:
+        return
+    from pytest_unsloth.items import make_items
+    from pytest_unsloth.registry import gather, select
+
+    checks = select(gather(config), settings.checks, settings.source("checks"))
+    items[:0] = make_items(session, checks)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Remember which probes the remaining check items need, to start them together."""
+    from pytest_unsloth.settings import SETTINGS_KEY
+
+    settings = session.config.stash.get(SETTINGS_KEY, None)
+    if not (settings and settings.env):
+        return
+    from pytest_unsloth.items import PROBES_WANTED_KEY, CheckItem
+
+    wanted: dict[str, None] = {}
+    for item in session.items:
+        if isinstance(item, CheckItem) and not item.check.disabled:
+            wanted.update(dict.fromkeys(item.check.probes))
+    session.config.stash[PROBES_WANTED_KEY] = tuple(wanted)
+
+
+def pytest_report_header(config: pytest.Config) -> str | None:
+    """One line with GPUs, driver and torch (with --unsloth-env or -v)."""
+    from pytest_unsloth.settings import SETTINGS_KEY
+
+    settings = config.stash.get(SETTINGS_KEY, None)
+    if not (settings and settings.env) and config.get_verbosity() < 1:
+        return None
+    from pytest_unsloth.report import header_line
+
+    return header_line()

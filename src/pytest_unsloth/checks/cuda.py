@@ -1,0 +1,273 @@
+"""Checks of the GPU side: driver, torch's CUDA build, compiled archs, bf16, free memory."""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Any
+
+from pytest_unsloth.checks.base import CheckContext, CheckFailed, CheckSkipped
+
+if TYPE_CHECKING:
+    from pytest_unsloth.gpu import GpuDevice
+    from pytest_unsloth.probe import ProbeResult
+
+GIB = 1024**3
+
+
+def _gib(n: int) -> str:
+    return f"{n / GIB:.1f} GiB"
+
+
+def visible_gpus(ctx: CheckContext) -> tuple[GpuDevice, ...]:
+    """The GPUs CUDA will see, or a skip/fail explaining why there are none."""
+    nvml = ctx.nvml
+    require = ctx.settings.require_gpu
+    if not nvml.available or not nvml.devices:
+        reason = f"NVML says {nvml.error}" if not nvml.available else "NVML reports 0 devices"
+        if require:
+            raise CheckFailed(
+                f"no usable NVIDIA GPU ({reason})",
+                f"{ctx.settings.source('require_gpu')} says this environment must have a GPU",
+                "run on a machine with an NVIDIA GPU and driver (in containers: --gpus all / the "
+                "NVIDIA container runtime)",
+            )
+        raise CheckSkipped(f"no NVIDIA GPU: {reason}")
+    if not nvml.visible:
+        raise CheckFailed(
+            f"CUDA_VISIBLE_DEVICES={nvml.cuda_visible_devices!r} hides all {len(nvml.devices)} "
+            "GPU(s) NVML sees",
+            "CUDA in this process sees no GPU, so torch falls back to the CPU and unsloth refuses "
+            "to import",
+            "unset CUDA_VISIBLE_DEVICES or list existing GPUs, e.g. CUDA_VISIBLE_DEVICES=0",
+        )
+    return nvml.visible
+
+
+def _names(gpus: tuple[GpuDevice, ...]) -> str:
+    names: dict[str, int] = {}
+    for g in gpus:
+        names[g.name] = names.get(g.name, 0) + 1
+    return ", ".join(f"{n}x {name}" if n > 1 else name for name, n in names.items())
+
+
+def _torch_probe(ctx: CheckContext) -> ProbeResult:
+    if ctx.dist("torch") is None:
+        raise CheckSkipped("torch is not installed")
+    return ctx.probe("torch")
+
+
+def cuda_tag(ctx: CheckContext) -> str | None:
+    """``cu130`` for the driver's CUDA 13.0: the newest torch build index it can run."""
+    v = ctx.nvml.cuda_driver_version
+    if not v:
+        return None
+    return f"cu{v // 1000}{(v % 1000) // 10}"
+
+
+def _base_version(version: str) -> str:
+    return version.split("+", 1)[0]
+
+
+def check_cuda(ctx: CheckContext) -> str:
+    """NVML sees the GPUs and torch (in a probe subprocess) can use them."""
+    gpus = visible_gpus(ctx)
+    nvml = ctx.nvml
+    res = _torch_probe(ctx)
+    torch_dist = ctx.dist("torch")
+    assert torch_dist is not None
+    seen = f"NVML sees {len(gpus)} GPU(s) ({_names(gpus)}, driver {nvml.driver_version}, " \
+        f"CUDA {nvml.cuda_driver_version_str})"
+    if res.status == "passed":
+        count = len(res.data.get("devices", []))
+        if count != len(gpus):
+            raise CheckFailed(
+                f"{seen} but torch sees {count}",
+                "a GPU NVML lists is unusable by CUDA (MIG without a MIG id, a fallen-off-the-bus "
+                "GPU, or a device the container cannot open)",
+                "run nvidia-smi; restrict CUDA_VISIBLE_DEVICES to the GPUs torch can open",
+            )
+        return f"{res.message}; {seen}"
+    reason = res.data.get("reason")
+    tag = cuda_tag(ctx)
+    index = f" --index-url https://download.pytorch.org/whl/{tag}" if tag else ""
+    reinstall = f"pip install --force-reinstall 'torch=={_base_version(torch_dist.version)}'{index}"
+    if reason == "cpu-build":
+        raise CheckFailed(
+            f"{seen}, but torch {torch_dist.version} is a CPU-only build",
+            "every tensor stays on the CPU: training is orders of magnitude slower, bitsandbytes "
+            "4-bit kernels are unavailable and `import unsloth` fails ('Unsloth cannot find any "
+            "torch accelerator')",
+            f"{reinstall} (a CUDA build the driver supports: CUDA {nvml.cuda_driver_version_str} "
+            "or older; reinstall torchvision/xformers to match)",
+        )
+    if reason == "cuda-unavailable":
+        runtime = res.data.get("cuda")
+        raise CheckFailed(
+            f"{seen}, but torch {torch_dist.version} (built for CUDA {runtime}) cannot use "
+            f"them: {res.data.get('init_error', res.message)}",
+            "torch falls back to the CPU and every GPU kernel (bitsandbytes, triton, unsloth) "
+            "fails",
+            _unavailable_fix(ctx, str(runtime), reinstall),
+        )
+    raise CheckFailed(
+        f"the torch probe {res.message}" + (f"; stderr: {_last_line(res.stderr_tail)}"
+                                            if res.stderr_tail else ""),
+        "torch could not initialise CUDA in a clean interpreter, so training would fail the same "
+        "way",
+        "run `python -c 'import torch; torch.cuda.init()'` to see the full error; reinstall "
+        f"torch for this driver: {reinstall}",
+    )
+
+
+def _last_line(text: str) -> str:
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1].strip() if lines else ""
+
+
+def _unavailable_fix(ctx: CheckContext, runtime: str, reinstall: str) -> str:
+    drv = ctx.nvml.cuda_driver_version
+    rt = parse_cuda_version(runtime)
+    if drv and rt and (drv // 1000, (drv % 1000) // 10) < rt:
+        return (f"the driver supports CUDA {ctx.nvml.cuda_driver_version_str} but torch needs "
+                f"{runtime}: upgrade the NVIDIA driver, or {reinstall}")
+    return ("check that this process can open /dev/nvidia* (containers: --gpus all), that "
+            "CUDA_VISIBLE_DEVICES names existing GPUs and that nvidia-smi works; then " + reinstall)
+
+
+def parse_cuda_version(text: str | None) -> tuple[int, int] | None:
+    """``"12.8"`` -> (12, 8); ``cu128`` -> (12, 8); None when unknown."""
+    if not text:
+        return None
+    m = re.fullmatch(r"(\d+)\.(\d+)(?:\.\d+)?", text.strip())
+    if m:
+        return int(m.group(1)), int(m.group(2))
+    m = re.fullmatch(r"cu(\d+)(\d)", text.strip())
+    if m:
+        return int(m.group(1)), int(m.group(2))
+    return None
+
+
+def torch_cuda_runtime(ctx: CheckContext) -> tuple[str | None, str]:
+    """torch's CUDA runtime version and where it was read (the wheel tag, else the probe)."""
+    dist = ctx.dist("torch")
+    if dist is None:
+        raise CheckSkipped("torch is not installed")
+    local = dist.version.partition("+")[2]
+    if parse_cuda_version(local):
+        major, minor = parse_cuda_version(local)  # type: ignore[misc]
+        return f"{major}.{minor}", f"torch {dist.version}"
+    if local == "cpu":
+        return None, f"torch {dist.version}"
+    res = ctx.probe("torch")
+    return res.data.get("cuda"), f"torch {dist.version}"
+
+
+def check_driver(ctx: CheckContext) -> str:
+    """The driver's CUDA version can run torch's CUDA runtime."""
+    visible_gpus(ctx)
+    nvml = ctx.nvml
+    runtime, what = torch_cuda_runtime(ctx)
+    if runtime is None:
+        raise CheckSkipped(f"{what} is a CPU-only build (see unsloth-env::cuda)")
+    rt = parse_cuda_version(runtime)
+    drv = nvml.cuda_driver_version
+    if rt is None or not drv:
+        raise CheckSkipped(f"cannot read the CUDA versions (torch: {runtime}, driver: {drv})")
+    have = (drv // 1000, (drv % 1000) // 10)
+    if have[0] < rt[0]:
+        raise CheckFailed(
+            f"driver {nvml.driver_version} supports CUDA {nvml.cuda_driver_version_str}, "
+            f"{what} needs CUDA {runtime}",
+            "a driver older than the runtime's major version cannot load its kernels: "
+            "torch.cuda.is_available() is False",
+            f"upgrade the NVIDIA driver to one supporting CUDA {runtime}, or pip install "
+            f"--force-reinstall torch --index-url https://download.pytorch.org/whl/"
+            f"{cuda_tag(ctx)}",
+        )
+    if have < rt:
+        return (f"driver CUDA {nvml.cuda_driver_version_str} is older than {what}'s CUDA "
+                f"{runtime}: runs through CUDA minor-version compatibility (no PTX JIT)")
+    return f"driver {nvml.driver_version} (CUDA {nvml.cuda_driver_version_str}) runs {what} " \
+        f"(CUDA {runtime})"
+
+
+def _passed_torch(ctx: CheckContext) -> dict[str, Any]:
+    res = _torch_probe(ctx)
+    if res.status != "passed":
+        raise CheckSkipped(f"torch cannot use the GPU here (see unsloth-env::cuda): {res.message}")
+    return dict(res.data)
+
+
+def check_arch(ctx: CheckContext) -> str:
+    """Each visible GPU's compute capability is in torch's compiled arch list (or PTX-compatible)."""
+    visible_gpus(ctx)
+    data = _passed_torch(ctx)
+    archs = data.get("arch_list") or []
+    bad = [d for d in data.get("devices", []) if not d.get("arch_ok", True)]
+    if bad:
+        dev = bad[0]
+        sm = "sm_{}{}".format(*dev["capability"])
+        raise CheckFailed(
+            f"{dev['name']} ({sm}) is not among torch {data.get('version')}'s compiled archs "
+            f"{' '.join(archs)}",
+            "kernels for this GPU are missing: CUDA calls fail with 'no kernel image is "
+            "available for execution on the device'",
+            f"install a torch build that lists {sm} (newer CUDA builds add new GPUs: "
+            f"pip install --force-reinstall torch --index-url https://download.pytorch.org/whl/"
+            f"{cuda_tag(ctx)})",
+        )
+    caps = sorted({"sm_{}{}".format(*d["capability"]) for d in data.get("devices", [])})
+    return f"{', '.join(caps)} covered by torch's archs {' '.join(archs)}"
+
+
+def _wants_fp16(ctx: CheckContext) -> bool:
+    cfg = ctx.settings.grpo_config
+    return cfg.get("bf16") is False or cfg.get("fp16") is True
+
+
+def check_bf16(ctx: CheckContext) -> str:
+    """Every visible GPU supports bf16 (TRL's configs default to bf16=True)."""
+    gpus = visible_gpus(ctx)
+    lacking = [g for g in gpus if not g.bf16]
+    if not lacking:
+        return f"bf16 supported on {len(gpus)} GPU(s) (compute capability >= 8.0)"
+    names = ", ".join(f"{g.label} sm_{g.capability[0]}{g.capability[1]}" for g in lacking)
+    if _wants_fp16(ctx):
+        return f"{names} lack bf16; the configured settings use fp16 (bf16=False)"
+    raise CheckFailed(
+        f"{names} lack bf16 (needs compute capability 8.0, Ampere or newer)",
+        "GRPOConfig/TrainingArguments default to bf16=True and fail at start-up on this GPU; "
+        "unsloth loads in float16 instead, and a bf16 config then errors",
+        "pass bf16=False, fp16=True to your GRPOConfig (and set "
+        "`unsloth_grpo_config = bf16 = False` so this check knows)",
+    )
+
+
+def check_vram(ctx: CheckContext) -> str:
+    """Free memory on each visible GPU, against ``unsloth_min_free_vram`` when set."""
+    gpus = visible_gpus(ctx)
+    need = ctx.settings.min_free_vram_gib
+    summary = "; ".join(f"{g.label}: {_gib(g.free_bytes)} free of {_gib(g.total_bytes)}"
+                        for g in gpus)
+    if need is None:
+        return summary + " (no unsloth_min_free_vram set)"
+    low = [g for g in gpus if g.free_bytes < need * GIB]
+    if not low:
+        return summary + f" (need {need:.1f} GiB)"
+    found = []
+    for g in low:
+        procs = ", ".join(
+            f"pid {p.pid} {p.name or '?'} ({_gib(p.used_bytes) if p.used_bytes else '?'})"
+            for p in g.processes
+        )
+        holders = f"; held by {procs}" if procs else ""
+        found.append(f"{g.label} has {_gib(g.free_bytes)} free of {_gib(g.total_bytes)}, "
+                     f"needs {need:.1f} GiB{holders}")
+    raise CheckFailed(
+        "; ".join(found),
+        f"{ctx.settings.source('min_free_vram_gib')} asks for {need:.1f} GiB free; loading and "
+        "the first training step would hit CUDA out of memory",
+        "stop the processes holding memory (nvidia-smi), pick another GPU with "
+        "CUDA_VISIBLE_DEVICES, or lower max_seq_length / num_generations / "
+        "gpu_memory_utilization",
+    )

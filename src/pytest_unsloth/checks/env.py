@@ -1,0 +1,257 @@
+"""Checks of what is installed: Python, packages, declared pins, known-bad combinations."""
+
+from __future__ import annotations
+
+import json
+import platform
+from importlib import resources
+from typing import TYPE_CHECKING, Any
+
+from pytest_unsloth.checks.base import CheckContext, CheckFailed, CheckSkipped
+from pytest_unsloth.meta import (
+    STACK,
+    Dist,
+    canonical,
+    combined_specifier,
+    format_specifier,
+    obviously_empty,
+    pip_install_line,
+)
+
+if TYPE_CHECKING:
+    from packaging.specifiers import SpecifierSet
+
+
+def _join(parts: list[str], limit: int = 4) -> str:
+    if len(parts) <= limit:
+        return "; ".join(parts)
+    return "; ".join(parts[:limit]) + f"; and {len(parts) - limit} more"
+
+
+def check_python(ctx: CheckContext) -> str:
+    """The interpreter satisfies Requires-Python of every installed stack package."""
+    from packaging.specifiers import InvalidSpecifier, SpecifierSet
+
+    here = platform.python_version()
+    bad = []
+    for dist in ctx.inventory.installed():
+        if not dist.requires_python:
+            continue
+        try:
+            spec = SpecifierSet(dist.requires_python)
+        except InvalidSpecifier:
+            continue
+        if not spec.contains(here, prereleases=True):
+            bad.append((dist, spec))
+    if bad:
+        parts = [f"{d.name} {d.version} requires Python {format_specifier(s)}" for d, s in bad]
+        combined = combined_specifier(s for _, s in bad)
+        return _fail_python(here, parts, combined)
+    return f"Python {here} satisfies every installed stack package's Requires-Python"
+
+
+def _fail_python(here: str, parts: list[str], combined: SpecifierSet) -> str:
+    raise CheckFailed(
+        found=f"Python {here}, but {_join(parts)}",
+        why="these packages were installed for another interpreter (a --target or --no-deps "
+        "install skips this check) and may fail to import or misbehave",
+        fix=f"use a Python matching {format_specifier(combined)} (e.g. a new virtualenv), or "
+        "reinstall the packages for this interpreter: pip install --force-reinstall "
+        + " ".join(p.split()[0] for p in parts),
+    )
+
+
+def check_packages(ctx: CheckContext) -> str:
+    """Inventory of the stack from metadata; required-but-missing, broken or shadowed fails."""
+    inv = ctx.inventory
+    missing = [r for r in ctx.settings.require if inv.get(r) is None]
+    broken = [d for d in inv.installed() if d.error]
+    shadowed = [hits for hits in inv.dists.values() if len(hits) > 1 and hits[0].version
+                and any(h.version and h.version != hits[0].version for h in hits[1:])]
+    problems: list[str] = []
+    fixes: list[str] = []
+    why: list[str] = []
+    if missing:
+        problems.append("required but not installed: " + ", ".join(missing))
+        why.append(f"{ctx.settings.source('require')} says the project needs them")
+        fixes.append("pip install " + " ".join(missing))
+    if broken:
+        problems.append(_join([f"{d.name} at {d.location}: {d.error}" for d in broken]))
+        why.append("a package with broken metadata is usually half-installed and fails to import")
+        fixes.append("pip install --force-reinstall --no-deps " + " ".join(d.name for d in broken))
+    if shadowed:
+        problems.append(_join([
+            f"{hits[0].name} {hits[0].version} ({hits[0].location}) shadows "
+            + ", ".join(f"{h.version} ({h.location})" for h in hits[1:])
+            for hits in shadowed
+        ]))
+        why.append("Python imports the first copy on sys.path, while pip and other tools may "
+                   "report the other one")
+        fixes.append("pip uninstall the stale copy (or remove it from PYTHONPATH/--target "
+                     "folders) so that one version of each package remains")
+    if problems:
+        raise CheckFailed("; ".join(problems), "; ".join(why), "; ".join(fixes))
+    versions = inv.versions()
+    if not versions:
+        return "none of the stack is installed (" + ", ".join(STACK[:6]) + ", ...)"
+    return ", ".join(f"{n} {v}" for n, v in versions.items())
+
+
+def _violations(
+    ctx: CheckContext,
+) -> tuple[dict[str, list[tuple[Dist, SpecifierSet]]], dict[str, list[tuple[Dist, SpecifierSet]]]]:
+    """Per target package: (all declared specifiers, the violated ones), stack to stack only."""
+    stack = {canonical(n) for n in STACK}
+    declared: dict[str, list[tuple[Dist, SpecifierSet]]] = {}
+    violated: dict[str, list[tuple[Dist, SpecifierSet]]] = {}
+    for dist in ctx.inventory.installed():
+        for req in dist.requirements():
+            target = canonical(req.name)
+            if target not in stack or target == dist.key:
+                continue
+            declared.setdefault(target, []).append((dist, req.specifier))
+            installed = ctx.inventory.get(target)
+            ok = installed is not None and installed.version != "" and (
+                not req.specifier or req.specifier.contains(installed.version, prereleases=True)
+            )
+            if not ok:
+                violated.setdefault(target, []).append((dist, req.specifier))
+    return declared, violated
+
+
+def check_pins(ctx: CheckContext) -> str:
+    """Every installed stack package's declared Requires-Dist on the stack holds."""
+    declared, violated = _violations(ctx)
+    if not violated:
+        n = sum(len(v) for v in declared.values())
+        return f"{n} declared requirement(s) between stack packages hold"
+    found, fixes, why = [], [], []
+    for target, bad in violated.items():
+        installed = ctx.inventory.get(target)
+        have = f"{installed.name} {installed.version} is installed" if installed else \
+            f"{target} is not installed"
+        needs = ", ".join(f"{d.name} {d.version} requires {target}{format_specifier(s)}"
+                          for d, s in bad)
+        found.append(f"{needs}; {have}")
+        combined = combined_specifier(s for _, s in declared[target])
+        if obviously_empty(combined):
+            who = ", ".join(f"{d.name} ({format_specifier(s)})" for d, s in declared[target])
+            fixes.append(f"no {target} version satisfies {who}: upgrade or downgrade one of "
+                         "those packages so that their ranges overlap")
+        else:
+            name = installed.name if installed else target
+            fixes.append(pip_install_line(name, combined))
+        if installed is None:
+            why.append(f"{target} is imported by its dependents and they fail without it")
+        else:
+            why.append(f"{target} {installed.version} is outside the range its dependents were "
+                       "released and tested with; --no-deps installs skip this check, and the "
+                       "mismatch shows up later as import errors or silent misbehaviour")
+    raise CheckFailed(_join(found), why[0] if len(why) == 1 else "; ".join(dict.fromkeys(why)),
+                      " && ".join(fixes))
+
+
+def check_user_pins(ctx: CheckContext) -> str:
+    """The project's own pins from ``unsloth_pins``."""
+    from packaging.requirements import Requirement
+
+    pins = ctx.settings.pins
+    if not pins:
+        raise CheckSkipped("no unsloth_pins configured")
+    found, fixes = [], []
+    for text in pins:
+        req = Requirement(text)
+        if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+            continue
+        dist = ctx.inventory.get(req.name)
+        if dist is None:
+            found.append(f"{req.name} is not installed (pinned {format_specifier(req.specifier)})")
+            fixes.append(pip_install_line(req.name, req.specifier))
+        elif req.specifier and not req.specifier.contains(dist.version, prereleases=True):
+            found.append(f"{dist.name} {dist.version} does not satisfy the pin {text!r}")
+            fixes.append(pip_install_line(dist.name, req.specifier))
+    if found:
+        raise CheckFailed(
+            _join(found),
+            f"{ctx.settings.source('pins')} declares the versions this project was validated with",
+            " && ".join(fixes),
+        )
+    return f"{len(pins)} pin(s) hold"
+
+
+# ----------------------------------------------------------------------------------------------
+# Known-bad combinations that metadata does not declare (data table shipped in the package).
+
+
+def load_known_bad() -> list[dict[str, Any]]:
+    """Rows of ``known_bad.json``."""
+    text = resources.files("pytest_unsloth").joinpath("known_bad.json").read_text("utf-8")
+    rows: list[dict[str, Any]] = json.loads(text)["rows"]
+    return rows
+
+
+def _row_matches(ctx: CheckContext, row: dict[str, Any]) -> dict[str, str] | None:
+    """Installed versions of the row's packages when every condition holds, else None."""
+    from packaging.specifiers import SpecifierSet
+
+    versions: dict[str, str] = {}
+    for name, spec in row.get("when", {}).items():
+        dist = ctx.inventory.get(name)
+        if dist is None or not dist.version:
+            return None
+        if spec != "*" and not SpecifierSet(spec).contains(dist.version, prereleases=True):
+            return None
+        versions[canonical(name).replace("-", "_")] = dist.version
+    return versions
+
+
+def _torchvision_rule(ctx: CheckContext) -> tuple[str, str] | None:
+    """torchvision built for another torch: (found, fix) or None."""
+    from packaging.version import InvalidVersion, Version
+
+    tv, torch = ctx.inventory.get("torchvision"), ctx.inventory.get("torch")
+    if tv is None or torch is None or not tv.version or not torch.version:
+        return None
+    # Prefer what torchvision's own metadata declares; the pins check reports that too.
+    for req in tv.requirements():
+        if canonical(req.name) == "torch" and req.specifier:
+            if req.specifier.contains(torch.version, prereleases=True):
+                return None
+            return (f"torchvision {tv.version} was built for torch{format_specifier(req.specifier)}"
+                    f", torch {torch.version} is installed",
+                    pip_install_line("torch", req.specifier))
+    try:
+        t, v = Version(torch.version), Version(tv.version)
+    except InvalidVersion:
+        return None
+    # Releases pair as torch 2.N <-> torchvision 0.(N+15) (2.0/0.15 ... 2.14/0.29).
+    if t.major == 2 and v.major == 0 and v.minor != t.minor + 15:
+        want = f"0.{t.minor + 15}.*"
+        return (f"torchvision {tv.version} does not pair with torch {torch.version} (torch 2.{t.minor}"
+                f" pairs with torchvision 0.{t.minor + 15})", f"pip install 'torchvision=={want}'")
+    return None
+
+
+RULES = {"torchvision-torch": _torchvision_rule}
+
+
+def check_known_bad(ctx: CheckContext) -> str:
+    """No installed combination matches a row of the known-bad table."""
+    rows = load_known_bad()
+    hits: list[tuple[str, str, str, str]] = []
+    for row in rows:
+        if "rule" in row:
+            res = RULES[row["rule"]](ctx)
+            if res is not None:
+                hits.append((res[0], row["why"], res[1], row["source"]))
+            continue
+        versions = _row_matches(ctx, row)
+        if versions is not None:
+            hits.append((row["found"].format(**versions), row["why"], row["fix"], row["source"]))
+    if not hits:
+        return f"none of {len(rows)} known-bad combinations matches"
+    raise CheckFailed(
+        _join([h[0] for h in hits]),
+        "; ".join(f"{h[1]} (source: {h[3]})" for h in hits),
+        " && ".join(dict.fromkeys(h[2] for h in hits)),
+    )

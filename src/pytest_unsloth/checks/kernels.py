@@ -1,0 +1,73 @@
+"""Checks that a kernel really loads and runs, one probe subprocess each."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from pytest_unsloth.checks.base import CheckContext, CheckFailed, CheckSkipped
+from pytest_unsloth.probe import PROBE_DISTS
+
+# Why a broken kernel matters, and the usual repair, per probe.
+WHY: dict[str, tuple[str, str]] = {
+    "bitsandbytes": (
+        "load_in_4bit and QLoRA use these kernels; without them loading fails or silently falls "
+        "back to 16-bit and runs out of memory",
+        "pip install --force-reinstall --no-deps 'bitsandbytes>=0.46.1' (its wheel must match "
+        "torch's CUDA major version)",
+    ),
+    "triton": (
+        "unsloth's fused kernels and torch.compile are Triton kernels; a broken Triton fails at "
+        "the first training step",
+        "reinstall the triton release your torch declares (pip install --force-reinstall torch "
+        "pulls the matching triton); make sure a C compiler is on PATH",
+    ),
+    "flash-attn": (
+        "attn_implementation='flash_attention_2' calls these kernels; an ABI mismatch crashes "
+        "at the first forward",
+        "pip install --force-reinstall --no-build-isolation flash-attn (built against the "
+        "installed torch), or uninstall it to fall back to sdpa",
+    ),
+    "xformers": (
+        "unsloth and vLLM use xformers attention when it is installed; a build for another torch "
+        "fails or falls back silently",
+        "pip install --force-reinstall xformers matching the installed torch (see its "
+        "Requires-Dist), or uninstall it",
+    ),
+    "unsloth": (
+        "a training script's first line `import unsloth` fails the same way, after the job "
+        "has already been scheduled",
+        "read the error above; reinstall with pip install --force-reinstall --no-deps unsloth "
+        "unsloth_zoo and then fix the pins the pins check reports",
+    ),
+    "vllm": (
+        "fast_inference=True / use_vllm=True start vLLM; a vLLM built for another torch fails "
+        "at model load after minutes",
+        "pip install the vllm release built for the installed torch (vllm's Requires-Dist names "
+        "it), or set fast_inference=False",
+    ),
+}
+
+
+def make_kernel_check(name: str) -> Callable[[CheckContext], str]:
+    """A check function reading the probe NAME."""
+
+    def kernel_check(ctx: CheckContext) -> str:
+        dist = PROBE_DISTS[name]
+        required = any(r.lower().replace("_", "-") == dist for r in ctx.settings.require)
+        if ctx.dist(dist) is None and not required:
+            raise CheckSkipped(f"{dist} is not installed (not required)")
+        res = ctx.probe(name)
+        if res.status == "passed":
+            return res.message
+        if res.status == "skipped" and not (required and ctx.dist(dist) is None):
+            raise CheckSkipped(res.message)
+        why, fix = WHY[name]
+        found = f"{name} probe {res.message}" if res.status == "failed" else res.message
+        tail = [ln for ln in res.stderr_tail.splitlines() if ln.strip()]
+        if tail and res.status == "failed":
+            found += f" (stderr: {tail[-1].strip()[:300]})"
+        raise CheckFailed(found, why, fix)
+
+    kernel_check.__name__ = f"check_{name.replace('-', '_')}"
+    kernel_check.__doc__ = f"The {name} kernel loads and runs in a clean interpreter."
+    return kernel_check

@@ -1,0 +1,70 @@
+"""Child side of an isolated check: ``python -m pytest_unsloth.isolated SPEC_JSON``."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+from pytest_unsloth.probes import emit, stage
+
+
+def _load(spec: dict[str, Any]) -> Any:
+    module = sys.modules.get(spec["module"])
+    if module is None:
+        try:
+            module = importlib.import_module(spec["module"])
+        except ImportError:
+            # conftest.py files are not importable by name: load them from their file.
+            file = Path(spec["file"])
+            sys.path.insert(0, str(file.parent))
+            loader_spec = importlib.util.spec_from_file_location(spec["module"], file)
+            assert loader_spec is not None and loader_spec.loader is not None
+            module = importlib.util.module_from_spec(loader_spec)
+            sys.modules[spec["module"]] = module
+            loader_spec.loader.exec_module(module)
+    obj: Any = module
+    for part in spec["qualname"].split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def main(argv: list[str]) -> dict[str, Any]:
+    """Import and run one check function; report pass, fail, skip or error."""
+    import pytest
+
+    from pytest_unsloth.checks.base import CheckContext, CheckFailed, CheckSkipped
+    from pytest_unsloth.registry import _adapt
+    from pytest_unsloth.settings import Settings
+
+    spec = json.loads(argv[0])
+    sys.path.insert(0, spec["rootpath"])
+    stage("import the check")
+    func = _load(spec)
+    target = getattr(func, "__wrapped__", func)
+    raw = spec["settings"]
+    settings = Settings(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
+    ctx = CheckContext(settings, Path(spec["rootpath"]))
+    stage("run the check")
+    try:
+        detail = _adapt(target)(ctx)
+    except CheckFailed as exc:
+        return emit("failed", exc.found, found=exc.found, why=exc.why, fix=exc.fix)
+    except CheckSkipped as exc:
+        return emit("skipped", str(exc))
+    except pytest.skip.Exception as exc:
+        return emit("skipped", str(exc.msg))
+    except Exception as exc:
+        tb = traceback.format_exc()
+        return emit("error", f"{type(exc).__name__}: {exc}", traceback=tb[-4000:])
+    return emit("passed", str(detail) if detail else "ok")
+
+
+if __name__ == "__main__":
+    from pytest_unsloth.probes import run
+
+    raise SystemExit(run("isolated", {"isolated": lambda: main(sys.argv[1:])}))

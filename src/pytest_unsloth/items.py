@@ -1,0 +1,202 @@
+"""``unsloth-env::NAME`` items: one pytest item per check, with a three-line failure report."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pytest_unsloth.checks.base import Check, CheckContext, CheckFailed, CheckSkipped
+
+PREFIX = "unsloth-env"
+PROPERTY = "unsloth_check"
+CONTEXT_KEY = pytest.StashKey[CheckContext]()
+OUR_DIR = str(Path(__file__).resolve().parent)
+
+
+def get_context(config: pytest.Config) -> CheckContext:
+    """The session's shared check context."""
+    ctx = config.stash.get(CONTEXT_KEY, None)
+    if ctx is None:
+        from pytest_unsloth.settings import get_settings
+
+        ctx = CheckContext(get_settings(config), config.rootpath, config)
+        config.stash[CONTEXT_KEY] = ctx
+    return ctx
+
+
+class CheckError(Exception):
+    """A check raised something other than the documented failure (a bug in the check)."""
+
+
+class EnvCollector(pytest.Collector):
+    """The ``unsloth-env`` node that parents every check item."""
+
+    def collect(self) -> list[pytest.Item]:  # pragma: no cover - items are made directly
+        return []
+
+
+class CheckItem(pytest.Item):
+    """One environment check as a pytest item."""
+
+    def __init__(self, *, check: Check, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.check = check
+        self.add_marker(pytest.mark.unsloth_env)
+
+    def _record(self, status: str, start: float, **fields: Any) -> None:
+        record = {
+            "name": self.check.name,
+            "status": status,
+            "duration": round(time.perf_counter() - start, 4),
+            "source": self.check.source,
+            "description": self.check.description,
+            **fields,
+        }
+        probes = self._probe_records()
+        if probes:
+            record["probes"] = probes
+        self.user_properties.append((PROPERTY, json.dumps(record, default=str)))
+
+    def _probe_records(self) -> list[dict[str, Any]]:
+        if not self.check.probes:
+            return []
+        from pytest_unsloth.probe import get_probe_store
+
+        done = get_probe_store(self.config).results()
+        out = []
+        for name in self.check.probes:
+            r = done.get(name)
+            if r is not None:
+                out.append({"name": name, "status": r.status, "origin": r.origin,
+                            "age_s": r.age_s, "duration": round(r.duration, 3),
+                            "stage": r.stage})
+        return out
+
+    def setup(self) -> None:
+        """Start every probe the selected checks need, concurrently, before the first waits."""
+        from pytest_unsloth.probe import get_probe_store
+
+        wanted = self.config.stash.get(PROBES_WANTED_KEY, ())
+        needs_probes = self.check.probes and not self.check.disabled
+        if wanted and needs_probes:
+            get_probe_store(self.config).start(wanted)
+
+    def runtest(self) -> None:
+        """Run the check; CheckFailed fails with three lines, CheckSkipped skips."""
+        start = time.perf_counter()
+        chk = self.check
+        if chk.disabled:
+            self._record("skipped", start, message=f"disabled: {chk.disabled}")
+            pytest.skip(f"disabled: {chk.disabled}")
+        try:
+            if chk.isolated:
+                detail = run_isolated(chk, get_context(self.config))
+            else:
+                detail = chk.func(get_context(self.config))
+        except CheckFailed as exc:
+            self._record("failed", start, message=exc.found, found=exc.found, why=exc.why,
+                         fix=exc.fix)
+            raise
+        except CheckSkipped as exc:
+            self._record("skipped", start, message=str(exc))
+            pytest.skip(str(exc))
+        except pytest.skip.Exception as exc:
+            self._record("skipped", start, message=str(exc.msg))
+            raise
+        except Exception as exc:
+            self._record("error", start, message=f"{type(exc).__name__}: {exc}")
+            raise
+        self._record("passed", start, message=str(detail) if detail else "ok")
+
+    def repr_failure(  # type: ignore[override]
+        self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None
+    ) -> str | Any:
+        """Three lines for a check failure; the check's own traceback for a crash."""
+        if isinstance(excinfo.value, CheckFailed):
+            return excinfo.value.render()
+        if isinstance(excinfo.value, CheckError):
+            return str(excinfo.value)
+        # A crash in user code: show the user's frames, not ours.
+        if not self.check.source.startswith("pytest-unsloth"):
+            tb = excinfo.traceback.filter(lambda e: not str(e.path).startswith(OUR_DIR))
+            if tb:
+                excinfo.traceback = tb
+            return (f"check {self.check.name!r} ({self.check.source}) raised instead of "
+                    f"passing, failing or skipping:\n"
+                    + str(excinfo.getrepr(style="short", chain=False)))
+        return super().repr_failure(excinfo)
+
+    def reportinfo(self) -> tuple[Path, int | None, str]:
+        """Location shown in reports: the check's node id."""
+        return self.path, None, f"{PREFIX}::{self.name}"
+
+
+PROBES_WANTED_KEY = pytest.StashKey[tuple[str, ...]]()
+
+
+def make_items(session: pytest.Session, checks: list[Check]) -> list[CheckItem]:
+    """One item per check under the ``unsloth-env`` collector."""
+    parent = EnvCollector.from_parent(session, name=PREFIX, nodeid=PREFIX)
+    return [CheckItem.from_parent(parent, name=c.name, check=c) for c in checks]
+
+
+# ----------------------------------------------------------------------------------------------
+# Isolated checks: the user's function re-imported and run in a subprocess with a timeout.
+
+
+def _function_ref(func: Any) -> dict[str, str]:
+    module = sys.modules.get(getattr(func, "__module__", ""), None)
+    file = getattr(module, "__file__", None)
+    if not file:
+        raise CheckError(
+            f"isolated check function {func!r} has no importable module file; define it at "
+            "module level in a conftest.py or plugin module"
+        )
+    return {"file": str(file), "module": func.__module__, "qualname": func.__qualname__}
+
+
+def run_isolated(chk: Check, ctx: CheckContext) -> str | None:
+    """Run ``chk`` in a child interpreter; a hang or crash fails only this check."""
+    from pytest_unsloth.probe import run_subprocess
+    from pytest_unsloth.registry import original_function
+
+    ref = _function_ref(original_function(chk))
+    spec = {**ref, "rootpath": str(ctx.rootpath),
+            "settings": _settings_json(ctx.settings)}
+    timeout = chk.timeout or ctx.settings.probe_timeout
+    argv = [sys.executable, "-m", "pytest_unsloth.isolated", json.dumps(spec)]
+    res = run_subprocess(argv, chk.name, timeout)
+    data = res.data
+    if res.status == "passed":
+        return res.message or None
+    if res.status == "skipped":
+        raise CheckSkipped(res.message)
+    if res.status == "failed" and "found" in data:
+        raise CheckFailed(str(data["found"]), str(data.get("why", "")), str(data.get("fix", "")))
+    if res.status == "error":
+        raise CheckError(
+            f"check {chk.name!r} ({chk.source}) raised instead of passing, failing or skipping "
+            f"(in its isolated subprocess):\n{data.get('traceback', res.message)}"
+        )
+    tail = [ln for ln in res.stderr_tail.splitlines() if ln.strip()]
+    raise CheckFailed(
+        f"isolated check {res.message}" + (f"; stderr: {tail[-1].strip()}" if tail else ""),
+        "a check that hangs or crashes here would hang or crash the training job the same way",
+        f"run the check's function ({chk.source}) by hand to see where it stops",
+    )
+
+
+def _settings_json(settings: Any) -> dict[str, Any]:
+    out = {}
+    for f in dataclasses.fields(settings):
+        if f.name == "sources":
+            continue
+        value = getattr(settings, f.name)
+        out[f.name] = dict(value) if f.name == "grpo_config" else value
+    return json.loads(json.dumps(out, default=str))  # type: ignore[no-any-return]

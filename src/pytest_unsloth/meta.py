@@ -1,0 +1,196 @@
+"""Installed versions and declared pins, read from metadata only (nothing is imported)."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata as md
+import re
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from packaging.requirements import Requirement
+    from packaging.specifiers import SpecifierSet
+
+# The packages whose versions and mutual pins decide whether a fine-tuning run works.
+STACK: tuple[str, ...] = (
+    "torch",
+    "torchvision",
+    "triton",
+    "transformers",
+    "tokenizers",
+    "huggingface-hub",
+    "accelerate",
+    "peft",
+    "trl",
+    "datasets",
+    "bitsandbytes",
+    "unsloth",
+    "unsloth-zoo",
+    "vllm",
+    "xformers",
+    "flash-attn",
+    "nvidia-ml-py",
+)
+
+
+def canonical(name: str) -> str:
+    """PEP 503 normalised name (``Unsloth_Zoo`` -> ``unsloth-zoo``)."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+@dataclasses.dataclass(frozen=True)
+class Dist:
+    """One installed distribution as its metadata declares it."""
+
+    name: str
+    version: str
+    location: str
+    requires: tuple[str, ...] = ()
+    requires_python: str | None = None
+    error: str | None = None  # set when the metadata is unreadable or incomplete
+
+    @property
+    def key(self) -> str:
+        """Canonical name."""
+        return canonical(self.name)
+
+    def requirements(self) -> list[Requirement]:
+        """Requires-Dist entries that apply here (markers evaluated, no extras requested)."""
+        from packaging.requirements import InvalidRequirement, Requirement
+
+        out = []
+        for text in self.requires:
+            try:
+                req = Requirement(text)
+            except InvalidRequirement:
+                continue
+            if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+                continue
+            out.append(req)
+        return out
+
+
+def _read(dist: md.Distribution, wanted: str) -> Dist:
+    location = str(getattr(dist, "_path", "") or "")
+    try:
+        meta = dist.metadata
+        name = (meta["Name"] if meta is not None else None) or wanted
+        version = (meta["Version"] if meta is not None else None) or ""
+        requires = tuple(dist.requires or ())
+        requires_python = meta["Requires-Python"] if meta is not None else None
+    except Exception as exc:  # corrupt METADATA must not take the session down
+        return Dist(wanted, "", location, error=f"unreadable metadata: {exc}")
+    error = None
+    if not version:
+        error = "metadata has no Version (a broken or half-removed install)"
+    return Dist(name, version, location, requires, requires_python, error)
+
+
+@dataclasses.dataclass(frozen=True)
+class Inventory:
+    """The stack's distributions as installed: the first on sys.path wins, later ones shadow."""
+
+    dists: Mapping[str, tuple[Dist, ...]]
+
+    @classmethod
+    def read(cls, names: Iterable[str] = STACK, extra: Iterable[str] = ()) -> Inventory:
+        """Look up each name on sys.path (about 1 ms each)."""
+        found: dict[str, tuple[Dist, ...]] = {}
+        for name in dict.fromkeys([*names, *extra]):
+            key = canonical(name)
+            if key in found:
+                continue
+            hits = [_read(d, name) for d in md.distributions(name=name)]
+            found[key] = tuple(hits)
+        return cls(found)
+
+    def get(self, name: str) -> Dist | None:
+        """The distribution imports resolve to, or None when not installed."""
+        hits = self.dists.get(canonical(name))
+        if hits is None:
+            hits = tuple(_read(d, name) for d in md.distributions(name=name))
+        return hits[0] if hits else None
+
+    def all(self, name: str) -> tuple[Dist, ...]:
+        """Every install of a name, in sys.path order."""
+        return self.dists.get(canonical(name), ())
+
+    def installed(self) -> list[Dist]:
+        """The winning install of every stack package present."""
+        return [hits[0] for hits in self.dists.values() if hits]
+
+    def versions(self) -> dict[str, str]:
+        """``{name: version}`` of every installed stack package."""
+        return {d.name: d.version for d in self.installed()}
+
+
+def version_of(name: str) -> str | None:
+    """Installed version of one distribution, or None (metadata only)."""
+    try:
+        return md.version(name)
+    except md.PackageNotFoundError:
+        return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Specifier arithmetic for fix lines.
+
+_ORDER = {">=": 0, ">": 0, "~=": 1, "==": 1, "===": 1, "!=": 2, "<=": 3, "<": 3}
+
+
+def format_specifier(spec: SpecifierSet) -> str:
+    """Lower bounds first, exclusions next, upper bounds last: ``>=0.18.2,!=0.19.0,<=1.15.0``."""
+    from packaging.version import InvalidVersion, Version
+
+    def key(s: object) -> tuple[int, object]:
+        op = getattr(s, "operator", "")
+        try:
+            v: object = Version(getattr(s, "version", "").rstrip(".*"))
+        except InvalidVersion:
+            v = Version("0")
+        return (_ORDER.get(op, 1), v)
+
+    return ",".join(str(s) for s in sorted(spec, key=key))
+
+
+def combined_specifier(specs: Iterable[SpecifierSet]) -> SpecifierSet:
+    """Intersection of several specifier sets (duplicates removed)."""
+    from packaging.specifiers import SpecifierSet
+
+    parts: dict[str, None] = {}
+    for spec in specs:
+        for s in spec:
+            parts[str(s)] = None
+    return SpecifierSet(",".join(parts))
+
+
+def obviously_empty(spec: SpecifierSet) -> bool:
+    """True when the lower bounds exceed the upper bounds, so no version can satisfy all."""
+    from packaging.version import InvalidVersion, Version
+
+    lows: list[tuple[Version, bool]] = []
+    highs: list[tuple[Version, bool]] = []
+    for s in spec:
+        try:
+            v = Version(s.version.rstrip(".*"))
+        except InvalidVersion:
+            continue
+        if s.operator in (">=", ">"):
+            lows.append((v, s.operator == ">"))
+        elif s.operator in ("<=", "<"):
+            highs.append((v, s.operator == "<"))
+        elif s.operator == "==" and not s.version.endswith("*"):
+            lows.append((v, False))
+            highs.append((v, False))
+    if not lows or not highs:
+        return False
+    low, low_strict = max(lows)
+    high, high_strict = min(highs)
+    return low > high or (low == high and (low_strict or high_strict))
+
+
+def pip_install_line(name: str, spec: SpecifierSet) -> str:
+    """A copy-pasteable install command for one requirement."""
+    text = format_specifier(spec)
+    return f"pip install '{name}{text}'" if text else f"pip install '{name}'"

@@ -1,0 +1,357 @@
+"""Kernel probes: each in its own ``python -m pytest_unsloth.probes NAME`` child with a timeout.
+
+The pytest process never imports torch or touches CUDA. Probes run concurrently, at most once
+per session, and once per xdist run (workers share results through a locked run directory).
+A probe that hangs is killed (its whole process group) and reported with the stage it reached;
+one that dies by a signal is reported with the signal's name and the tail of its stderr.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+if TYPE_CHECKING:
+    from pytest_unsloth.gpu import NvmlSnapshot
+    from pytest_unsloth.settings import Settings
+
+# Probe name -> the distribution whose presence makes it applicable.
+PROBE_DISTS: dict[str, str] = {
+    "torch": "torch",
+    "bitsandbytes": "bitsandbytes",
+    "triton": "triton",
+    "flash-attn": "flash-attn",
+    "xformers": "xformers",
+    "unsloth": "unsloth",
+    "vllm": "vllm",
+}
+PROBE_NAMES: tuple[str, ...] = tuple(PROBE_DISTS)
+KERNEL_PROBES: tuple[str, ...] = tuple(n for n in PROBE_NAMES if n != "torch")
+
+MARK = "@@unsloth-probe"
+STDERR_TAIL = 1500
+# Variables a probe child gets so it never blocks on the Hub and reports crashes readably.
+CHILD_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "PYTHONFAULTHANDLER": "1",
+    "PYTHONUNBUFFERED": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "UNSLOTH_DISABLE_STATISTICS": "1",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeResult:
+    """What a probe found. ``status`` is passed, failed or skipped."""
+
+    name: str
+    status: str
+    message: str
+    stage: str | None = None
+    data: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    duration: float = 0.0
+    stderr_tail: str = ""
+    origin: str = "run"  # run: probed now; shared: by another xdist worker; cache: earlier run
+    age_s: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ProbeResult:
+        """Inverse of ``to_json`` (unknown keys ignored)."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in fields})
+
+
+def child_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Environment for a child: the parent's, its import path, offline Hub, faulthandler."""
+    env = dict(os.environ if base is None else base)
+    env.update(CHILD_ENV)
+    # The child must see the packages this pytest process sees (plugins may extend sys.path).
+    paths = [p for p in sys.path if p and os.path.isdir(p)]
+    if env.get("PYTHONPATH"):
+        paths.append(env["PYTHONPATH"])
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    return env
+
+
+def _parse_output(stdout: str) -> tuple[str | None, dict[str, Any] | None]:
+    stage: str | None = None
+    result: dict[str, Any] | None = None
+    for line in stdout.splitlines():
+        if not line.startswith(MARK):
+            continue
+        kind, _, payload = line[len(MARK) :].strip().partition(" ")
+        if kind == "stage":
+            stage = payload
+        elif kind == "result":
+            with contextlib.suppress(ValueError):
+                result = json.loads(payload)
+    return stage, result
+
+
+def _tail(text: str) -> str:
+    text = text.strip()
+    return text if len(text) <= STDERR_TAIL else "…" + text[-STDERR_TAIL:]
+
+
+def _kill_group(proc: subprocess.Popen[str]) -> None:
+    try:
+        if hasattr(os, "killpg"):
+            os.killpg(proc.pid, signal.SIGKILL)
+        else:  # pragma: no cover - Windows
+            proc.kill()
+    except (ProcessLookupError, PermissionError):
+        proc.kill()
+
+
+def run_subprocess(
+    argv: list[str], name: str, timeout: float, env: Mapping[str, str] | None = None
+) -> ProbeResult:
+    """Run one child speaking the ``@@unsloth-probe`` protocol and turn what happened into a result."""
+    start = time.perf_counter()
+    try:
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            errors="replace",
+            env=dict(env) if env is not None else child_env(),
+            start_new_session=True,  # so a timeout kills the probe's own children too
+        )
+    except OSError as exc:
+        return ProbeResult(name, "failed", f"could not start {argv[0]}: {exc}")
+    timed_out = False
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        _kill_group(proc)
+        out, err = proc.communicate()
+    duration = time.perf_counter() - start
+    stage, result = _parse_output(out)
+    tail = _tail(err)
+    where = f" in stage '{stage}'" if stage else " before its first stage"
+    if timed_out:
+        return ProbeResult(
+            name, "failed", f"timed out after {timeout:g} s{where}", stage, {}, duration, tail
+        )
+    if proc.returncode < 0:
+        try:
+            signame = signal.Signals(-proc.returncode).name
+        except ValueError:
+            signame = f"signal {-proc.returncode}"
+        return ProbeResult(
+            name, "failed", f"died with {signame}{where}", stage, {}, duration, tail
+        )
+    if result is None:
+        return ProbeResult(
+            name,
+            "failed",
+            f"exited with code {proc.returncode}{where} without a result",
+            stage,
+            {},
+            duration,
+            tail,
+        )
+    return ProbeResult(
+        name=name,
+        status=str(result.get("status", "failed")),
+        message=str(result.get("message", "")),
+        stage=result.get("stage", stage),
+        data=result.get("data") or {},
+        duration=duration,
+        stderr_tail=tail if result.get("status") != "passed" else "",
+    )
+
+
+def run_probe(name: str, timeout: float, env: Mapping[str, str] | None = None) -> ProbeResult:
+    """Run the built-in probe NAME in a fresh interpreter."""
+    argv = [sys.executable, "-m", "pytest_unsloth.probes", name]
+    return run_subprocess(argv, name, timeout, env)
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock shared between processes (no-op where flock is missing)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows
+            yield
+            return
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON so that a concurrent reader sees the old file or the new one, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(data, fh)
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> Any:
+    """Read a JSON file; None when absent or unreadable."""
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except (OSError, ValueError):
+        return None
+
+
+class ProbeStore:
+    """Runs probes concurrently, each at most once per session (and per xdist run)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        nvml: NvmlSnapshot | None = None,
+        run_dir: Path | None = None,
+        cache: Any = None,
+    ) -> None:
+        self.settings = settings
+        self._nvml = nvml
+        self.run_dir = run_dir
+        self.cache = cache  # a ProbeCache (issue: results remembered between runs) or None
+        self._lock = threading.Lock()
+        self._events: dict[str, threading.Event] = {}
+        self._results: dict[str, ProbeResult] = {}
+
+    @property
+    def nvml(self) -> NvmlSnapshot:
+        """NVML snapshot deciding whether GPU probes apply (read once)."""
+        if self._nvml is None:
+            from pytest_unsloth.gpu import read_snapshot
+
+            self._nvml = read_snapshot()
+        return self._nvml
+
+    def _not_applicable(self, name: str) -> ProbeResult | None:
+        from pytest_unsloth.meta import version_of
+
+        dist = PROBE_DISTS[name]
+        if version_of(dist) is None:
+            return ProbeResult(name, "skipped", f"{dist} is not installed")
+        nvml = self.nvml
+        if not nvml.available:
+            return ProbeResult(name, "skipped", f"no NVIDIA GPU: NVML says {nvml.error}")
+        if not nvml.visible:
+            if nvml.devices:
+                why = f"CUDA_VISIBLE_DEVICES={nvml.cuda_visible_devices!r} hides all "
+                why += f"{len(nvml.devices)} GPU(s)"
+                return ProbeResult(name, "skipped", f"no GPU visible: {why}")
+            return ProbeResult(name, "skipped", "no NVIDIA GPU: NVML reports 0 devices")
+        return None
+
+    def _produce(self, name: str) -> ProbeResult:
+        early = self._not_applicable(name)
+        if early is not None:
+            return early
+        if self.cache is not None:
+            cached = self.cache.lookup(name)
+            if cached is not None:
+                return cached
+        result = run_probe(name, self.settings.probe_timeout)
+        if self.cache is not None:
+            self.cache.store(result)
+        return result
+
+    def _worker(self, name: str) -> None:
+        try:
+            if self.run_dir is None:
+                result = self._produce(name)
+            else:
+                # Another xdist worker may hold the lock and be running this probe: wait for it
+                # and reuse its result instead of probing twice.
+                target = self.run_dir / f"{name}.json"
+                with file_lock(self.run_dir / f"{name}.lock"):
+                    shared = read_json(target)
+                    if shared is not None:
+                        result = dataclasses.replace(ProbeResult.from_json(shared), origin="shared")
+                    else:
+                        result = self._produce(name)
+                        write_json_atomic(target, result.to_json())
+        except Exception as exc:  # a bug here must fail one check, not the session
+            result = ProbeResult(name, "failed", f"probe runner error: {exc!r}")
+        with self._lock:
+            self._results[name] = result
+            self._events[name].set()
+
+    def start(self, names: Iterable[str]) -> None:
+        """Start every named probe that is not started yet, all at once."""
+        for name in names:
+            if name not in PROBE_DISTS:
+                raise KeyError(f"unknown probe {name!r}; known: {', '.join(PROBE_NAMES)}")
+            with self._lock:
+                if name in self._events:
+                    continue
+                self._events[name] = threading.Event()
+            threading.Thread(target=self._worker, args=(name,), daemon=True,
+                             name=f"unsloth-probe-{name}").start()
+
+    def get(self, name: str) -> ProbeResult:
+        """The probe's result, starting it if needed and waiting for it."""
+        self.start([name])
+        self._events[name].wait()
+        return self._results[name]
+
+    def results(self) -> dict[str, ProbeResult]:
+        """Results finished so far."""
+        with self._lock:
+            return dict(self._results)
+
+
+PROBE_STORE_KEY = pytest.StashKey[ProbeStore]()
+
+
+def run_dir_for(config: pytest.Config) -> Path | None:
+    """The directory xdist workers of one run share probe results through (None without xdist)."""
+    workerinput = getattr(config, "workerinput", None)
+    if not workerinput or "testrunuid" not in workerinput:
+        return None
+    return Path(tempfile.gettempdir()) / f"pytest-unsloth-{workerinput['testrunuid']}"
+
+
+def get_probe_store(config: pytest.Config) -> ProbeStore:
+    """The session's probe store, created on first use."""
+    store = config.stash.get(PROBE_STORE_KEY, None)
+    if store is None:
+        from pytest_unsloth.settings import get_settings
+
+        settings = get_settings(config)
+        cache = None
+        try:
+            from pytest_unsloth.probe_cache import make_cache
+
+            cache = make_cache(config, settings)
+        except ImportError:
+            cache = None
+        store = ProbeStore(settings, run_dir=run_dir_for(config), cache=cache)
+        config.stash[PROBE_STORE_KEY] = store
+    return store

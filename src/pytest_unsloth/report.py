@@ -1,0 +1,187 @@
+"""Header line, terminal summary table, JSON report and GitHub step summary."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pytest_unsloth.items import PROPERTY
+
+SCHEMA = "pytest-unsloth/1"
+STATUS_WORD = {"passed": "passed", "failed": "FAILED", "skipped": "skipped", "error": "ERROR"}
+
+
+def header_line() -> str:
+    """One line: GPUs, driver, torch, CUDA; from NVML and metadata only (no torch import)."""
+    from pytest_unsloth.gpu import read_snapshot
+    from pytest_unsloth.meta import version_of
+
+    torch = version_of("torch") or "not installed"
+    nvml = read_snapshot()
+    if nvml.available and nvml.devices:
+        names: dict[str, int] = {}
+        for d in nvml.visible or nvml.devices:
+            names[d.name] = names.get(d.name, 0) + 1
+        gpus = ", ".join(f"{n}x {name}" for name, n in names.items())
+        gpu_part = f"GPUs: {gpus} (driver {nvml.driver_version}, CUDA " \
+            f"{nvml.cuda_driver_version_str})"
+    else:
+        gpu_part = f"no NVIDIA GPU ({nvml.error or 'NVML reports 0 devices'})"
+    return f"unsloth: {gpu_part}; torch {torch}"
+
+
+class Reporter:
+    """Collects check records from reports (so they survive xdist) and writes the outputs."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        self.records: dict[str, dict[str, Any]] = {}
+
+    @pytest.hookimpl
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        """Keep the record each check item attached to its call report."""
+        for key, value in report.user_properties:
+            if key == PROPERTY and isinstance(value, str):
+                record = json.loads(value)
+                self.records[record["name"]] = record
+        if report.when == "call" and report.nodeid.startswith("unsloth-env::") and \
+                report.failed and report.nodeid.split("::", 1)[1] not in self.records:
+            name = report.nodeid.split("::", 1)[1]
+            self.records[name] = {"name": name, "status": "error",
+                                  "message": str(report.longrepr).splitlines()[-1][:300]}
+
+    @pytest.hookimpl
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        """The table of checks."""
+        if not self.records:
+            return
+        tr = terminalreporter
+        tr.write_sep("=", "unsloth environment")
+        width = max(len(n) for n in self.records) + 2
+        for rec in self.records.values():
+            status = STATUS_WORD.get(rec["status"], rec["status"])
+            detail = _one_line(rec.get("message", ""))
+            origin = _probe_origin(rec)
+            markup = {"red": True} if rec["status"] in ("failed", "error") else (
+                {"yellow": True} if rec["status"] == "skipped" else {"green": True})
+            tr.write(f"{rec['name']:<{width}}")
+            tr.write(f"{status:<8}", **markup)
+            tr.line(f" {detail}{origin}")
+        path = self.config.stash.get(REPORT_PATH_KEY, None)
+        if path:
+            tr.line(f"unsloth: JSON report written to {path}")
+
+    @pytest.hookimpl
+    def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
+        """Write the JSON report and the GitHub step summary (controller only)."""
+        if hasattr(self.config, "workerinput"):
+            return
+        from pytest_unsloth.settings import get_settings
+
+        settings = get_settings(self.config)
+        if settings.report_path:
+            path = Path(settings.report_path)
+            if not path.is_absolute():
+                path = Path(self.config.invocation_params.dir) / path
+            data = build_json(list(self.records.values()), int(exitstatus))
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps(data, indent=2, default=str) + "\n", "utf-8")
+                self.config.stash[REPORT_PATH_KEY] = str(path)
+            except OSError as exc:
+                self.config.issue_config_time_warning(
+                    pytest.PytestConfigWarning(f"pytest-unsloth: cannot write the JSON report "
+                                               f"to {path} ({settings.source('report_path')}): "
+                                               f"{exc}"), stacklevel=2)
+        summary = os.environ.get("GITHUB_STEP_SUMMARY")
+        if summary and self.records:
+            try:
+                with open(summary, "a", encoding="utf-8") as fh:
+                    fh.write(markdown_summary(list(self.records.values())))
+            except OSError:
+                pass
+
+
+REPORT_PATH_KEY = pytest.StashKey[str]()
+
+
+def _one_line(text: str, limit: int = 110) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _probe_origin(rec: dict[str, Any]) -> str:
+    probes = rec.get("probes") or []
+    parts = []
+    for p in probes:
+        if p.get("origin") == "cache" and p.get("age_s") is not None:
+            parts.append(f"{p['name']} from cache, {_age(p['age_s'])} old")
+        elif p.get("origin") == "run" and p.get("duration"):
+            parts.append(f"{p['name']} probed now, {p['duration']:.1f} s")
+    return f" [{'; '.join(parts)}]" if parts else ""
+
+
+def _age(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def build_json(records: list[dict[str, Any]], exitstatus: int) -> dict[str, Any]:
+    """The JSON report (schema documented in README.md)."""
+    from pytest_unsloth import __version__
+    from pytest_unsloth.gpu import read_snapshot
+    from pytest_unsloth.meta import Inventory
+
+    inv = Inventory.read()
+    nvml = read_snapshot()
+    counts: dict[str, int] = {}
+    for r in records:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    return {
+        "schema": SCHEMA,
+        "plugin_version": __version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "exitstatus": exitstatus,
+        "python": {"version": platform.python_version(), "executable": sys.executable},
+        "platform": platform.platform(),
+        "packages": {d.name: {"version": d.version, "location": d.location}
+                     for d in inv.installed()},
+        "nvml": {
+            "available": nvml.available,
+            "error": nvml.error,
+            "driver_version": nvml.driver_version,
+            "cuda_driver_version": nvml.cuda_driver_version_str,
+            "cuda_visible_devices": nvml.cuda_visible_devices,
+            "gpus": [
+                {"nvml_index": g.nvml_index, "cuda_index": g.cuda_index, "uuid": g.uuid,
+                 "name": g.name, "capability": list(g.capability), "total_bytes": g.total_bytes,
+                 "free_bytes": g.free_bytes, "mig": g.is_mig, "bf16": g.bf16}
+                for g in nvml.devices
+            ],
+        },
+        "summary": counts,
+        "checks": records,
+    }
+
+
+def markdown_summary(records: list[dict[str, Any]]) -> str:
+    """A Markdown table for ``$GITHUB_STEP_SUMMARY``."""
+    icon = {"passed": "✅", "failed": "❌", "error": "💥", "skipped": "⏭️"}
+    lines = ["## pytest-unsloth environment checks", "", "| check | status | detail |",
+             "|---|---|---|"]
+    for r in records:
+        detail = _one_line(r.get("message", ""), 200).replace("|", "\\|")
+        if r.get("fix"):
+            detail += "<br>**fix:** " + _one_line(r["fix"], 200).replace("|", "\\|")
+        lines.append(f"| `{r['name']}` | {icon.get(r['status'], '')} {r['status']} | {detail} |")
+    return "\n".join(lines) + "\n\n"

@@ -1,0 +1,422 @@
+"""Every option of the plugin, declared once and resolved once into a frozen ``Settings``.
+
+Order: command line, then ini (``[tool.pytest.ini_options]`` and friends), then the default.
+Bad command-line values are argparse errors (``type=`` functions); bad ini values are
+``pytest.UsageError`` naming the key, the value, the file and the fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import math
+import re
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+from typing import Any
+
+import pytest
+
+GROUP = "unsloth"
+GIB = 1024**3
+
+CHECKS_SEPARATOR = re.compile(r"[,\s]+")
+_AMOUNT = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*$")
+# Decimal units are converted exactly (1 GB = 10^9 bytes), binary ones as written.
+_UNITS = {
+    "": GIB,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+    "tib": 1024**4,
+}
+
+
+def parse_amount_bytes(value: object) -> int:
+    """Parse a memory amount: a number means GiB; strings may carry a unit ("16GB", "16000MiB")."""
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not an amount of memory")
+    if isinstance(value, (int, float)):
+        number, unit = float(value), ""
+    elif isinstance(value, str):
+        m = _AMOUNT.match(value)
+        if not m or m.group(2).lower() not in _UNITS:
+            raise ValueError(
+                f"{value!r} is not an amount of memory; write a number of GiB (16) or a number "
+                "with a unit: 16GiB, 16GB, 16000MiB"
+            )
+        number, unit = float(m.group(1)), m.group(2).lower()
+    else:
+        raise ValueError(f"{value!r} is not an amount of memory")
+    if not math.isfinite(number) or number < 0:
+        raise ValueError(f"{value!r} is not a non-negative amount of memory")
+    return int(number * _UNITS[unit])
+
+
+# ----------------------------------------------------------------------------------------------
+# Value parsers shared by the CLI (argparse ``type=``) and the ini reader.
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{text!r} is not a positive number")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{text!r} is not a non-negative number")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(f"{text!r} is not a positive integer")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise ValueError(f"{text!r} is not a fraction in (0, 1]")
+    return value
+
+
+def _gib(text: str) -> float:
+    return parse_amount_bytes(text) / GIB
+
+
+def _bool(text: str) -> bool:
+    low = text.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{text!r} is not a boolean (true/false)")
+
+
+def _choice(*choices: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        low = text.strip().lower()
+        if low not in choices:
+            raise ValueError(f"{text!r} is not one of {', '.join(choices)}")
+        return low
+
+    parse.__name__ = "one of " + "/".join(choices)
+    return parse
+
+
+def _dtype(text: str) -> str | None:
+    low = text.strip().lower()
+    aliases = {"auto": None, "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+    if low in aliases:
+        return aliases[low]
+    if low in ("bfloat16", "float16", "float32"):
+        return low
+    raise ValueError(f"{text!r} is not a dtype (auto, bfloat16, float16, float32)")
+
+
+def _argparse_type(parse: Callable[[str], Any], what: str) -> Callable[[str], Any]:
+    """Wrap a parser so argparse prints a clean usage error naming the option's expectation."""
+
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"{exc} (expected {what})") from None
+
+    convert.__name__ = what
+    return convert
+
+
+def _split_words(text: str) -> tuple[str, ...]:
+    return tuple(w for w in CHECKS_SEPARATOR.split(text.strip()) if w)
+
+
+# ----------------------------------------------------------------------------------------------
+# Option table: one row per setting, used for addoption/addini and for resolution.
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """One setting: its field, CLI flag and ini key (either may be absent), parser and help."""
+
+    field: str
+    help: str
+    ini: str | None = None
+    cli: str | None = None
+    kind: str = "value"  # value | flag | linelist | args
+    parse: Callable[[str], Any] | None = None
+    what: str = "a value"
+    default: Any = None
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("env", "run the environment checks as unsloth-env::NAME items", cli="--unsloth-env",
+           kind="flag", default=False),
+    Option("require", "packages that must be installed (distribution names)", ini="unsloth_require",
+           cli="--unsloth-require", kind="args", default=()),
+    Option("pins", "extra pins to enforce, PEP 440 requirement strings (one per line)",
+           ini="unsloth_pins", kind="linelist", default=()),
+    Option("checks", "check selection: names to run, or -NAME to leave one out (comma or space "
+           "separated)", ini="unsloth_checks", cli="--unsloth-checks", kind="args", default=()),
+    Option("probe_timeout", "seconds each probe subprocess may run before it is killed",
+           ini="unsloth_probe_timeout", cli="--unsloth-probe-timeout", parse=_positive_float,
+           what="a positive number of seconds", default=300.0),
+    Option("min_free_vram_gib", "free GPU memory each visible GPU must have (GiB, or with a unit: "
+           "16GB, 16000MiB)", ini="unsloth_min_free_vram", cli="--unsloth-min-free-vram",
+           parse=_gib, what="an amount of memory such as 16, 16GiB or 16000MiB"),
+    Option("report_path", "write a JSON report of the checks to this path", ini="unsloth_report",
+           cli="--unsloth-report", parse=str, what="a file path"),
+    Option("require_gpu", "fail (not skip) the GPU checks when no usable NVIDIA GPU is found",
+           ini="unsloth_require_gpu", cli="--unsloth-require-gpu", kind="flag", parse=_bool,
+           what="true or false", default=False),
+    Option("strict_skips", "requires_* markers fail instead of skipping (for dedicated GPU lanes)",
+           ini="unsloth_strict_skips", cli="--unsloth-strict-skips", kind="flag", parse=_bool,
+           what="true or false", default=False),
+    Option("gpus_per_worker", "with xdist -n N: pin each worker to its own K GPUs",
+           ini="unsloth_gpus_per_worker", cli="--unsloth-gpus-per-worker", parse=_positive_int,
+           what="a positive integer"),
+    Option("model", "model name or local path for loaded_4bit_model (default: a tiny offline "
+           "model)", ini="unsloth_model", cli="--unsloth-model", parse=str, what="a model id or path"),
+    Option("max_seq_length", "max_seq_length for model fixtures and the length budget",
+           ini="unsloth_max_seq_length", parse=_positive_int, what="a positive integer",
+           default=256),
+    Option("dtype", "compute dtype for model fixtures: auto, bfloat16, float16, float32",
+           ini="unsloth_dtype", parse=_dtype, what="auto, bfloat16, float16 or float32"),
+    Option("fast_inference", "load with unsloth's fast_inference (vLLM)",
+           ini="unsloth_fast_inference", parse=_bool, what="true or false", default=False),
+    Option("gpu_memory_utilization", "gpu_memory_utilization passed to unsloth's loader",
+           ini="unsloth_gpu_memory_utilization", parse=_fraction, what="a fraction in (0, 1]",
+           default=0.5),
+    Option("allow_download", "let model fixtures reach the Hugging Face Hub (offline by default)",
+           ini="unsloth_allow_download", cli="--unsloth-allow-download", kind="flag", parse=_bool,
+           what="true or false", default=False),
+    Option("import_first", "import unsloth at configure time (before transformers/trl/peft) when "
+           "a GPU is present", ini="unsloth_import_first", cli="--unsloth-import-first",
+           kind="flag", parse=_bool, what="true or false", default=False),
+    Option("lora_r", "LoRA rank for peft_model", ini="unsloth_lora_r", parse=_positive_int,
+           what="a positive integer", default=8),
+    Option("lora_alpha", "LoRA alpha for peft_model", ini="unsloth_lora_alpha",
+           parse=_positive_int, what="a positive integer", default=16),
+    Option("lora_dropout", "LoRA dropout for peft_model", ini="unsloth_lora_dropout",
+           parse=_non_negative_float, what="a number in [0, 1)", default=0.0),
+    Option("lora_target_modules", "LoRA target modules for peft_model",
+           ini="unsloth_lora_target_modules", kind="args",
+           default=("q_proj", "k_proj", "v_proj", "o_proj")),
+    Option("gradient_checkpointing", "gradient checkpointing for peft_model: unsloth, true, false",
+           ini="unsloth_gradient_checkpointing", parse=_choice("unsloth", "true", "false"),
+           what="unsloth, true or false", default="unsloth"),
+    Option("reward_funcs", "reward functions to check, as import paths pkg.module:func",
+           ini="unsloth_reward_funcs", kind="args", default=()),
+    Option("dataset", "JSONL dataset file to check", ini="unsloth_dataset", parse=str,
+           what="a file path"),
+    Option("dataset_schema", "dataset schema: instruction, prompt, messages (default: detect)",
+           ini="unsloth_dataset_schema", parse=_choice("instruction", "prompt", "messages"),
+           what="instruction, prompt or messages"),
+    Option("tokenizer", "tokenizer or model folder for the length budget",
+           ini="unsloth_tokenizer", parse=str, what="a folder path"),
+    Option("grpo_config", "GRPOConfig settings to validate, one 'key = value' per line",
+           ini="unsloth_grpo_config", kind="linelist", default=MappingProxyType({})),
+    Option("reprobe", "ignore remembered probe results and probe again",
+           cli="--unsloth-reprobe", kind="flag", default=False),
+    Option("probe_cache_max_age_hours", "hours a passing probe result is reused between runs "
+           "(0 disables reuse)", ini="unsloth_probe_cache_max_age", parse=_non_negative_float,
+           what="a number of hours", default=24.0),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The plugin's resolved configuration (see ``OPTIONS`` for what each field means)."""
+
+    env: bool = False
+    require: tuple[str, ...] = ()
+    pins: tuple[str, ...] = ()
+    checks: tuple[str, ...] = ()
+    probe_timeout: float = 300.0
+    min_free_vram_gib: float | None = None
+    report_path: str | None = None
+    require_gpu: bool = False
+    strict_skips: bool = False
+    gpus_per_worker: int | None = None
+    model: str | None = None
+    max_seq_length: int = 256
+    dtype: str | None = None
+    fast_inference: bool = False
+    gpu_memory_utilization: float = 0.5
+    allow_download: bool = False
+    import_first: bool = False
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    gradient_checkpointing: str = "unsloth"
+    reward_funcs: tuple[str, ...] = ()
+    dataset: str | None = None
+    dataset_schema: str | None = None
+    tokenizer: str | None = None
+    grpo_config: Mapping[str, object] = dataclasses.field(
+        default_factory=lambda: MappingProxyType({})
+    )
+    reprobe: bool = False
+    probe_cache_max_age_hours: float = 24.0
+    sources: Mapping[str, str] = dataclasses.field(
+        default_factory=lambda: MappingProxyType({}), compare=False, repr=False
+    )
+
+    def source(self, field: str) -> str:
+        """Where a value came from: a CLI flag, an ini key with its file, or "default"."""
+        return self.sources.get(field, "default")
+
+
+SETTINGS_KEY = pytest.StashKey[Settings]()
+
+
+def addoptions(parser: pytest.Parser) -> None:
+    """Declare every CLI flag and ini key (called from pytest_addoption)."""
+    group = parser.getgroup(GROUP, "unsloth: fine-tuning environment checks")
+    for opt in OPTIONS:
+        if opt.cli:
+            if opt.kind == "flag":
+                group.addoption(opt.cli, action="store_true", default=None, help=opt.help)
+            elif opt.kind == "args":
+                group.addoption(opt.cli, action="append", default=None, metavar="NAMES",
+                                help=opt.help + " (repeatable)")
+            else:
+                assert opt.parse is not None
+                group.addoption(opt.cli, default=None, type=_argparse_type(opt.parse, opt.what),
+                                metavar=opt.what.split()[-1].upper(), help=opt.help)
+        if opt.ini:
+            ini_type = {"flag": "string", "value": "string", "linelist": "linelist",
+                        "args": "args"}[opt.kind]
+            parser.addini(opt.ini, opt.help, type=ini_type, default=None)  # type: ignore[arg-type]
+
+
+def _ini_where(config: pytest.Config, key: str) -> str:
+    where = f"ini {key}"
+    if config.inipath is not None:
+        where += f" in {config.inipath.name}"
+    return where
+
+
+def _ini_error(config: pytest.Config, opt: Option, raw: object, problem: str) -> pytest.UsageError:
+    assert opt.ini is not None
+    return pytest.UsageError(
+        f"pytest-unsloth: {_ini_where(config, opt.ini)} = {raw!r}: {problem}. "
+        f"Fix: set {opt.ini} to {opt.what}."
+    )
+
+
+def _parse_grpo_lines(config: pytest.Config, opt: Option, lines: list[str]) -> Mapping[str, object]:
+    result: dict[str, object] = {}
+    for line in lines:
+        if not line.strip() or line.strip().startswith("#"):
+            continue
+        key, sep, value = line.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise pytest.UsageError(
+                f"pytest-unsloth: {_ini_where(config, 'unsloth_grpo_config')}: line {line!r} is "
+                "not 'key = value'. Fix: write one GRPOConfig setting per line, e.g. "
+                "'num_generations = 4'."
+            )
+        text = value.strip()
+        try:
+            result[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            result[key] = text  # bare words such as `linear` are strings
+    return MappingProxyType(result)
+
+
+def resolve(config: pytest.Config) -> Settings:
+    """Resolve every option once (CLI > ini > default); raise UsageError for a bad ini value."""
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for opt in OPTIONS:
+        cli_value = config.getoption(opt.cli) if opt.cli else None
+        if opt.cli and cli_value is not None:
+            if opt.kind == "args":
+                cli_value = tuple(w for chunk in cli_value for w in _split_words(chunk))
+            values[opt.field] = cli_value
+            sources[opt.field] = opt.cli
+            continue
+        raw = config.getini(opt.ini) if opt.ini else None
+        if raw is None or raw == [] or raw == "":
+            if opt.ini and raw == [] and opt.kind in ("args", "linelist"):
+                pass  # pytest returns [] for an unset list; keep the default
+            continue
+        assert opt.ini is not None
+        sources[opt.field] = _ini_where(config, opt.ini)
+        if opt.field == "grpo_config":
+            values[opt.field] = _parse_grpo_lines(config, opt, list(raw))
+        elif opt.kind == "args":
+            values[opt.field] = tuple(w for item in raw for w in _split_words(str(item)))
+        elif opt.kind == "linelist":
+            values[opt.field] = tuple(s.strip() for s in raw if s.strip())
+        else:
+            assert opt.parse is not None
+            text = str(raw)
+            try:
+                values[opt.field] = opt.parse(text)
+            except ValueError as exc:
+                raise _ini_error(config, opt, text, str(exc)) from None
+    settings = Settings(**values, sources=MappingProxyType(sources))
+    _validate(config, settings)
+    return settings
+
+
+def _validate(config: pytest.Config, settings: Settings) -> None:
+    """Cross-field and content checks that need more than one value's parser."""
+    if settings.pins:
+        from packaging.requirements import InvalidRequirement, Requirement
+
+        for pin in settings.pins:
+            try:
+                Requirement(pin)
+            except InvalidRequirement as exc:
+                raise pytest.UsageError(
+                    f"pytest-unsloth: {settings.source('pins')}: {pin!r} is not a PEP 440 "
+                    f"requirement ({exc}). Fix: write e.g. 'trl>=0.20,<2'."
+                ) from None
+    if settings.require:
+        bad = [r for r in settings.require if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", r)]
+        if bad:
+            raise pytest.UsageError(
+                f"pytest-unsloth: {settings.source('require')}: {bad[0]!r} is not a distribution "
+                "name. Fix: list names only (e.g. 'unsloth trl'); put version ranges in "
+                "unsloth_pins."
+            )
+    for name in settings.reward_funcs:
+        if ":" not in name or not all(p for p in name.split(":", 1)):
+            raise pytest.UsageError(
+                f"pytest-unsloth: {settings.source('reward_funcs')}: {name!r} is not an import "
+                "path. Fix: write 'package.module:function', e.g. 'rewards:format_reward'."
+            )
+    if settings.lora_dropout >= 1:
+        raise pytest.UsageError(
+            f"pytest-unsloth: {settings.source('lora_dropout')} = {settings.lora_dropout}: "
+            "dropout must be below 1. Fix: use a value such as 0.05."
+        )
+
+
+def get_settings(config: pytest.Config) -> Settings:
+    """Return the settings resolved at configure time (resolving them now if needed)."""
+    settings = config.stash.get(SETTINGS_KEY, None)
+    if settings is None:
+        settings = resolve(config)
+        config.stash[SETTINGS_KEY] = settings
+    return settings
