@@ -184,9 +184,11 @@ def run_isolated(chk: Check, ctx: CheckContext) -> str | None:
             f"check {chk.name!r} ({chk.source}) raised instead of passing, failing or skipping "
             f"(in its isolated subprocess):\n{data.get('traceback', res.message)}"
         )
-    tail = [ln for ln in res.stderr_tail.splitlines() if ln.strip()]
+    from pytest_unsloth.probe import stderr_summary
+
+    note = stderr_summary(res.stderr_tail)
     raise CheckFailed(
-        f"isolated check {res.message}" + (f"; stderr: {tail[-1].strip()}" if tail else ""),
+        f"isolated check {res.message}" + (f"; stderr: {note}" if note else ""),
         "a check that hangs or crashes here would hang or crash the training job the same way",
         f"run the check's function ({chk.source}) by hand to see where it stops",
     )

@@ -72,7 +72,8 @@ class Dist:
 
 
 def _read(dist: md.Distribution, wanted: str) -> Dist:
-    location = str(getattr(dist, "_path", "") or "")
+    path = getattr(dist, "_path", None)
+    location = str(path.parent) if path is not None else ""
     try:
         meta = dist.metadata
         name = (meta["Name"] if meta is not None else None) or wanted
@@ -101,8 +102,11 @@ class Inventory:
             key = canonical(name)
             if key in found:
                 continue
-            hits = [_read(d, name) for d in md.distributions(name=name)]
-            found[key] = tuple(hits)
+            hits = {}
+            for d in md.distributions(name=name):
+                dist = _read(d, name)
+                hits.setdefault(dist.location, dist)  # a folder twice on sys.path is one install
+            found[key] = tuple(hits.values())
         return cls(found)
 
     def get(self, name: str) -> Dist | None:

@@ -112,6 +112,23 @@ def _tail(text: str) -> str:
     return text if len(text) <= STDERR_TAIL else "…" + text[-STDERR_TAIL:]
 
 
+def stderr_summary(tail: str) -> str:
+    """The informative line of a child's stderr: faulthandler's verdict and innermost frame for
+    a crash, else the last non-empty line (usually the exception)."""
+    lines = [ln.strip() for ln in tail.splitlines() if ln.strip()]
+    if not lines:
+        return ""
+    fatal = next((ln for ln in lines if ln.startswith("Fatal Python error:")), None)
+    if fatal is not None:
+        # faulthandler lists the most recent call first, under "Current thread ...".
+        start = next((i for i, ln in enumerate(lines) if ln.startswith(("Current thread",
+                                                                          "Thread 0x"))), None)
+        frame = next((ln for ln in lines[start + 1 :] if ln.startswith("File ")), None) \
+            if start is not None else None
+        return f"{fatal}; at {frame}" if frame else fatal
+    return lines[-1][:300]
+
+
 def _kill_group(proc: subprocess.Popen[str]) -> None:
     try:
         if hasattr(os, "killpg"):

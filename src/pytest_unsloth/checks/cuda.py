@@ -6,6 +6,7 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from pytest_unsloth.checks.base import CheckContext, CheckFailed, CheckSkipped
+from pytest_unsloth.probe import stderr_summary
 
 if TYPE_CHECKING:
     from pytest_unsloth.gpu import GpuDevice
@@ -110,18 +111,13 @@ def check_cuda(ctx: CheckContext) -> str:
             _unavailable_fix(ctx, str(runtime), reinstall),
         )
     raise CheckFailed(
-        f"the torch probe {res.message}" + (f"; stderr: {_last_line(res.stderr_tail)}"
+        f"the torch probe {res.message}" + (f"; stderr: {stderr_summary(res.stderr_tail)}"
                                             if res.stderr_tail else ""),
         "torch could not initialise CUDA in a clean interpreter, so training would fail the same "
         "way",
         "run `python -c 'import torch; torch.cuda.init()'` to see the full error; reinstall "
         f"torch for this driver: {reinstall}",
     )
-
-
-def _last_line(text: str) -> str:
-    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
-    return lines[-1].strip() if lines else ""
 
 
 def _unavailable_fix(ctx: CheckContext, runtime: str, reinstall: str) -> str:

@@ -81,8 +81,8 @@ def check_packages(ctx: CheckContext) -> str:
         fixes.append("pip install --force-reinstall --no-deps " + " ".join(d.name for d in broken))
     if shadowed:
         problems.append(_join([
-            f"{hits[0].name} {hits[0].version} ({hits[0].location}) shadows "
-            + ", ".join(f"{h.version} ({h.location})" for h in hits[1:])
+            f"{hits[0].name} {hits[0].version} (in {hits[0].location}) shadows "
+            + ", ".join(f"{h.name} {h.version} (in {h.location})" for h in hits[1:])
             for hits in shadowed
         ]))
         why.append("Python imports the first copy on sys.path, while pip and other tools may "

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from pytest_unsloth.checks.base import CheckContext, CheckFailed, CheckSkipped
-from pytest_unsloth.probe import PROBE_DISTS
+from pytest_unsloth.probe import PROBE_DISTS, stderr_summary
 
 # Why a broken kernel matters, and the usual repair, per probe.
 WHY: dict[str, tuple[str, str]] = {
@@ -63,9 +63,9 @@ def make_kernel_check(name: str) -> Callable[[CheckContext], str]:
             raise CheckSkipped(res.message)
         why, fix = WHY[name]
         found = f"{name} probe {res.message}" if res.status == "failed" else res.message
-        tail = [ln for ln in res.stderr_tail.splitlines() if ln.strip()]
-        if tail and res.status == "failed":
-            found += f" (stderr: {tail[-1].strip()[:300]})"
+        note = stderr_summary(res.stderr_tail)
+        if note and res.status == "failed" and note not in found:
+            found += f" (stderr: {note})"
         raise CheckFailed(found, why, fix)
 
     kernel_check.__name__ = f"check_{name.replace('-', '_')}"
