@@ -44,14 +44,16 @@ class EnvCollector(pytest.Collector):
 class CheckItem(pytest.Item):
     """One environment check as a pytest item."""
 
-    def __init__(self, *, check: Check, **kwargs: Any) -> None:
+    def __init__(self, *, check: Check, order: int = 0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.check = check
+        self.order = order
         self.add_marker(pytest.mark.unsloth_env)
 
     def _record(self, status: str, start: float, **fields: Any) -> None:
         record = {
             "name": self.check.name,
+            "order": self.order,
             "status": status,
             "duration": round(time.perf_counter() - start, 4),
             "source": self.check.source,
@@ -143,7 +145,8 @@ PROBES_WANTED_KEY = pytest.StashKey[tuple[str, ...]]()
 def make_items(session: pytest.Session, checks: list[Check]) -> list[CheckItem]:
     """One item per check under the ``unsloth-env`` collector."""
     parent = EnvCollector.from_parent(session, name=PREFIX, nodeid=PREFIX)
-    return [CheckItem.from_parent(parent, name=c.name, check=c) for c in checks]
+    return [CheckItem.from_parent(parent, name=c.name, check=c, order=i)
+            for i, c in enumerate(checks)]
 
 
 # ----------------------------------------------------------------------------------------------

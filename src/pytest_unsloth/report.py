@@ -37,6 +37,11 @@ def header_line() -> str:
     return f"unsloth: {gpu_part}; torch {torch}"
 
 
+def _ordered(records: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Records in check order (xdist workers finish in any order)."""
+    return sorted(records.values(), key=lambda r: (r.get("order", 1 << 30), r["name"]))
+
+
 class Reporter:
     """Collects check records from reports (so they survive xdist) and writes the outputs."""
 
@@ -65,7 +70,7 @@ class Reporter:
         tr = terminalreporter
         tr.write_sep("=", "unsloth environment")
         width = max(len(n) for n in self.records) + 2
-        for rec in self.records.values():
+        for rec in _ordered(self.records):
             status = STATUS_WORD.get(rec["status"], rec["status"])
             detail = _one_line(rec.get("message", ""))
             origin = _probe_origin(rec)
@@ -90,7 +95,7 @@ class Reporter:
             path = Path(settings.report_path)
             if not path.is_absolute():
                 path = Path(self.config.invocation_params.dir) / path
-            data = build_json(list(self.records.values()), int(exitstatus))
+            data = build_json(_ordered(self.records), int(exitstatus))
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(json.dumps(data, indent=2, default=str) + "\n", "utf-8")
@@ -104,7 +109,7 @@ class Reporter:
         if summary and self.records:
             try:
                 with open(summary, "a", encoding="utf-8") as fh:
-                    fh.write(markdown_summary(list(self.records.values())))
+                    fh.write(markdown_summary(_ordered(self.records)))
             except OSError:
                 pass
 
