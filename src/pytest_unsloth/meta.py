@@ -49,6 +49,7 @@ class Dist:
     requires: tuple[str, ...] = ()
     requires_python: str | None = None
     error: str | None = None  # set when the metadata is unreadable or incomplete
+    path: str = ""  # the .dist-info folder
 
     @property
     def key(self) -> str:
@@ -74,6 +75,7 @@ class Dist:
 def _read(dist: md.Distribution, wanted: str) -> Dist:
     path = getattr(dist, "_path", None)
     location = str(path.parent) if path is not None else ""
+    info = str(path) if path is not None else ""
     try:
         meta = dist.metadata
         name = (meta["Name"] if meta is not None else None) or wanted
@@ -81,11 +83,11 @@ def _read(dist: md.Distribution, wanted: str) -> Dist:
         requires = tuple(dist.requires or ())
         requires_python = meta["Requires-Python"] if meta is not None else None
     except Exception as exc:  # corrupt METADATA must not take the session down
-        return Dist(wanted, "", location, error=f"unreadable metadata: {exc}")
+        return Dist(wanted, "", location, error=f"unreadable metadata: {exc}", path=info)
     error = None
     if not version:
         error = "metadata has no Version (a broken or half-removed install)"
-    return Dist(name, version, location, requires, requires_python, error)
+    return Dist(name, version, location, requires, requires_python, error, info)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,6 +26,7 @@ import pytest
 
 if TYPE_CHECKING:
     from pytest_unsloth.gpu import NvmlSnapshot
+    from pytest_unsloth.probe_cache import ProbeCache
     from pytest_unsloth.settings import Settings
 
 # Probe name -> the distribution whose presence makes it applicable.
@@ -250,12 +251,12 @@ class ProbeStore:
         settings: Settings,
         nvml: NvmlSnapshot | None = None,
         run_dir: Path | None = None,
-        cache: Any = None,
+        cache: ProbeCache | None = None,
     ) -> None:
         self.settings = settings
         self._nvml = nvml
         self.run_dir = run_dir
-        self.cache = cache  # a ProbeCache (issue: results remembered between runs) or None
+        self.cache = cache  # results remembered between runs (None: -p no:cacheprovider)
         self._lock = threading.Lock()
         self._events: dict[str, threading.Event] = {}
         self._results: dict[str, ProbeResult] = {}
@@ -290,14 +291,16 @@ class ProbeStore:
         early = self._not_applicable(name)
         if early is not None:
             return early
-        if self.cache is not None:
+        if self.cache is None:
+            return run_probe(name, self.settings.probe_timeout)
+        # The lock makes a second pytest process wait and then reuse this one's result.
+        with self.cache.lock(name):
             cached = self.cache.lookup(name)
             if cached is not None:
                 return cached
-        result = run_probe(name, self.settings.probe_timeout)
-        if self.cache is not None:
+            result = run_probe(name, self.settings.probe_timeout)
             self.cache.store(result)
-        return result
+            return result
 
     def _worker(self, name: str) -> None:
         try:
@@ -361,14 +364,10 @@ def get_probe_store(config: pytest.Config) -> ProbeStore:
     if store is None:
         from pytest_unsloth.settings import get_settings
 
-        settings = get_settings(config)
-        cache = None
-        try:
-            from pytest_unsloth.probe_cache import make_cache
+        from pytest_unsloth.probe_cache import make_cache
 
-            cache = make_cache(config, settings)
-        except ImportError:
-            cache = None
-        store = ProbeStore(settings, run_dir=run_dir_for(config), cache=cache)
+        settings = get_settings(config)
+        store = ProbeStore(settings, run_dir=run_dir_for(config))
+        store.cache = make_cache(config, settings, lambda: store.nvml)
         config.stash[PROBE_STORE_KEY] = store
     return store
