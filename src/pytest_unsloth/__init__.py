@@ -2,4 +2,57 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from pytest_unsloth.checks.base import Check, CheckContext, CheckFailed, CheckSkipped
+    from pytest_unsloth.grpo import (
+        assert_reward_funcs,
+        check_grpo_config,
+        check_jsonl,
+        check_length_budget,
+        check_reward_funcs,
+    )
+    from pytest_unsloth.registry import check
+
+# Public helpers, imported on first use so `import pytest_unsloth` (done by every pytest run
+# through the plugin) stays as light as the standard library.
+_LAZY: dict[str, str] = {
+    "Check": "pytest_unsloth.checks.base",
+    "CheckContext": "pytest_unsloth.checks.base",
+    "CheckFailed": "pytest_unsloth.checks.base",
+    "CheckSkipped": "pytest_unsloth.checks.base",
+    "check": "pytest_unsloth.registry",
+    "assert_reward_funcs": "pytest_unsloth.grpo",
+    "check_grpo_config": "pytest_unsloth.grpo",
+    "check_jsonl": "pytest_unsloth.grpo",
+    "check_length_budget": "pytest_unsloth.grpo",
+    "check_reward_funcs": "pytest_unsloth.grpo",
+}
+
+__all__ = [
+    "Check",
+    "CheckContext",
+    "CheckFailed",
+    "CheckSkipped",
+    "__version__",
+    "assert_reward_funcs",
+    "check",
+    "check_grpo_config",
+    "check_jsonl",
+    "check_length_budget",
+    "check_reward_funcs",
+]
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public helper's module on first access."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    # Not cached in globals(): the module in sys.modules stays the single source of each class.
+    return getattr(importlib.import_module(module), name)

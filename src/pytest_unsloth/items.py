@@ -75,9 +75,16 @@ class CheckItem(pytest.Item):
         for name in self.check.probes:
             r = done.get(name)
             if r is not None:
-                out.append({"name": name, "status": r.status, "origin": r.origin,
-                            "age_s": r.age_s, "duration": round(r.duration, 3),
-                            "stage": r.stage})
+                out.append(
+                    {
+                        "name": name,
+                        "status": r.status,
+                        "origin": r.origin,
+                        "age_s": r.age_s,
+                        "duration": round(r.duration, 3),
+                        "stage": r.stage,
+                    }
+                )
         return out
 
     def setup(self) -> None:
@@ -102,8 +109,9 @@ class CheckItem(pytest.Item):
             else:
                 detail = chk.func(get_context(self.config))
         except CheckFailed as exc:
-            self._record("failed", start, message=exc.found, found=exc.found, why=exc.why,
-                         fix=exc.fix)
+            self._record(
+                "failed", start, message=exc.found, found=exc.found, why=exc.why, fix=exc.fix
+            )
             raise
         except CheckSkipped as exc:
             self._record("skipped", start, message=str(exc))
@@ -129,9 +137,11 @@ class CheckItem(pytest.Item):
             tb = excinfo.traceback.filter(lambda e: not str(e.path).startswith(OUR_DIR))
             if tb:
                 excinfo.traceback = tb
-            return (f"check {self.check.name!r} ({self.check.source}) raised instead of "
-                    f"passing, failing or skipping:\n"
-                    + str(excinfo.getrepr(style="short", chain=False)))
+            return (
+                f"check {self.check.name!r} ({self.check.source}) raised instead of "
+                f"passing, failing or skipping:\n"
+                + str(excinfo.getrepr(style="short", chain=False))
+            )
         return super().repr_failure(excinfo)
 
     def reportinfo(self) -> tuple[Path, int | None, str]:
@@ -142,11 +152,22 @@ class CheckItem(pytest.Item):
 PROBES_WANTED_KEY = pytest.StashKey[tuple[str, ...]]()
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """Point a check's skip at ``unsloth-env::NAME`` instead of the line inside the plugin."""
+    rep = yield
+    if isinstance(item, CheckItem) and rep.skipped and isinstance(rep.longrepr, tuple):
+        reason = rep.longrepr[2]
+        rep.longrepr = (str(item.path / f"{PREFIX}::{item.name}"), None, reason)
+    return rep
+
+
 def make_items(session: pytest.Session, checks: list[Check]) -> list[CheckItem]:
     """One item per check under the ``unsloth-env`` collector."""
     parent = EnvCollector.from_parent(session, name=PREFIX, nodeid=PREFIX)
-    return [CheckItem.from_parent(parent, name=c.name, check=c, order=i)
-            for i, c in enumerate(checks)]
+    return [
+        CheckItem.from_parent(parent, name=c.name, check=c, order=i) for i, c in enumerate(checks)
+    ]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -170,8 +191,7 @@ def run_isolated(chk: Check, ctx: CheckContext) -> str | None:
     from pytest_unsloth.registry import original_function
 
     ref = _function_ref(original_function(chk))
-    spec = {**ref, "rootpath": str(ctx.rootpath),
-            "settings": _settings_json(ctx.settings)}
+    spec = {**ref, "rootpath": str(ctx.rootpath), "settings": _settings_json(ctx.settings)}
     timeout = chk.timeout or ctx.settings.probe_timeout
     argv = [sys.executable, "-m", "pytest_unsloth.isolated", json.dumps(spec)]
     res = run_subprocess(argv, chk.name, timeout)

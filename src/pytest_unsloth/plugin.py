@@ -55,6 +55,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
         pm.register(BuiltinChecks(), "unsloth-builtin-checks")
         pm.register(Reporter(config), "unsloth-reporter")
+        pm.register(importlib.import_module("pytest_unsloth.items"), "unsloth-items")
 
 
 def _env_only(config: pytest.Config) -> bool:
