@@ -122,10 +122,15 @@ def stderr_summary(tail: str) -> str:
     fatal = next((ln for ln in lines if ln.startswith("Fatal Python error:")), None)
     if fatal is not None:
         # faulthandler lists the most recent call first, under "Current thread ...".
-        start = next((i for i, ln in enumerate(lines) if ln.startswith(("Current thread",
-                                                                          "Thread 0x"))), None)
-        frame = next((ln for ln in lines[start + 1 :] if ln.startswith("File ")), None) \
-            if start is not None else None
+        start = next(
+            (i for i, ln in enumerate(lines) if ln.startswith(("Current thread", "Thread 0x"))),
+            None,
+        )
+        frame = (
+            next((ln for ln in lines[start + 1 :] if ln.startswith("File ")), None)
+            if start is not None
+            else None
+        )
         return f"{fatal}; at {frame}" if frame else fatal
     return lines[-1][:300]
 
@@ -178,9 +183,7 @@ def run_subprocess(
             signame = signal.Signals(-proc.returncode).name
         except ValueError:
             signame = f"signal {-proc.returncode}"
-        return ProbeResult(
-            name, "failed", f"died with {signame}{where}", stage, {}, duration, tail
-        )
+        return ProbeResult(name, "failed", f"died with {signame}{where}", stage, {}, duration, tail)
     if result is None:
         return ProbeResult(
             name,
@@ -332,8 +335,9 @@ class ProbeStore:
                 if name in self._events:
                     continue
                 self._events[name] = threading.Event()
-            threading.Thread(target=self._worker, args=(name,), daemon=True,
-                             name=f"unsloth-probe-{name}").start()
+            threading.Thread(
+                target=self._worker, args=(name,), daemon=True, name=f"unsloth-probe-{name}"
+            ).start()
 
     def get(self, name: str) -> ProbeResult:
         """The probe's result, starting it if needed and waiting for it."""

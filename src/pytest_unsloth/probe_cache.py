@@ -59,15 +59,16 @@ def _record_stamp(dist_info: str) -> list[object]:
     return [st.st_size, st.st_mtime_ns]
 
 
-def fingerprint_inputs(nvml: NvmlSnapshot, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+def fingerprint_inputs(
+    nvml: NvmlSnapshot, environ: Mapping[str, str] | None = None
+) -> dict[str, Any]:
     """Everything a probe result depends on (what the fingerprint hashes)."""
     from pytest_unsloth import __version__
     from pytest_unsloth.meta import Inventory
 
     env = os.environ if environ is None else environ
     packages = {
-        d.key: [d.version, d.location, *_record_stamp(d.path)]
-        for d in Inventory.read().installed()
+        d.key: [d.version, d.location, *_record_stamp(d.path)] for d in Inventory.read().installed()
     }
     return {
         "plugin": __version__,
@@ -131,11 +132,14 @@ class ProbeCache:
     def store(self, result: ProbeResult) -> None:
         """Remember a passing result; forget the entry when the probe did not pass."""
         if result.status == "passed":
-            self.cache.set(CACHE_PREFIX + result.name, {
-                "fingerprint": self.fingerprint,
-                "time": time.time(),
-                "result": result.to_json(),
-            })
+            self.cache.set(
+                CACHE_PREFIX + result.name,
+                {
+                    "fingerprint": self.fingerprint,
+                    "time": time.time(),
+                    "result": result.to_json(),
+                },
+            )
         elif result.status == "failed":
             self.cache.set(CACHE_PREFIX + result.name, None)
 

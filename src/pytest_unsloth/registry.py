@@ -32,14 +32,18 @@ def check(
     """
 
     def decorate(func: F) -> F:
-        setattr(func, ATTR, {
-            "name": name,
-            "description": description or (func.__doc__ or "").strip().split("\n")[0],
-            "needs_gpu": needs_gpu,
-            "isolated": isolated,
-            "timeout": timeout,
-            "cacheable": cacheable,
-        })
+        setattr(
+            func,
+            ATTR,
+            {
+                "name": name,
+                "description": description or (func.__doc__ or "").strip().split("\n")[0],
+                "needs_gpu": needs_gpu,
+                "isolated": isolated,
+                "timeout": timeout,
+                "cacheable": cacheable,
+            },
+        )
         return func
 
     return decorate
@@ -153,8 +157,10 @@ class CheckList:
 
 
 def _clash(a: Check, b: Check) -> str:
-    return (f"pytest-unsloth: two checks are named {a.name!r}: one from {b.source}, one from "
-            f"{a.source}. Fix: rename one of them.")
+    return (
+        f"pytest-unsloth: two checks are named {a.name!r}: one from {b.source}, one from "
+        f"{a.source}. Fix: rename one of them."
+    )
 
 
 def gather(config: pytest.Config) -> CheckList:

@@ -30,8 +30,9 @@ def header_line() -> str:
         for d in nvml.visible or nvml.devices:
             names[d.name] = names.get(d.name, 0) + 1
         gpus = ", ".join(f"{n}x {name}" for name, n in names.items())
-        gpu_part = f"GPUs: {gpus} (driver {nvml.driver_version}, CUDA " \
-            f"{nvml.cuda_driver_version_str})"
+        gpu_part = (
+            f"GPUs: {gpus} (driver {nvml.driver_version}, CUDA {nvml.cuda_driver_version_str})"
+        )
     else:
         gpu_part = f"no NVIDIA GPU ({nvml.error or 'NVML reports 0 devices'})"
     return f"unsloth: {gpu_part}; torch {torch}"
@@ -56,11 +57,18 @@ class Reporter:
             if key == PROPERTY and isinstance(value, str):
                 record = json.loads(value)
                 self.records[record["name"]] = record
-        if report.when == "call" and report.nodeid.startswith("unsloth-env::") and \
-                report.failed and report.nodeid.split("::", 1)[1] not in self.records:
+        if (
+            report.when == "call"
+            and report.nodeid.startswith("unsloth-env::")
+            and report.failed
+            and report.nodeid.split("::", 1)[1] not in self.records
+        ):
             name = report.nodeid.split("::", 1)[1]
-            self.records[name] = {"name": name, "status": "error",
-                                  "message": str(report.longrepr).splitlines()[-1][:300]}
+            self.records[name] = {
+                "name": name,
+                "status": "error",
+                "message": str(report.longrepr).splitlines()[-1][:300],
+            }
 
     @pytest.hookimpl
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
@@ -74,8 +82,11 @@ class Reporter:
             status = STATUS_WORD.get(rec["status"], rec["status"])
             detail = _one_line(rec.get("message", ""))
             origin = _probe_origin(rec)
-            markup = {"red": True} if rec["status"] in ("failed", "error") else (
-                {"yellow": True} if rec["status"] == "skipped" else {"green": True})
+            markup = (
+                {"red": True}
+                if rec["status"] in ("failed", "error")
+                else ({"yellow": True} if rec["status"] == "skipped" else {"green": True})
+            )
             tr.write(f"{rec['name']:<{width}}")
             tr.write(f"{status:<8}", **markup)
             tr.line(f" {detail}{origin}")
@@ -102,9 +113,13 @@ class Reporter:
                 self.config.stash[REPORT_PATH_KEY] = str(path)
             except OSError as exc:
                 self.config.issue_config_time_warning(
-                    pytest.PytestConfigWarning(f"pytest-unsloth: cannot write the JSON report "
-                                               f"to {path} ({settings.source('report_path')}): "
-                                               f"{exc}"), stacklevel=2)
+                    pytest.PytestConfigWarning(
+                        f"pytest-unsloth: cannot write the JSON report "
+                        f"to {path} ({settings.source('report_path')}): "
+                        f"{exc}"
+                    ),
+                    stacklevel=2,
+                )
         summary = os.environ.get("GITHUB_STEP_SUMMARY")
         if summary and self.records:
             try:
@@ -159,8 +174,9 @@ def build_json(records: list[dict[str, Any]], exitstatus: int) -> dict[str, Any]
         "exitstatus": exitstatus,
         "python": {"version": platform.python_version(), "executable": sys.executable},
         "platform": platform.platform(),
-        "packages": {d.name: {"version": d.version, "location": d.location}
-                     for d in inv.installed()},
+        "packages": {
+            d.name: {"version": d.version, "location": d.location} for d in inv.installed()
+        },
         "nvml": {
             "available": nvml.available,
             "error": nvml.error,
@@ -168,9 +184,17 @@ def build_json(records: list[dict[str, Any]], exitstatus: int) -> dict[str, Any]
             "cuda_driver_version": nvml.cuda_driver_version_str,
             "cuda_visible_devices": nvml.cuda_visible_devices,
             "gpus": [
-                {"nvml_index": g.nvml_index, "cuda_index": g.cuda_index, "uuid": g.uuid,
-                 "name": g.name, "capability": list(g.capability), "total_bytes": g.total_bytes,
-                 "free_bytes": g.free_bytes, "mig": g.is_mig, "bf16": g.bf16}
+                {
+                    "nvml_index": g.nvml_index,
+                    "cuda_index": g.cuda_index,
+                    "uuid": g.uuid,
+                    "name": g.name,
+                    "capability": list(g.capability),
+                    "total_bytes": g.total_bytes,
+                    "free_bytes": g.free_bytes,
+                    "mig": g.is_mig,
+                    "bf16": g.bf16,
+                }
                 for g in nvml.devices
             ],
         },
@@ -182,8 +206,12 @@ def build_json(records: list[dict[str, Any]], exitstatus: int) -> dict[str, Any]
 def markdown_summary(records: list[dict[str, Any]]) -> str:
     """A Markdown table for ``$GITHUB_STEP_SUMMARY``."""
     icon = {"passed": "✅", "failed": "❌", "error": "💥", "skipped": "⏭️"}
-    lines = ["## pytest-unsloth environment checks", "", "| check | status | detail |",
-             "|---|---|---|"]
+    lines = [
+        "## pytest-unsloth environment checks",
+        "",
+        "| check | status | detail |",
+        "|---|---|---|",
+    ]
     for r in records:
         detail = _one_line(r.get("message", ""), 200).replace("|", "\\|")
         if r.get("fix"):

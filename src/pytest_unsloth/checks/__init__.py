@@ -20,26 +20,48 @@ def builtin_checks() -> list[Check]:
         Check("pins", env.check_pins, "declared Requires-Dist between stack packages hold"),
         Check("known-bad", env.check_known_bad, "combinations known to break at run time"),
         Check("user-pins", env.check_user_pins, "the project's unsloth_pins"),
-        Check("cuda", cuda.check_cuda, "NVML sees GPUs and torch can use them", True,
-              probes=("torch",)),
+        Check(
+            "cuda",
+            cuda.check_cuda,
+            "NVML sees GPUs and torch can use them",
+            True,
+            probes=("torch",),
+        ),
         Check("driver", cuda.check_driver, "driver CUDA version runs torch's CUDA runtime", True),
-        Check("arch", cuda.check_arch, "GPU compute capability in torch's arch list", True,
-              probes=("torch",)),
+        Check(
+            "arch",
+            cuda.check_arch,
+            "GPU compute capability in torch's arch list",
+            True,
+            probes=("torch",),
+        ),
         Check("bf16", cuda.check_bf16, "bf16 support of each GPU", True),
         Check("vram", cuda.check_vram, "free GPU memory against the configured minimum", True),
     ]
     checks += [
-        Check(name, kernels.make_kernel_check(name), f"{name} kernel loads and runs", True,
-              probes=(name,))
+        Check(
+            name,
+            kernels.make_kernel_check(name),
+            f"{name} kernel loads and runs",
+            True,
+            probes=(name,),
+        )
         for name in KERNEL_PROBES
     ]
     checks += [
-        Check("reward-funcs", grpo_checks.reward_funcs_check, "reward functions follow TRL's "
-              "calling contract"),
-        Check("length-budget", grpo_checks.length_budget_check, "prompt + completion fit the "
-              "sequence budget"),
-        Check("grpo-config", grpo_checks.grpo_config_check, "GRPO settings build a valid "
-              "GRPOConfig"),
+        Check(
+            "reward-funcs",
+            grpo_checks.reward_funcs_check,
+            "reward functions follow TRL's calling contract",
+        ),
+        Check(
+            "length-budget",
+            grpo_checks.length_budget_check,
+            "prompt + completion fit the sequence budget",
+        ),
+        Check(
+            "grpo-config", grpo_checks.grpo_config_check, "GRPO settings build a valid GRPOConfig"
+        ),
         Check("dataset", grpo_checks.dataset_check, "dataset file is well-formed"),
     ]
     return checks

@@ -76,8 +76,10 @@ def check_cuda(ctx: CheckContext) -> str:
     res = _torch_probe(ctx)
     torch_dist = ctx.dist("torch")
     assert torch_dist is not None
-    seen = f"NVML sees {len(gpus)} GPU(s) ({_names(gpus)}, driver {nvml.driver_version}, " \
+    seen = (
+        f"NVML sees {len(gpus)} GPU(s) ({_names(gpus)}, driver {nvml.driver_version}, "
         f"CUDA {nvml.cuda_driver_version_str})"
+    )
     if res.status == "passed":
         count = len(res.data.get("devices", []))
         if count != len(gpus):
@@ -111,8 +113,8 @@ def check_cuda(ctx: CheckContext) -> str:
             _unavailable_fix(ctx, str(runtime), reinstall),
         )
     raise CheckFailed(
-        f"the torch probe {res.message}" + (f"; stderr: {stderr_summary(res.stderr_tail)}"
-                                            if res.stderr_tail else ""),
+        f"the torch probe {res.message}"
+        + (f"; stderr: {stderr_summary(res.stderr_tail)}" if res.stderr_tail else ""),
         "torch could not initialise CUDA in a clean interpreter, so training would fail the same "
         "way",
         "run `python -c 'import torch; torch.cuda.init()'` to see the full error; reinstall "
@@ -124,10 +126,14 @@ def _unavailable_fix(ctx: CheckContext, runtime: str, reinstall: str) -> str:
     drv = ctx.nvml.cuda_driver_version
     rt = parse_cuda_version(runtime)
     if drv and rt and (drv // 1000, (drv % 1000) // 10) < rt:
-        return (f"the driver supports CUDA {ctx.nvml.cuda_driver_version_str} but torch needs "
-                f"{runtime}: upgrade the NVIDIA driver, or {reinstall}")
-    return ("check that this process can open /dev/nvidia* (containers: --gpus all), that "
-            "CUDA_VISIBLE_DEVICES names existing GPUs and that nvidia-smi works; then " + reinstall)
+        return (
+            f"the driver supports CUDA {ctx.nvml.cuda_driver_version_str} but torch needs "
+            f"{runtime}: upgrade the NVIDIA driver, or {reinstall}"
+        )
+    return (
+        "check that this process can open /dev/nvidia* (containers: --gpus all), that "
+        "CUDA_VISIBLE_DEVICES names existing GPUs and that nvidia-smi works; then " + reinstall
+    )
 
 
 def parse_cuda_version(text: str | None) -> tuple[int, int] | None:
@@ -181,10 +187,14 @@ def check_driver(ctx: CheckContext) -> str:
             f"{cuda_tag(ctx)}",
         )
     if have < rt:
-        return (f"driver CUDA {nvml.cuda_driver_version_str} is older than {what}'s CUDA "
-                f"{runtime}: runs through CUDA minor-version compatibility (no PTX JIT)")
-    return f"driver {nvml.driver_version} (CUDA {nvml.cuda_driver_version_str}) runs {what} " \
+        return (
+            f"driver CUDA {nvml.cuda_driver_version_str} is older than {what}'s CUDA "
+            f"{runtime}: runs through CUDA minor-version compatibility (no PTX JIT)"
+        )
+    return (
+        f"driver {nvml.driver_version} (CUDA {nvml.cuda_driver_version_str}) runs {what} "
         f"(CUDA {runtime})"
+    )
 
 
 def _passed_torch(ctx: CheckContext) -> dict[str, Any]:
@@ -243,8 +253,9 @@ def check_vram(ctx: CheckContext) -> str:
     """Free memory on each visible GPU, against ``unsloth_min_free_vram`` when set."""
     gpus = visible_gpus(ctx)
     need = ctx.settings.min_free_vram_gib
-    summary = "; ".join(f"{g.label}: {_gib(g.free_bytes)} free of {_gib(g.total_bytes)}"
-                        for g in gpus)
+    summary = "; ".join(
+        f"{g.label}: {_gib(g.free_bytes)} free of {_gib(g.total_bytes)}" for g in gpus
+    )
     if need is None:
         return summary + " (no unsloth_min_free_vram set)"
     low = [g for g in gpus if g.free_bytes < need * GIB]
@@ -257,8 +268,10 @@ def check_vram(ctx: CheckContext) -> str:
             for p in g.processes
         )
         holders = f"; held by {procs}" if procs else ""
-        found.append(f"{g.label} has {_gib(g.free_bytes)} free of {_gib(g.total_bytes)}, "
-                     f"needs {need:.1f} GiB{holders}")
+        found.append(
+            f"{g.label} has {_gib(g.free_bytes)} free of {_gib(g.total_bytes)}, "
+            f"needs {need:.1f} GiB{holders}"
+        )
     raise CheckFailed(
         "; ".join(found),
         f"{ctx.settings.source('min_free_vram_gib')} asks for {need:.1f} GiB free; loading and "

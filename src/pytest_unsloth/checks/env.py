@@ -66,8 +66,13 @@ def check_packages(ctx: CheckContext) -> str:
     inv = ctx.inventory
     missing = [r for r in ctx.settings.require if inv.get(r) is None]
     broken = [d for d in inv.installed() if d.error]
-    shadowed = [hits for hits in inv.dists.values() if len(hits) > 1 and hits[0].version
-                and any(h.version and h.version != hits[0].version for h in hits[1:])]
+    shadowed = [
+        hits
+        for hits in inv.dists.values()
+        if len(hits) > 1
+        and hits[0].version
+        and any(h.version and h.version != hits[0].version for h in hits[1:])
+    ]
     problems: list[str] = []
     fixes: list[str] = []
     why: list[str] = []
@@ -80,15 +85,23 @@ def check_packages(ctx: CheckContext) -> str:
         why.append("a package with broken metadata is usually half-installed and fails to import")
         fixes.append("pip install --force-reinstall --no-deps " + " ".join(d.name for d in broken))
     if shadowed:
-        problems.append(_join([
-            f"{hits[0].name} {hits[0].version} (in {hits[0].location}) shadows "
-            + ", ".join(f"{h.name} {h.version} (in {h.location})" for h in hits[1:])
-            for hits in shadowed
-        ]))
-        why.append("Python imports the first copy on sys.path, while pip and other tools may "
-                   "report the other one")
-        fixes.append("pip uninstall the stale copy (or remove it from PYTHONPATH/--target "
-                     "folders) so that one version of each package remains")
+        problems.append(
+            _join(
+                [
+                    f"{hits[0].name} {hits[0].version} (in {hits[0].location}) shadows "
+                    + ", ".join(f"{h.name} {h.version} (in {h.location})" for h in hits[1:])
+                    for hits in shadowed
+                ]
+            )
+        )
+        why.append(
+            "Python imports the first copy on sys.path, while pip and other tools may "
+            "report the other one"
+        )
+        fixes.append(
+            "pip uninstall the stale copy (or remove it from PYTHONPATH/--target "
+            "folders) so that one version of each package remains"
+        )
     if problems:
         raise CheckFailed("; ".join(problems), "; ".join(why), "; ".join(fixes))
     versions = inv.versions()
@@ -111,8 +124,12 @@ def _violations(
                 continue
             declared.setdefault(target, []).append((dist, req.specifier))
             installed = ctx.inventory.get(target)
-            ok = installed is not None and installed.version != "" and (
-                not req.specifier or req.specifier.contains(installed.version, prereleases=True)
+            ok = (
+                installed is not None
+                and installed.version != ""
+                and (
+                    not req.specifier or req.specifier.contains(installed.version, prereleases=True)
+                )
             )
             if not ok:
                 violated.setdefault(target, []).append((dist, req.specifier))
@@ -128,27 +145,36 @@ def check_pins(ctx: CheckContext) -> str:
     found, fixes, why = [], [], []
     for target, bad in violated.items():
         installed = ctx.inventory.get(target)
-        have = f"{installed.name} {installed.version} is installed" if installed else \
-            f"{target} is not installed"
-        needs = ", ".join(f"{d.name} {d.version} requires {target}{format_specifier(s)}"
-                          for d, s in bad)
+        have = (
+            f"{installed.name} {installed.version} is installed"
+            if installed
+            else f"{target} is not installed"
+        )
+        needs = ", ".join(
+            f"{d.name} {d.version} requires {target}{format_specifier(s)}" for d, s in bad
+        )
         found.append(f"{needs}; {have}")
         combined = combined_specifier(s for _, s in declared[target])
         if obviously_empty(combined):
             who = ", ".join(f"{d.name} ({format_specifier(s)})" for d, s in declared[target])
-            fixes.append(f"no {target} version satisfies {who}: upgrade or downgrade one of "
-                         "those packages so that their ranges overlap")
+            fixes.append(
+                f"no {target} version satisfies {who}: upgrade or downgrade one of "
+                "those packages so that their ranges overlap"
+            )
         else:
             name = installed.name if installed else target
             fixes.append(pip_install_line(name, combined))
         if installed is None:
             why.append(f"{target} is imported by its dependents and they fail without it")
         else:
-            why.append(f"{target} {installed.version} is outside the range its dependents were "
-                       "released and tested with; --no-deps installs skip this check, and the "
-                       "mismatch shows up later as import errors or silent misbehaviour")
-    raise CheckFailed(_join(found), why[0] if len(why) == 1 else "; ".join(dict.fromkeys(why)),
-                      " && ".join(fixes))
+            why.append(
+                f"{target} {installed.version} is outside the range its dependents were "
+                "released and tested with; --no-deps installs skip this check, and the "
+                "mismatch shows up later as import errors or silent misbehaviour"
+            )
+    raise CheckFailed(
+        _join(found), why[0] if len(why) == 1 else "; ".join(dict.fromkeys(why)), " && ".join(fixes)
+    )
 
 
 def check_user_pins(ctx: CheckContext) -> str:
@@ -217,9 +243,11 @@ def _torchvision_rule(ctx: CheckContext) -> tuple[str, str] | None:
         if canonical(req.name) == "torch" and req.specifier:
             if req.specifier.contains(torch.version, prereleases=True):
                 return None
-            return (f"torchvision {tv.version} was built for torch{format_specifier(req.specifier)}"
-                    f", torch {torch.version} is installed",
-                    pip_install_line("torch", req.specifier))
+            return (
+                f"torchvision {tv.version} was built for torch{format_specifier(req.specifier)}"
+                f", torch {torch.version} is installed",
+                pip_install_line("torch", req.specifier),
+            )
     try:
         t, v = Version(torch.version), Version(tv.version)
     except InvalidVersion:
@@ -227,8 +255,11 @@ def _torchvision_rule(ctx: CheckContext) -> tuple[str, str] | None:
     # Releases pair as torch 2.N <-> torchvision 0.(N+15) (2.0/0.15 ... 2.14/0.29).
     if t.major == 2 and v.major == 0 and v.minor != t.minor + 15:
         want = f"0.{t.minor + 15}.*"
-        return (f"torchvision {tv.version} does not pair with torch {torch.version} (torch 2.{t.minor}"
-                f" pairs with torchvision 0.{t.minor + 15})", f"pip install 'torchvision=={want}'")
+        return (
+            f"torchvision {tv.version} does not pair with torch {torch.version} (torch 2.{t.minor}"
+            f" pairs with torchvision 0.{t.minor + 15})",
+            f"pip install 'torchvision=={want}'",
+        )
     return None
 
 

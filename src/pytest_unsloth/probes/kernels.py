@@ -18,8 +18,11 @@ def _cuda_or_fail(torch: Any) -> dict[str, Any] | None:
     if torch.version.cuda is None:
         return emit("failed", f"torch {torch.__version__} is a CPU-only build", reason="cpu-build")
     if not torch.cuda.is_available():
-        return emit("failed", f"torch {torch.__version__} cannot use the GPU: {_init_error(torch)}",
-                    reason="cuda-unavailable")
+        return emit(
+            "failed",
+            f"torch {torch.__version__} cannot use the GPU: {_init_error(torch)}",
+            reason="cuda-unavailable",
+        )
     return None
 
 
@@ -60,14 +63,20 @@ def probe_torch() -> dict[str, Any]:
     }
     stage("torch.cuda")
     if torch.version.cuda is None:
-        return emit("failed", f"torch {torch.__version__} is a CPU-only build", reason="cpu-build",
-                    **data)
+        return emit(
+            "failed", f"torch {torch.__version__} is a CPU-only build", reason="cpu-build", **data
+        )
     available = torch.cuda.is_available()
     data["available"] = available
     if not available:
         data["init_error"] = _init_error(torch)
-        return emit("failed", f"torch {torch.__version__} (CUDA {torch.version.cuda}) cannot use "
-                    f"the GPU: {data['init_error']}", reason="cuda-unavailable", **data)
+        return emit(
+            "failed",
+            f"torch {torch.__version__} (CUDA {torch.version.cuda}) cannot use "
+            f"the GPU: {data['init_error']}",
+            reason="cuda-unavailable",
+            **data,
+        )
     data["cudnn"] = torch.backends.cudnn.version()
     arch_list = list(torch.cuda.get_arch_list())
     data["arch_list"] = arch_list
@@ -75,21 +84,26 @@ def probe_torch() -> dict[str, Any]:
     for i in range(torch.cuda.device_count()):
         major, minor = torch.cuda.get_device_capability(i)
         cc = 10 * major + minor
-        devices.append({
-            "index": i,
-            "name": torch.cuda.get_device_name(i),
-            "capability": [major, minor],
-            "arch_ok": any(_compatible(torch, cc, a) for a in arch_list) if arch_list else True,
-            "bf16": bool(torch.cuda.is_bf16_supported()) if i == 0 else major >= 8,
-        })
+        devices.append(
+            {
+                "index": i,
+                "name": torch.cuda.get_device_name(i),
+                "capability": [major, minor],
+                "arch_ok": any(_compatible(torch, cc, a) for a in arch_list) if arch_list else True,
+                "bf16": bool(torch.cuda.is_bf16_supported()) if i == 0 else major >= 8,
+            }
+        )
     data["devices"] = devices
     stage("tensor on cuda:0")
     x = torch.arange(8, device="cuda", dtype=torch.float32)
     total = float((x * 2).sum().item())
     if total != 56.0:
         return emit("failed", f"a tensor op on cuda:0 returned {total}, expected 56.0", **data)
-    return emit("passed", f"torch {torch.__version__}, CUDA {torch.version.cuda}, "
-                f"{len(devices)} GPU(s) usable", **data)
+    return emit(
+        "passed",
+        f"torch {torch.__version__}, CUDA {torch.version.cuda}, {len(devices)} GPU(s) usable",
+        **data,
+    )
 
 
 def nf4_round_trip(device: str = "cuda") -> dict[str, Any]:
@@ -114,15 +128,26 @@ def nf4_round_trip(device: str = "cuda") -> dict[str, Any]:
     y = F.dequantize_4bit(q, state, quant_type="nf4")
     diff = (x.float() - y.float()).abs()
     max_err, mean_err = float(diff.max()), float(diff.mean())
-    data.update(max_abs_error=round(max_err, 4), mean_abs_error=round(mean_err, 4),
-                packed_dtype=str(q.dtype), device=device)
+    data.update(
+        max_abs_error=round(max_err, 4),
+        mean_abs_error=round(mean_err, 4),
+        packed_dtype=str(q.dtype),
+        device=device,
+    )
     # NF4 on N(0, 1) data with 64-element blocks: mean error ~0.07, max ~0.55 (0.53 seen on the
     # H100). A broken kernel returns zeros or garbage: mean error near 0.8 or far larger.
     if not (mean_err < 0.15 and max_err < 1.0) or y.shape != x.shape:
-        return emit("failed", f"NF4 round trip on {device} is wrong: mean abs error "
-                    f"{mean_err:.3f}, max {max_err:.3f} (expected below 0.15 and 1.0)", **data)
-    return emit("passed", f"bitsandbytes {data['version']} NF4 round trip on {device}: max abs "
-                f"error {max_err:.2f}", **data)
+        return emit(
+            "failed",
+            f"NF4 round trip on {device} is wrong: mean abs error "
+            f"{mean_err:.3f}, max {max_err:.3f} (expected below 0.15 and 1.0)",
+            **data,
+        )
+    return emit(
+        "passed",
+        f"bitsandbytes {data['version']} NF4 round trip on {device}: max abs error {max_err:.2f}",
+        **data,
+    )
 
 
 def probe_bitsandbytes() -> dict[str, Any]:
@@ -190,8 +215,9 @@ def probe_flash_attn() -> dict[str, Any]:
     data["max_abs_error"] = round(err, 4)
     if err > 0.05:
         return emit("failed", f"flash-attn forward differs from torch by {err:.3f}", **data)
-    return emit("passed", f"flash-attn {flash_attn.__version__} forward ran (error {err:.4f})",
-                **data)
+    return emit(
+        "passed", f"flash-attn {flash_attn.__version__} forward ran (error {err:.4f})", **data
+    )
 
 
 def probe_xformers() -> dict[str, Any]:
@@ -205,10 +231,16 @@ def probe_xformers() -> dict[str, Any]:
     notes = err.getvalue() + "\n".join(str(w.message) for w in caught)
     data: dict[str, Any] = {"version": xformers.__version__}
     if "built for" in notes or "can't load C++/CUDA extensions" in notes:
-        line = next((ln for ln in notes.splitlines() if "built for" in ln or "load C++" in ln),
-                    notes.strip()[:300])
-        return emit("failed", f"xformers extensions do not match this torch: {line.strip()}",
-                    reason="abi", **data)
+        line = next(
+            (ln for ln in notes.splitlines() if "built for" in ln or "load C++" in ln),
+            notes.strip()[:300],
+        )
+        return emit(
+            "failed",
+            f"xformers extensions do not match this torch: {line.strip()}",
+            reason="abi",
+            **data,
+        )
     stage("import torch")
     import torch
 
@@ -254,8 +286,9 @@ def probe_vllm() -> dict[str, Any]:
     import torch
 
     data["torch"] = torch.__version__
-    return emit("passed", f"vllm {vllm.__version__} imported with torch {torch.__version__}",
-                **data)
+    return emit(
+        "passed", f"vllm {vllm.__version__} imported with torch {torch.__version__}", **data
+    )
 
 
 PROBES: dict[str, Callable[[], dict[str, Any]]] = {
