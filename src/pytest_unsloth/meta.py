@@ -78,10 +78,10 @@ def _read(dist: md.Distribution, wanted: str) -> Dist:
     info = str(path) if path is not None else ""
     try:
         meta = dist.metadata
-        name = (meta["Name"] if meta is not None else None) or wanted
-        version = (meta["Version"] if meta is not None else None) or ""
+        name = (meta.get("Name") if meta is not None else None) or wanted
+        version = (meta.get("Version") if meta is not None else None) or ""
         requires = tuple(dist.requires or ())
-        requires_python = meta["Requires-Python"] if meta is not None else None
+        requires_python = meta.get("Requires-Python") if meta is not None else None
     except Exception as exc:  # corrupt METADATA must not take the session down
         return Dist(wanted, "", location, error=f"unreadable metadata: {exc}", path=info)
     error = None
@@ -161,14 +161,48 @@ def format_specifier(spec: SpecifierSet) -> str:
 
 
 def combined_specifier(specs: Iterable[SpecifierSet]) -> SpecifierSet:
-    """Intersection of several specifier sets (duplicates removed)."""
+    """Intersection of several specifier sets, simplified for a readable install line.
+
+    Only the tightest lower and upper bounds are kept, and exclusions outside them dropped:
+    ``>=3.4.1`` and ``>=4.7.0`` become ``>=4.7.0``.
+    """
     from packaging.specifiers import SpecifierSet
+    from packaging.version import InvalidVersion, Version
 
     parts: dict[str, None] = {}
     for spec in specs:
         for s in spec:
             parts[str(s)] = None
-    return SpecifierSet(",".join(parts))
+    full = SpecifierSet(",".join(parts))
+
+    def ver(s: object) -> Version | None:
+        try:
+            return Version(str(getattr(s, "version", "")).rstrip(".*"))
+        except InvalidVersion:
+            return None
+
+    lows = [s for s in full if s.operator in (">=", ">") and ver(s) is not None]
+    highs = [s for s in full if s.operator in ("<=", "<") and ver(s) is not None]
+    # Tightest bound; at equal versions the strict operator is the tighter one.
+    low = max(lows, key=lambda s: (ver(s), s.operator == ">"), default=None)
+    high = min(highs, key=lambda s: (ver(s), s.operator == "<="), default=None)
+    keep = []
+    for s in full:
+        v = ver(s)
+        if s in lows or s in highs:
+            if s is low or s is high:
+                keep.append(str(s))
+        elif (
+            s.operator == "!="
+            and v is not None
+            and (
+                (low is not None and v < ver(low)) or (high is not None and v > ver(high))  # type: ignore[operator]
+            )
+        ):
+            continue
+        else:
+            keep.append(str(s))
+    return SpecifierSet(",".join(keep))
 
 
 def obviously_empty(spec: SpecifierSet) -> bool:
