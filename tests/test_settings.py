@@ -116,3 +116,13 @@ def test_bad_cli_values_are_argparse_errors(pytester: pytest.Pytester, arg: str,
     result = pytester.runpytest(arg)
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     assert needle in result.stderr.str()
+
+
+def test_readme_configuration_reference_matches_the_code():
+    from pathlib import Path
+
+    from pytest_unsloth.settings import options_markdown
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text("utf-8")
+    table = readme.split("<!-- options:start -->\n", 1)[1].split("<!-- options:end -->", 1)[0]
+    assert table == options_markdown(), "run `python -m pytest_unsloth.settings` and paste it"

@@ -594,3 +594,30 @@ def get_settings(config: pytest.Config) -> Settings:
         settings = resolve(config)
         config.stash[SETTINGS_KEY] = settings
     return settings
+
+
+def options_markdown() -> str:
+    """The configuration reference table in README.md (a test keeps the two identical)."""
+    rows = ["| ini key | command line | default | meaning |", "|---|---|---|---|"]
+    for opt in OPTIONS:
+        default = opt.default
+        if isinstance(default, Mapping):
+            default = dict(default) or None
+        if isinstance(default, tuple):
+            default = " ".join(default) or None
+        if opt.kind == "flag":
+            shown = "off"
+        elif default is None:
+            shown = "—"
+        elif isinstance(default, bool):
+            shown = f"`{str(default).lower()}`"
+        else:
+            shown = f"`{default}`"
+        ini = f"`{opt.ini}`" if opt.ini else "—"
+        cli = f"`{opt.cli}`" if opt.cli else "—"
+        rows.append(f"| {ini} | {cli} | {shown} | {opt.help} |")
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":  # python -m pytest_unsloth.settings: print the reference table
+    print(options_markdown(), end="")
