@@ -1,0 +1,474 @@
+"""A fake ``pynvml`` (nvidia-ml-py) for tests on machines without an NVIDIA GPU.
+
+Imitates the observable API of the real module: the same function names, return shapes and the
+``NVMLError`` hierarchy (``NVMLError(12)`` is an ``NVMLError_LibraryNotFound`` whose text is
+"NVML Shared Library Not Found"). The inventory comes from the JSON file named by
+``PYTEST_UNSLOTH_FAKE_NVML``, read again whenever the file changes, so a test can change free
+memory between evaluations (the ``fake_nvml`` fixture writes a new file for every update, which
+also reaches child processes through the environment).
+
+Spec (every key optional)::
+
+    {"no_driver": false,            # true: nvmlInit raises NVMLError_LibraryNotFound
+     "init_error": "DriverNotLoaded",  # any NVMLError_<Name> suffix raised by nvmlInit
+     "driver": "580.159.04", "cuda_driver": 13000,
+     "gpus": [{"name": "NVIDIA L4", "uuid": "GPU-...", "capability": [8, 9],
+               "total_gib": 22.5, "free_gib": 14.7,        # or total_bytes / free_bytes
+               "processes": [{"pid": 1234, "used_gib": 7.8}],  # or used_bytes (null allowed)
+               "mig_capable": false,   # nvmlDeviceGetMigMode answers [0, 0] instead of NotSupported
+               "mig": [{"name": "...", "uuid": "MIG-...", "total_gib": 9.8, "free_gib": 9.5,
+                        "slot": 0}],   # present (even empty): MIG mode is on
+               "errors": {"nvmlDeviceGetMemoryInfo": "GpuIsLost"}}]}  # per-function failures
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import string
+import sys
+import threading
+from typing import Any
+
+SPEC_ENV = "PYTEST_UNSLOTH_FAKE_NVML"
+_GIB = 1024**3
+
+NVML_SUCCESS = 0
+NVML_ERROR_UNINITIALIZED = 1
+NVML_ERROR_INVALID_ARGUMENT = 2
+NVML_ERROR_NOT_SUPPORTED = 3
+NVML_ERROR_NO_PERMISSION = 4
+NVML_ERROR_ALREADY_INITIALIZED = 5
+NVML_ERROR_NOT_FOUND = 6
+NVML_ERROR_INSUFFICIENT_SIZE = 7
+NVML_ERROR_INSUFFICIENT_POWER = 8
+NVML_ERROR_DRIVER_NOT_LOADED = 9
+NVML_ERROR_TIMEOUT = 10
+NVML_ERROR_IRQ_ISSUE = 11
+NVML_ERROR_LIBRARY_NOT_FOUND = 12
+NVML_ERROR_FUNCTION_NOT_FOUND = 13
+NVML_ERROR_CORRUPTED_INFOROM = 14
+NVML_ERROR_GPU_IS_LOST = 15
+NVML_ERROR_RESET_REQUIRED = 16
+NVML_ERROR_OPERATING_SYSTEM = 17
+NVML_ERROR_LIB_RM_VERSION_MISMATCH = 18
+NVML_ERROR_IN_USE = 19
+NVML_ERROR_MEMORY = 20
+NVML_ERROR_NO_DATA = 21
+NVML_ERROR_UNKNOWN = 999
+
+NVML_DEVICE_MIG_DISABLE = 0x0
+NVML_DEVICE_MIG_ENABLE = 0x1
+
+# Counters tests can read to prove batching ("how many times was NVML initialised?").
+CALLS: dict[str, int] = {}
+_refcount = 0
+_lock = threading.Lock()
+
+
+class NVMLError(Exception):
+    """Same contract as the real class: ``NVMLError(code)`` builds the matching subclass."""
+
+    _valClassMapping: dict[int, type[NVMLError]] = {}  # noqa: RUF012 (mirrors the real module)
+    _errcode_to_string = {  # noqa: RUF012
+        NVML_ERROR_UNINITIALIZED: "Uninitialized",
+        NVML_ERROR_INVALID_ARGUMENT: "Invalid Argument",
+        NVML_ERROR_NOT_SUPPORTED: "Not Supported",
+        NVML_ERROR_NO_PERMISSION: "Insufficient Permissions",
+        NVML_ERROR_ALREADY_INITIALIZED: "Already Initialized",
+        NVML_ERROR_NOT_FOUND: "Not Found",
+        NVML_ERROR_INSUFFICIENT_SIZE: "Insufficient Size",
+        NVML_ERROR_INSUFFICIENT_POWER: "Insufficient External Power",
+        NVML_ERROR_DRIVER_NOT_LOADED: "Driver Not Loaded",
+        NVML_ERROR_TIMEOUT: "Timeout",
+        NVML_ERROR_IRQ_ISSUE: "Interrupt Request Issue",
+        NVML_ERROR_LIBRARY_NOT_FOUND: "NVML Shared Library Not Found",
+        NVML_ERROR_FUNCTION_NOT_FOUND: "Function Not Found",
+        NVML_ERROR_CORRUPTED_INFOROM: "Corrupted infoROM",
+        NVML_ERROR_GPU_IS_LOST: "GPU is lost",
+        NVML_ERROR_RESET_REQUIRED: "GPU requires restart",
+        NVML_ERROR_OPERATING_SYSTEM: "The operating system has blocked the request.",
+        NVML_ERROR_LIB_RM_VERSION_MISMATCH: "RM has detected an NVML/RM version mismatch.",
+        NVML_ERROR_MEMORY: "Insufficient Memory",
+        NVML_ERROR_UNKNOWN: "Unknown Error",
+    }
+    value: int
+
+    def __new__(cls, value: int = NVML_ERROR_UNKNOWN) -> NVMLError:
+        if cls is NVMLError:
+            cls = NVMLError._valClassMapping.get(value, cls)
+        obj = Exception.__new__(cls)
+        obj.value = value
+        return obj
+
+    def __str__(self) -> str:
+        return self._errcode_to_string.get(self.value, f"NVML Error with code {self.value}")
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, NVMLError) and self.value == other.value
+
+    def __hash__(self) -> int:
+        return hash(self.value)
+
+
+def _make_error_classes() -> None:
+    module = sys.modules[__name__]
+    for attr in [a for a in dir(module) if a.startswith("NVML_ERROR_")]:
+        class_name = "NVMLError_" + string.capwords(attr.replace("NVML_ERROR_", ""), "_").replace(
+            "_", ""
+        )
+        code = getattr(module, attr)
+
+        def make_new(val: int) -> Any:
+            def new(klass: type[NVMLError], *args: object) -> NVMLError:
+                return NVMLError.__new__(klass, val)
+
+            return new
+
+        cls = type(class_name, (NVMLError,), {"__new__": make_new(code)})
+        cls.__module__ = __name__
+        setattr(module, class_name, cls)
+        NVMLError._valClassMapping[code] = cls
+
+
+_make_error_classes()
+NVMLError_LibraryNotFound: type[NVMLError]
+NVMLError_NotSupported: type[NVMLError]
+NVMLError_NotFound: type[NVMLError]
+NVMLError_Uninitialized: type[NVMLError]
+
+
+def _error_by_name(name: str) -> NVMLError:
+    cls = getattr(sys.modules[__name__], "NVMLError_" + name, None)
+    if cls is None:
+        raise ValueError(f"fake NVML spec names an unknown error {name!r}")
+    return cls()  # type: ignore[no-any-return]
+
+
+class c_nvmlMemory_t:
+    """Like the ctypes structure: ``.total``, ``.free``, ``.used`` in bytes."""
+
+    def __init__(self, total: int, free: int, used: int) -> None:
+        self.total = total
+        self.free = free
+        self.used = used
+
+    def __repr__(self) -> str:
+        return f"c_nvmlMemory_t(total: {self.total} B, free: {self.free} B, used: {self.used} B)"
+
+
+class nvmlFriendlyObject:
+    """Like the real process-info object: ``.pid``, ``.usedGpuMemory`` (None when unknown)."""
+
+    def __init__(self, dictionary: dict[str, Any]) -> None:
+        for key, value in dictionary.items():
+            setattr(self, key, value)
+
+    def __repr__(self) -> str:
+        return repr(self.__dict__)
+
+
+class c_nvmlDevice_t:
+    """An opaque handle: a GPU index and, for a MIG instance, the slot under it."""
+
+    def __init__(self, gpu: int, mig_slot: int | None = None) -> None:
+        self.gpu = gpu
+        self.mig_slot = mig_slot
+
+    def __repr__(self) -> str:
+        return f"<fake nvml handle gpu={self.gpu} mig={self.mig_slot}>"
+
+
+# ----------------------------------------------------------------------------------------------
+# Spec loading
+
+_cache: dict[str, Any] = {"key": None, "spec": None}
+
+
+def _load() -> dict[str, Any]:
+    path = os.environ.get(SPEC_ENV)
+    if not path:
+        return {"no_driver": True}
+    st = os.stat(path)
+    key = (path, st.st_mtime_ns, st.st_size, st.st_ino)
+    if _cache["key"] != key:
+        with open(path, encoding="utf-8") as fh:
+            _cache["spec"] = json.load(fh)
+        _cache["key"] = key
+    spec: dict[str, Any] = _cache["spec"]
+    return spec
+
+
+def _count(name: str) -> None:
+    CALLS[name] = CALLS.get(name, 0) + 1
+
+
+def _require_init() -> dict[str, Any]:
+    if _refcount <= 0:
+        raise NVMLError(NVML_ERROR_UNINITIALIZED)
+    return _load()
+
+
+def _bytes(entry: dict[str, Any], key: str, default: int | None = None) -> int | None:
+    if key + "_bytes" in entry:
+        value = entry[key + "_bytes"]
+        return None if value is None else int(value)
+    if key + "_gib" in entry:
+        value = entry[key + "_gib"]
+        return None if value is None else int(float(value) * _GIB)
+    return default
+
+
+def _gpu(spec: dict[str, Any], index: int) -> dict[str, Any]:
+    gpus: list[dict[str, Any]] = spec.get("gpus", [])
+    if not 0 <= index < len(gpus):
+        raise NVMLError(NVML_ERROR_INVALID_ARGUMENT)
+    return gpus[index]
+
+
+def _entry(spec: dict[str, Any], handle: c_nvmlDevice_t, func: str) -> dict[str, Any]:
+    """The spec entry for a handle, raising the failure the spec injects for ``func``."""
+    if not isinstance(handle, c_nvmlDevice_t):
+        raise NVMLError(NVML_ERROR_INVALID_ARGUMENT)
+    gpu = _gpu(spec, handle.gpu)
+    entry = gpu
+    if handle.mig_slot is not None:
+        found = [m for m in _mig_list(gpu) if m["slot"] == handle.mig_slot]
+        if not found:
+            raise NVMLError(NVML_ERROR_NOT_FOUND)
+        entry = found[0]
+    error = entry.get("errors", {}).get(func)
+    if error:
+        raise _error_by_name(error)
+    return entry
+
+
+def _mig_list(gpu: dict[str, Any]) -> list[dict[str, Any]]:
+    migs = gpu.get("mig")
+    if migs is None:
+        return []
+    out = []
+    for i, m in enumerate(migs):
+        m = dict(m)
+        m.setdefault("slot", i)
+        out.append(m)
+    return out
+
+
+def _default_uuid(index: int, mig_slot: int | None = None) -> str:
+    if mig_slot is None:
+        return f"GPU-{index:08x}-0000-4000-8000-{index:012x}"
+    return f"MIG-{index:08x}-{mig_slot:04x}-4000-8000-{index:012x}"
+
+
+# ----------------------------------------------------------------------------------------------
+# The API
+
+
+def nvmlInit() -> None:
+    """Initialise, or raise what a machine without a driver raises."""
+    global _refcount
+    _count("nvmlInit")
+    spec = _load()
+    if spec.get("no_driver"):
+        raise NVMLError(NVML_ERROR_LIBRARY_NOT_FOUND)
+    if spec.get("init_error"):
+        raise _error_by_name(spec["init_error"])
+    with _lock:
+        _refcount += 1
+
+
+def nvmlInitWithFlags(flags: int) -> None:
+    """Same as nvmlInit (flags ignored)."""
+    nvmlInit()
+
+
+def nvmlShutdown() -> None:
+    """Drop one reference; raise Uninitialized when none is held, as the library does."""
+    global _refcount
+    _count("nvmlShutdown")
+    with _lock:
+        if _refcount <= 0:
+            raise NVMLError(NVML_ERROR_UNINITIALIZED)
+        _refcount -= 1
+
+
+def nvmlSystemGetDriverVersion() -> str:
+    """Driver version string."""
+    _count("nvmlSystemGetDriverVersion")
+    return str(_require_init().get("driver", "580.159.04"))
+
+
+def nvmlSystemGetCudaDriverVersion() -> int:
+    """The driver's CUDA version as an integer (13000 for 13.0)."""
+    _count("nvmlSystemGetCudaDriverVersion")
+    return int(_require_init().get("cuda_driver", 13000))
+
+
+nvmlSystemGetCudaDriverVersion_v2 = nvmlSystemGetCudaDriverVersion
+
+
+def nvmlSystemGetProcessName(pid: int) -> str:
+    """The process's name (from the spec, else empty)."""
+    spec = _require_init()
+    for gpu in spec.get("gpus", []):
+        for proc in gpu.get("processes", []):
+            if proc.get("pid") == pid:
+                return str(proc.get("name", ""))
+    raise NVMLError(NVML_ERROR_NOT_FOUND)
+
+
+def nvmlDeviceGetCount() -> int:
+    """Number of physical GPUs."""
+    _count("nvmlDeviceGetCount")
+    return len(_require_init().get("gpus", []))
+
+
+def nvmlDeviceGetHandleByIndex(index: int) -> c_nvmlDevice_t:
+    """Handle of physical GPU ``index``."""
+    _count("nvmlDeviceGetHandleByIndex")
+    _gpu(_require_init(), index)
+    return c_nvmlDevice_t(index)
+
+
+def nvmlDeviceGetHandleByUUID(uuid: str) -> c_nvmlDevice_t:
+    """Handle of the GPU or MIG instance with this UUID."""
+    spec = _require_init()
+    for i, gpu in enumerate(spec.get("gpus", [])):
+        if gpu.get("uuid", _default_uuid(i)) == uuid:
+            return c_nvmlDevice_t(i)
+        for m in _mig_list(gpu):
+            if m.get("uuid", _default_uuid(i, m["slot"])) == uuid:
+                return c_nvmlDevice_t(i, m["slot"])
+    raise NVMLError(NVML_ERROR_NOT_FOUND)
+
+
+def nvmlDeviceGetIndex(handle: c_nvmlDevice_t) -> int:
+    """Physical index of a GPU handle."""
+    _entry(_require_init(), handle, "nvmlDeviceGetIndex")
+    return handle.gpu
+
+
+def nvmlDeviceGetName(handle: c_nvmlDevice_t) -> str:
+    """Marketing name (a MIG instance gets "PARENT MIG <profile>" unless the spec names it)."""
+    _count("nvmlDeviceGetName")
+    spec = _require_init()
+    entry = _entry(spec, handle, "nvmlDeviceGetName")
+    if handle.mig_slot is not None and "name" not in entry:
+        parent = _gpu(spec, handle.gpu).get("name", "NVIDIA A100-SXM4-80GB")
+        return f"{parent} MIG 1g.10gb"
+    return str(entry.get("name", "NVIDIA A100-SXM4-80GB"))
+
+
+def nvmlDeviceGetUUID(handle: c_nvmlDevice_t) -> str:
+    """``GPU-...`` or ``MIG-...``."""
+    _count("nvmlDeviceGetUUID")
+    entry = _entry(_require_init(), handle, "nvmlDeviceGetUUID")
+    return str(entry.get("uuid", _default_uuid(handle.gpu, handle.mig_slot)))
+
+
+def nvmlDeviceGetCudaComputeCapability(handle: c_nvmlDevice_t) -> tuple[int, int]:
+    """(major, minor); a MIG instance inherits its parent's unless the spec sets one."""
+    _count("nvmlDeviceGetCudaComputeCapability")
+    spec = _require_init()
+    entry = _entry(spec, handle, "nvmlDeviceGetCudaComputeCapability")
+    cap = entry.get("capability") or _gpu(spec, handle.gpu).get("capability", [8, 0])
+    return (int(cap[0]), int(cap[1]))
+
+
+def nvmlDeviceGetMemoryInfo(handle: c_nvmlDevice_t, version: int | None = None) -> c_nvmlMemory_t:
+    """Total/free/used bytes; used defaults to total - free."""
+    _count("nvmlDeviceGetMemoryInfo")
+    entry = _entry(_require_init(), handle, "nvmlDeviceGetMemoryInfo")
+    total = _bytes(entry, "total", 80 * _GIB) or 0
+    free = _bytes(entry, "free", total)
+    free = total if free is None else free
+    used = _bytes(entry, "used", total - free)
+    return c_nvmlMemory_t(total, free, total - free if used is None else used)
+
+
+def _procs(handle: c_nvmlDevice_t, key: str, func: str) -> list[nvmlFriendlyObject]:
+    entry = _entry(_require_init(), handle, func)
+    out = []
+    for p in entry.get(key, []):
+        used = _bytes(p, "used", None)
+        out.append(
+            nvmlFriendlyObject(
+                {
+                    "pid": int(p["pid"]),
+                    "usedGpuMemory": used,
+                    "gpuInstanceId": 0xFFFFFFFF,
+                    "computeInstanceId": 0xFFFFFFFF,
+                }
+            )
+        )
+    return out
+
+
+def nvmlDeviceGetComputeRunningProcesses(handle: c_nvmlDevice_t) -> list[nvmlFriendlyObject]:
+    """Compute processes on the device (spec ``processes``)."""
+    _count("nvmlDeviceGetComputeRunningProcesses")
+    return _procs(handle, "processes", "nvmlDeviceGetComputeRunningProcesses")
+
+
+def nvmlDeviceGetGraphicsRunningProcesses(handle: c_nvmlDevice_t) -> list[nvmlFriendlyObject]:
+    """Graphics processes on the device (spec ``graphics_processes``)."""
+    _count("nvmlDeviceGetGraphicsRunningProcesses")
+    return _procs(handle, "graphics_processes", "nvmlDeviceGetGraphicsRunningProcesses")
+
+
+nvmlDeviceGetComputeRunningProcesses_v3 = nvmlDeviceGetComputeRunningProcesses
+nvmlDeviceGetComputeRunningProcesses_v2 = nvmlDeviceGetComputeRunningProcesses
+nvmlDeviceGetGraphicsRunningProcesses_v3 = nvmlDeviceGetGraphicsRunningProcesses
+nvmlDeviceGetGraphicsRunningProcesses_v2 = nvmlDeviceGetGraphicsRunningProcesses
+
+
+def nvmlDeviceGetMigMode(handle: c_nvmlDevice_t) -> list[int]:
+    """[current, pending]; NotSupported on a GPU without MIG, as real non-MIG parts answer."""
+    _count("nvmlDeviceGetMigMode")
+    entry = _entry(_require_init(), handle, "nvmlDeviceGetMigMode")
+    if handle.mig_slot is not None:
+        raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
+    if "mig" in entry and entry["mig"] is not None:
+        return [NVML_DEVICE_MIG_ENABLE, NVML_DEVICE_MIG_ENABLE]
+    if entry.get("mig_capable"):
+        return [NVML_DEVICE_MIG_DISABLE, NVML_DEVICE_MIG_DISABLE]
+    raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
+
+
+def nvmlDeviceIsMigDeviceHandle(handle: c_nvmlDevice_t) -> bool:
+    """Whether the handle is a MIG instance."""
+    _require_init()
+    return handle.mig_slot is not None
+
+
+def nvmlDeviceGetMaxMigDeviceCount(handle: c_nvmlDevice_t) -> int:
+    """Slots under a MIG-mode GPU (7, or enough for the spec's slots); 0 otherwise."""
+    _count("nvmlDeviceGetMaxMigDeviceCount")
+    entry = _entry(_require_init(), handle, "nvmlDeviceGetMaxMigDeviceCount")
+    migs = _mig_list(entry)
+    if entry.get("mig") is None:
+        return 0
+    return max([7] + [m["slot"] + 1 for m in migs])
+
+
+def nvmlDeviceGetMigDeviceHandleByIndex(handle: c_nvmlDevice_t, index: int) -> c_nvmlDevice_t:
+    """Handle of the MIG instance in slot ``index``; NotFound for an empty slot."""
+    _count("nvmlDeviceGetMigDeviceHandleByIndex")
+    entry = _entry(_require_init(), handle, "nvmlDeviceGetMigDeviceHandleByIndex")
+    if any(m["slot"] == index for m in _mig_list(entry)):
+        return c_nvmlDevice_t(handle.gpu, index)
+    raise NVMLError(NVML_ERROR_NOT_FOUND)
+
+
+def nvmlDeviceGetDeviceHandleFromMigDeviceHandle(handle: c_nvmlDevice_t) -> c_nvmlDevice_t:
+    """Parent GPU of a MIG instance."""
+    _require_init()
+    if handle.mig_slot is None:
+        raise NVMLError(NVML_ERROR_INVALID_ARGUMENT)
+    return c_nvmlDevice_t(handle.gpu)
+
+
+def nvmlErrorString(result: int) -> str:
+    """Text of an error code."""
+    return str(NVMLError(result))
