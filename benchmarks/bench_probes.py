@@ -40,9 +40,17 @@ def main() -> None:
     print(f"ratio wall / slowest: {total / slowest:.2f}x (target <= 1.2x)")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"wall_s": total, "slowest_s": slowest, "sequential_sum_s": seq,
-                       "ratio": total / slowest,
-                       "probes": {n: r.to_json() for n, r in results.items()}}, fh, indent=2)
+            json.dump(
+                {
+                    "wall_s": total,
+                    "slowest_s": slowest,
+                    "sequential_sum_s": seq,
+                    "ratio": total / slowest,
+                    "probes": {n: r.to_json() for n, r in results.items()},
+                },
+                fh,
+                indent=2,
+            )
 
 
 if __name__ == "__main__":

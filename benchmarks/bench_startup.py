@@ -26,8 +26,16 @@ def import_ms(runs: int) -> float:
     samples = []
     for _ in range(runs):
         out = subprocess.run(
-            [sys.executable, "-X", "importtime", "-c", "import pytest; import pytest_unsloth.plugin"],
-            capture_output=True, text=True, check=True,
+            [
+                sys.executable,
+                "-X",
+                "importtime",
+                "-c",
+                "import pytest, pytest_unsloth.plugin",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
         ).stderr
         for line in out.splitlines():
             parts = [p.strip() for p in line.split("|")]

@@ -9,11 +9,12 @@ import textwrap
 from pathlib import Path
 
 import pytest
+
 from distfake import write_dist
 
 EXAMPLE = Path(__file__).parents[1] / "examples" / "custom-checks"
 
-CONFTEST = '''
+CONFTEST = """
 import os, time
 import pytest
 import pytest_unsloth
@@ -50,16 +51,25 @@ def team_isolated_fail():
 @pytest_unsloth.check("team-isolated-pass", isolated=True, timeout=60)
 def team_isolated_pass(ctx):
     return f"pid {os.getpid()} probe_timeout {ctx.settings.probe_timeout}"
-'''
+"""
 
-TEAM = ["team-pass", "team-fail", "team-skip", "team-crash", "team-hang", "team-isolated-fail",
-        "team-isolated-pass"]
+TEAM = [
+    "team-pass",
+    "team-fail",
+    "team-skip",
+    "team-crash",
+    "team-hang",
+    "team-isolated-fail",
+    "team-isolated-pass",
+]
 
 
 def _outcomes(result: pytest.RunResult) -> dict[str, str]:
     out = {}
     for rep in result.reprec.getreports("pytest_runtest_logreport"):  # type: ignore[attr-defined]
-        if rep.nodeid.startswith("unsloth-env::") and (rep.when == "call" or rep.outcome != "passed"):
+        if rep.nodeid.startswith("unsloth-env::") and (
+            rep.when == "call" or rep.outcome != "passed"
+        ):
             out[rep.nodeid.split("::", 1)[1]] = rep.outcome
     return out
 
@@ -67,32 +77,42 @@ def _outcomes(result: pytest.RunResult) -> dict[str, str]:
 @pytest.mark.slow
 def test_conftest_checks_pass_fail_skip_crash_and_hang(pytester: pytest.Pytester):
     pytester.makeconftest(CONFTEST)
-    result = pytester.runpytest("--unsloth-env", "--unsloth-checks=" + ",".join(TEAM),
-                                "--unsloth-report=r.json")
+    result = pytester.runpytest(
+        "--unsloth-env", "--unsloth-checks=" + ",".join(TEAM), "--unsloth-report=r.json"
+    )
     out = result.stdout.str()
     assert "INTERNALERROR" not in out
     assert _outcomes(result) == {
-        "team-pass": "passed", "team-fail": "failed", "team-skip": "skipped",
-        "team-crash": "failed", "team-hang": "failed", "team-isolated-fail": "failed",
+        "team-pass": "passed",
+        "team-fail": "failed",
+        "team-skip": "skipped",
+        "team-crash": "failed",
+        "team-hang": "failed",
+        "team-isolated-fail": "failed",
         "team-isolated-pass": "passed",
     }
-    result.stdout.fnmatch_lines([
-        "*unsloth-env::team-fail*",
-        "found: NCCL_IB_DISABLE is unset",
-        "why:   multi-GPU init hangs",
-        "fix:   export NCCL_IB_DISABLE=1",
-    ])
+    result.stdout.fnmatch_lines(
+        [
+            "*unsloth-env::team-fail*",
+            "found: NCCL_IB_DISABLE is unset",
+            "why:   multi-GPU init hangs",
+            "fix:   export NCCL_IB_DISABLE=1",
+        ]
+    )
     # A crash shows the user's code, not the plugin's internals.
-    result.stdout.fnmatch_lines([
-        "check 'team-crash' (conftest.py:team_crash) raised instead of passing, failing or "
-        "skipping:",
-        "*helper_that_breaks()*",
-        "*KeyError: 'missing-key'",
-    ])
+    result.stdout.fnmatch_lines(
+        [
+            "check 'team-crash' (conftest.py:team_crash) raised instead of passing, failing or "
+            "skipping:",
+            "*helper_that_breaks()*",
+            "*KeyError: 'missing-key'",
+        ]
+    )
     crash_section = out.split("unsloth-env::team-crash")[1].split("unsloth-env::team-hang")[0]
     assert "pytest_unsloth" not in crash_section
-    result.stdout.fnmatch_lines(["found: isolated check timed out after 3 s in stage 'run the "
-                                 "check'"])
+    result.stdout.fnmatch_lines(
+        ["found: isolated check timed out after 3 s in stage 'run the check'"]
+    )
     data = {c["name"]: c for c in json.loads((pytester.path / "r.json").read_text())["checks"]}
     assert data["team-pass"]["message"] == "all good here"
     assert data["team-pass"]["source"] == "conftest.py:team_pass"
@@ -107,12 +127,12 @@ def test_custom_checks_appear_in_the_summary_beside_builtins(pytester: pytest.Py
     result.stdout.fnmatch_lines(["python *passed*", "team-pass *passed *all good here"])
 
 
-def test_check_from_an_installed_plugin(pytester: pytest.Pytester,
-                                        monkeypatch: pytest.MonkeyPatch):
+def test_check_from_an_installed_plugin(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch):
     site = pytester.path / "site"
     info = write_dist(site, "pytest-ourcluster", "1.0")
     (info / "entry_points.txt").write_text("[pytest11]\nourcluster = ourcluster_checks\n")
-    (site / "ourcluster_checks.py").write_text(textwrap.dedent("""
+    (site / "ourcluster_checks.py").write_text(
+        textwrap.dedent("""
         import pytest
         from pytest_unsloth import Check, CheckFailed
 
@@ -122,10 +142,12 @@ def test_check_from_an_installed_plugin(pytester: pytest.Pytester,
         @pytest.hookimpl
         def pytest_unsloth_checks(config):
             return [Check("cluster-data", dataset_mount, "dataset mount", source="ourcluster")]
-    """))
+    """)
+    )
     monkeypatch.setenv("PYTHONPATH", f"{site}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    result = pytester.runpytest_subprocess("--unsloth-env", "--unsloth-checks=cluster-data",
-                                           timeout=120)
+    result = pytester.runpytest_subprocess(
+        "--unsloth-env", "--unsloth-checks=cluster-data", timeout=120
+    )
     assert result.ret == 1
     result.stdout.fnmatch_lines(["*unsloth-env::cluster-data*", "found: /data is empty"])
 
@@ -137,9 +159,12 @@ def test_veto_hook_disables_a_builtin_with_its_reason(pytester: pytest.Pytester)
             checks.remove("dataset")
     """)
     result = pytester.runpytest("--unsloth-env", "-rs", "--unsloth-report=r.json")
-    result.stdout.fnmatch_lines(["vram *skipped *disabled: the scheduler reserves VRAM",
-                                 "SKIPPED [1] unsloth-env::vram: disabled: the scheduler "
-                                 "reserves VRAM"])
+    result.stdout.fnmatch_lines(
+        [
+            "vram *skipped *disabled: the scheduler reserves VRAM",
+            "SKIPPED [1] unsloth-env::vram: disabled: the scheduler reserves VRAM",
+        ]
+    )
     names = [c["name"] for c in json.loads((pytester.path / "r.json").read_text())["checks"]]
     assert "dataset" not in names and "vram" in names
 
@@ -154,8 +179,9 @@ def test_name_clash_with_a_builtin_is_a_usage_error(pytester: pytest.Pytester):
     result = pytester.runpytest("--unsloth-env")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     err = result.stderr.str()
-    assert "two checks are named 'pins': one from pytest-unsloth, one from conftest.py:my_pins" \
-        in err
+    assert (
+        "two checks are named 'pins': one from pytest-unsloth, one from conftest.py:my_pins" in err
+    )
     assert "INTERNALERROR" not in err + result.stdout.str()
 
 
@@ -173,8 +199,10 @@ def test_name_clash_between_two_custom_checks(pytester: pytest.Pytester):
     """)
     result = pytester.runpytest("--unsloth-env")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    assert "two checks are named 'team': one from our-plugin, one from conftest.py:one" \
+    assert (
+        "two checks are named 'team': one from our-plugin, one from conftest.py:one"
         in result.stderr.str()
+    )
 
 
 def test_bad_check_name_is_a_usage_error(pytester: pytest.Pytester):
@@ -186,8 +214,9 @@ def test_bad_check_name_is_a_usage_error(pytester: pytest.Pytester):
     """)
     result = pytester.runpytest("--unsloth-env")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    assert "check name 'Team Check' (from conftest.py:one) must be lower-case" in \
-        result.stderr.str()
+    assert (
+        "check name 'Team Check' (from conftest.py:one) must be lower-case" in result.stderr.str()
+    )
 
 
 @pytest.mark.slow
@@ -195,16 +224,22 @@ def test_custom_checks_under_xdist_run_and_report_once(pytester: pytest.Pytester
     pytest.importorskip("xdist")
     pytester.makeconftest(CONFTEST)
     result = pytester.runpytest_subprocess(
-        "--unsloth-env", "-n", "2", "--unsloth-report=r.json",
-        "--unsloth-checks=" + ",".join(TEAM), timeout=180)
+        "--unsloth-env",
+        "-n",
+        "2",
+        "--unsloth-report=r.json",
+        "--unsloth-checks=" + ",".join(TEAM),
+        timeout=180,
+    )
     result.assert_outcomes(passed=2, failed=4, skipped=1)
     data = json.loads((pytester.path / "r.json").read_text())
     assert sorted(c["name"] for c in data["checks"]) == sorted(TEAM)
 
 
 @pytest.mark.slow
-def test_the_readme_example_runs(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch,
-                                 tmp_path: Path):
+def test_the_readme_example_runs(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+):
     for name in ("conftest.py", "pyproject.toml"):
         shutil.copy(EXAMPLE / name, pytester.path / name)
     monkeypatch.delenv("NCCL_IB_DISABLE", raising=False)
@@ -213,8 +248,12 @@ def test_the_readme_example_runs(pytester: pytest.Pytester, monkeypatch: pytest.
     monkeypatch.delenv("MODEL_DIR", raising=False)
     checks = "--unsloth-checks=cluster-env,dataset-mount,tokenizer-template,vram"
     result = pytester.runpytest("--unsloth-env", checks, "-rs")
-    assert _outcomes(result) == {"cluster-env": "failed", "dataset-mount": "passed",
-                                 "tokenizer-template": "skipped", "vram": "skipped"}
+    assert _outcomes(result) == {
+        "cluster-env": "failed",
+        "dataset-mount": "passed",
+        "tokenizer-template": "skipped",
+        "vram": "skipped",
+    }
     result.stdout.fnmatch_lines(["found: NCCL_IB_DISABLE=None"])
     monkeypatch.setenv("NCCL_IB_DISABLE", "1")
     result = pytester.runpytest("--unsloth-env", checks)

@@ -12,11 +12,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
 from distfake import write_dist
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None
-H100 = {"name": "NVIDIA H100 80GB HBM3", "capability": [9, 0], "total_gib": 79.6,
-        "free_gib": 79.0, "uuid": "GPU-11111111-2222-3333-4444-555555555555"}
+H100 = {
+    "name": "NVIDIA H100 80GB HBM3",
+    "capability": [9, 0],
+    "total_gib": 79.6,
+    "free_gib": 79.0,
+    "uuid": "GPU-11111111-2222-3333-4444-555555555555",
+}
 
 
 @dataclass
@@ -63,16 +69,19 @@ def run_env(pytester: pytest.Pytester, *args: str) -> EnvRun:
 
 
 def test_unsloth_trl_drift_is_caught_with_a_computed_fix(pytester: pytest.Pytester, site: Path):
-    write_dist(site, "unsloth", "2026.10.9",
-               ["trl!=0.19.0,<=1.15.0,>=0.18.2", "unsloth_zoo>=2026.10.9"])
+    write_dist(
+        site, "unsloth", "2026.10.9", ["trl!=0.19.0,<=1.15.0,>=0.18.2", "unsloth_zoo>=2026.10.9"]
+    )
     write_dist(site, "unsloth_zoo", "2026.10.9")
     write_dist(site, "trl", "1.16.0")
     run = run_env(pytester, "--unsloth-checks=pins")
     assert run.failed() == {"pins"}
     assert run.ret == 1
     msg = run.text["pins"]
-    assert "found: unsloth 2026.10.9 requires trl>=0.18.2,!=0.19.0,<=1.15.0; trl 1.16.0 is " \
+    assert (
+        "found: unsloth 2026.10.9 requires trl>=0.18.2,!=0.19.0,<=1.15.0; trl 1.16.0 is "
         "installed" in msg
+    )
     assert "fix:   pip install 'trl>=0.18.2,!=0.19.0,<=1.15.0'" in msg
     assert "Traceback" not in msg
 
@@ -81,8 +90,10 @@ def test_missing_dependency_of_a_stack_package(pytester: pytest.Pytester, site: 
     write_dist(site, "unsloth", "2026.10.9", ["unsloth_zoo>=2026.10.9"])
     run = run_env(pytester, "--unsloth-checks=pins")
     assert run.failed() == {"pins"}
-    assert "unsloth 2026.10.9 requires unsloth-zoo>=2026.10.9; unsloth-zoo is not installed" \
+    assert (
+        "unsloth 2026.10.9 requires unsloth-zoo>=2026.10.9; unsloth-zoo is not installed"
         in run.text["pins"]
+    )
     assert "pip install 'unsloth-zoo>=2026.10.9'" in run.text["pins"]
 
 
@@ -96,10 +107,15 @@ def test_disjoint_ranges_say_no_version_fits(pytester: pytest.Pytester, site: Pa
 
 
 def test_marker_and_extra_requirements_are_not_enforced(pytester: pytest.Pytester, site: Path):
-    write_dist(site, "unsloth", "2026.10.9", [
-        'trl<0.1; extra == "huggingface"',
-        'vllm<0.1; python_version < "3.0"',
-    ])
+    write_dist(
+        site,
+        "unsloth",
+        "2026.10.9",
+        [
+            'trl<0.1; extra == "huggingface"',
+            'vllm<0.1; python_version < "3.0"',
+        ],
+    )
     run = run_env(pytester, "--unsloth-checks=pins")
     assert run.outcomes["pins"] == "passed"
 
@@ -128,8 +144,9 @@ def test_broken_metadata(pytester: pytest.Pytester, site: Path):
     assert "metadata has no Version" in run.text["packages"]
 
 
-def test_shadowed_second_install(pytester: pytest.Pytester, site: Path, tmp_path: Path,
-                                 monkeypatch: pytest.MonkeyPatch):
+def test_shadowed_second_install(
+    pytester: pytest.Pytester, site: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
     write_dist(site, "vllm", "0.11.0")
     later = tmp_path / "later"
     write_dist(later, "vllm", "0.9.2")
@@ -161,8 +178,9 @@ def test_known_bad_transformers5_with_old_bitsandbytes(pytester: pytest.Pytester
 
 
 @pytest.mark.parametrize("bnb", ["0.46.0", "0.48.0"])
-def test_known_bad_unsloth_with_excluded_bitsandbytes(pytester: pytest.Pytester, site: Path,
-                                                      bnb: str):
+def test_known_bad_unsloth_with_excluded_bitsandbytes(
+    pytester: pytest.Pytester, site: Path, bnb: str
+):
     write_dist(site, "unsloth", "2026.10.9")
     write_dist(site, "bitsandbytes", bnb)
     write_dist(site, "transformers", "4.57.0")
@@ -192,8 +210,10 @@ def test_known_bad_torchvision_declared_for_another_torch(pytester: pytest.Pytes
     write_dist(site, "torchvision", "0.24.1", ["torch==2.9.1"])
     run = run_env(pytester, "--unsloth-checks=known-bad")
     assert run.failed() == {"known-bad"}
-    assert "torchvision 0.24.1 was built for torch==2.9.1, torch 2.13.0+cpu is installed" \
+    assert (
+        "torchvision 0.24.1 was built for torch==2.9.1, torch 2.13.0+cpu is installed"
         in run.text["known-bad"]
+    )
     assert "torchvision::nms does not exist" in run.text["known-bad"]
 
 
@@ -257,8 +277,9 @@ def test_require_gpu_turns_no_gpu_into_a_failure(pytester: pytest.Pytester, fake
     assert "no usable NVIDIA GPU (NVML says NVML Shared Library Not Found)" in run.text["cuda"]
 
 
-def test_cuda_visible_devices_hides_every_gpu(pytester: pytest.Pytester, fake_nvml,
-                                              monkeypatch: pytest.MonkeyPatch):
+def test_cuda_visible_devices_hides_every_gpu(
+    pytester: pytest.Pytester, fake_nvml, monkeypatch: pytest.MonkeyPatch
+):
     fake_nvml(gpus=[H100], driver="580.159.04", cuda_driver=13000)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     run = run_env(pytester, "--unsloth-checks=cuda,vram")
@@ -274,8 +295,9 @@ def test_nvml_sees_gpu_but_torch_is_a_cpu_build(pytester: pytest.Pytester, fake_
     assert run.failed() == {"cuda"}
     assert run.outcomes["arch"] == "skipped"
     msg = run.text["cuda"]
-    assert "NVML sees 1 GPU(s) (NVIDIA H100 80GB HBM3, driver 580.159.04, CUDA 13.0), but " \
-        "torch" in msg
+    assert (
+        "NVML sees 1 GPU(s) (NVIDIA H100 80GB HBM3, driver 580.159.04, CUDA 13.0), but torch" in msg
+    )
     assert "is a CPU-only build" in msg
     assert "--index-url https://download.pytorch.org/whl/cu130" in msg
 
@@ -285,13 +307,16 @@ def test_driver_too_old_for_torch_cuda_build(pytester: pytest.Pytester, fake_nvm
     write_dist(site, "torch", "2.5.1+cu121")
     run = run_env(pytester, "--unsloth-checks=driver")
     assert run.failed() == {"driver"}
-    assert "driver 520.61.05 supports CUDA 11.8, torch 2.5.1+cu121 needs CUDA 12.1" \
+    assert (
+        "driver 520.61.05 supports CUDA 11.8, torch 2.5.1+cu121 needs CUDA 12.1"
         in run.text["driver"]
+    )
     assert "whl/cu118" in run.text["driver"]
 
 
-def test_driver_minor_version_compatibility_passes_with_a_note(pytester: pytest.Pytester,
-                                                                fake_nvml, site: Path):
+def test_driver_minor_version_compatibility_passes_with_a_note(
+    pytester: pytest.Pytester, fake_nvml, site: Path
+):
     fake_nvml(gpus=[H100], driver="550.54.15", cuda_driver=12040)
     write_dist(site, "torch", "2.9.1+cu128")
     run = run_env(pytester, "--unsloth-checks=driver", "-v")
@@ -317,8 +342,13 @@ def test_gpu_without_bf16_is_fine_when_config_uses_fp16(pytester: pytest.Pyteste
 
 
 def test_low_free_vram_names_the_processes(pytester: pytest.Pytester, fake_nvml):
-    l4 = {"name": "NVIDIA L4", "capability": [8, 9], "total_gib": 22.5, "free_gib": 14.7,
-          "processes": [{"pid": 4242, "used_gib": 7.8}]}
+    l4 = {
+        "name": "NVIDIA L4",
+        "capability": [8, 9],
+        "total_gib": 22.5,
+        "free_gib": 14.7,
+        "processes": [{"pid": 4242, "used_gib": 7.8}],
+    }
     fake_nvml(gpus=[l4], driver="580.159.04", cuda_driver=13000)
     run = run_env(pytester, "--unsloth-checks=vram", "--unsloth-min-free-vram=24GiB")
     assert run.failed() == {"vram"}
@@ -332,23 +362,32 @@ def test_low_free_vram_names_the_processes(pytester: pytest.Pytester, fake_nvml)
 
 
 @pytest.mark.slow
-def test_hung_kernel_import_times_out_with_its_stage(pytester: pytest.Pytester, fake_nvml,
-                                                     site: Path):
+def test_hung_kernel_import_times_out_with_its_stage(
+    pytester: pytest.Pytester, fake_nvml, site: Path
+):
     fake_nvml(gpus=[H100], driver="580.159.04", cuda_driver=13000)
-    write_dist(site, "bitsandbytes", "0.50.2", module="bitsandbytes",
-               code="import time\ntime.sleep(600)\n")
+    write_dist(
+        site, "bitsandbytes", "0.50.2", module="bitsandbytes", code="import time\ntime.sleep(600)\n"
+    )
     run = run_env(pytester, "--unsloth-checks=bitsandbytes,vram", "--unsloth-probe-timeout=4")
     assert run.failed() == {"bitsandbytes"}
     assert run.outcomes["vram"] == "passed"  # the session went on
-    assert "bitsandbytes probe timed out after 4 s in stage 'import bitsandbytes'" \
+    assert (
+        "bitsandbytes probe timed out after 4 s in stage 'import bitsandbytes'"
         in run.text["bitsandbytes"]
+    )
 
 
 @pytest.mark.slow
 def test_segfaulting_kernel_reports_the_signal(pytester: pytest.Pytester, fake_nvml, site: Path):
     fake_nvml(gpus=[H100], driver="580.159.04", cuda_driver=13000)
-    write_dist(site, "triton", "3.6.0", module="triton",
-               code="import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)\n")
+    write_dist(
+        site,
+        "triton",
+        "3.6.0",
+        module="triton",
+        code="import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)\n",
+    )
     run = run_env(pytester, "--unsloth-checks=triton,bf16")
     assert run.failed() == {"triton"}
     assert run.outcomes["bf16"] == "passed"
@@ -358,18 +397,29 @@ def test_segfaulting_kernel_reports_the_signal(pytester: pytest.Pytester, fake_n
 
 
 @pytest.mark.slow
-def test_unsloth_import_error_is_reported_verbatim(pytester: pytest.Pytester, fake_nvml,
-                                                   site: Path):
+def test_unsloth_import_error_is_reported_verbatim(
+    pytester: pytest.Pytester, fake_nvml, site: Path
+):
     fake_nvml(gpus=[H100], driver="580.159.04", cuda_driver=13000)
-    write_dist(site, "unsloth", "2026.10.9", module="unsloth", code=(
-        "raise NotImplementedError('Unsloth cannot find any torch accelerator? You need a GPU.')"
-    ))
+    write_dist(
+        site,
+        "unsloth",
+        "2026.10.9",
+        module="unsloth",
+        code=(
+            "raise NotImplementedError("
+            "'Unsloth cannot find any torch accelerator? You need a GPU.')"
+        ),
+    )
     run = run_env(pytester, "--unsloth-checks=unsloth")
     assert run.failed() == {"unsloth"}
-    assert "NotImplementedError: Unsloth cannot find any torch accelerator? You need a GPU." \
+    assert (
+        "NotImplementedError: Unsloth cannot find any torch accelerator? You need a GPU."
         in run.text["unsloth"]
-    assert "stage" not in run.text["unsloth"].split("\n")[0] or "import unsloth" in \
-        run.text["unsloth"]
+    )
+    assert (
+        "stage" not in run.text["unsloth"].split("\n")[0] or "import unsloth" in run.text["unsloth"]
+    )
 
 
 def test_required_kernel_not_installed_fails(pytester: pytest.Pytester, fake_nvml):

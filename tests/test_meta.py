@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from distfake import write_dist
 from packaging.specifiers import SpecifierSet
 
+from distfake import write_dist
 from pytest_unsloth.meta import (
     Inventory,
     combined_specifier,

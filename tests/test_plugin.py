@@ -15,14 +15,16 @@ HEAVY = ("torch", "transformers", "trl", "peft", "bitsandbytes", "unsloth", "vll
 
 def _modules_after(pytester: pytest.Pytester, *args: str) -> set[str]:
     """Run pytest in a fresh interpreter and return the heavy modules it imported."""
-    pytester.makeconftest(textwrap.dedent(f"""
+    pytester.makeconftest(
+        textwrap.dedent(f"""
         import sys
         def pytest_unconfigure(config):
             heavy = [m for m in {HEAVY!r} if m in sys.modules]
             with open("modules.json", "w") as fh:
                 import json
                 json.dump(heavy, fh)
-    """))
+    """)
+    )
     result = pytester.runpytest_subprocess(*args, timeout=120)
     assert "INTERNALERROR" not in result.stdout.str() + result.stderr.str()
     return set(json.loads((pytester.path / "modules.json").read_text()))
@@ -72,9 +74,28 @@ def test_disabled_with_p_no_unsloth(pytester: pytest.Pytester):
 def test_items_have_the_unsloth_env_prefix(pytester: pytest.Pytester):
     result = pytester.runpytest("--unsloth-env", "--co", "-q")
     lines = result.stdout.lines
-    for name in ("python", "packages", "pins", "known-bad", "user-pins", "cuda", "driver", "arch",
-                 "bf16", "vram", "bitsandbytes", "triton", "flash-attn", "xformers", "unsloth",
-                 "vllm", "reward-funcs", "length-budget", "grpo-config", "dataset"):
+    for name in (
+        "python",
+        "packages",
+        "pins",
+        "known-bad",
+        "user-pins",
+        "cuda",
+        "driver",
+        "arch",
+        "bf16",
+        "vram",
+        "bitsandbytes",
+        "triton",
+        "flash-attn",
+        "xformers",
+        "unsloth",
+        "vllm",
+        "reward-funcs",
+        "length-budget",
+        "grpo-config",
+        "dataset",
+    ):
         assert f"unsloth-env::{name}" in lines
 
 
@@ -115,12 +136,14 @@ def test_exit_code_is_one_when_a_check_fails(pytester: pytest.Pytester):
     pytester.makeini("[pytest]\nunsloth_require = no-such-package-xyz\n")
     result = pytester.runpytest("--unsloth-env", "--unsloth-checks=packages")
     assert result.ret == 1
-    result.stdout.fnmatch_lines([
-        "*unsloth-env::packages*",
-        "found: required but not installed: no-such-package-xyz",
-        "why:   ini unsloth_require in tox.ini says the project needs them",
-        "fix:   pip install no-such-package-xyz",
-    ])
+    result.stdout.fnmatch_lines(
+        [
+            "*unsloth-env::packages*",
+            "found: required but not installed: no-such-package-xyz",
+            "why:   ini unsloth_require in tox.ini says the project needs them",
+            "fix:   pip install no-such-package-xyz",
+        ]
+    )
     assert "Traceback" not in result.stdout.str()
 
 
@@ -133,8 +156,9 @@ def test_last_failed_reruns_the_failed_check(pytester: pytest.Pytester):
 
 def test_xdist_runs_every_check_once(pytester: pytest.Pytester):
     pytest.importorskip("xdist")
-    result = pytester.runpytest_subprocess("--unsloth-env", "-n", "2", "--unsloth-report=r.json",
-                                           timeout=120)
+    result = pytester.runpytest_subprocess(
+        "--unsloth-env", "-n", "2", "--unsloth-report=r.json", timeout=120
+    )
     result.assert_outcomes(passed=4, skipped=16)
     data = json.loads((pytester.path / "r.json").read_text())
     assert [c["name"] for c in data["checks"]][:3] == ["python", "packages", "pins"]
@@ -147,8 +171,16 @@ def test_json_report_schema(pytester: pytest.Pytester):
     data = json.loads((pytester.path / "out" / "report.json").read_text())
     assert data["schema"] == "pytest-unsloth/1"
     assert data["exitstatus"] == 1
-    assert set(data) >= {"plugin_version", "created", "python", "platform", "packages", "nvml",
-                         "summary", "checks"}
+    assert set(data) >= {
+        "plugin_version",
+        "created",
+        "python",
+        "platform",
+        "packages",
+        "nvml",
+        "summary",
+        "checks",
+    }
     by_name = {c["name"]: c for c in data["checks"]}
     pkg = by_name["packages"]
     assert pkg["status"] == "failed"
@@ -168,15 +200,18 @@ def test_junit_gets_check_properties(pytester: pytest.Pytester):
 
 def test_terminal_summary_table(pytester: pytest.Pytester):
     result = pytester.runpytest("--unsloth-env", "--unsloth-checks=python,cuda")
-    result.stdout.fnmatch_lines([
-        "*= unsloth environment =*",
-        "python *passed *Python *",
-        "cuda *skipped *no NVIDIA GPU*",
-    ])
+    result.stdout.fnmatch_lines(
+        [
+            "*= unsloth environment =*",
+            "python *passed *Python *",
+            "cuda *skipped *no NVIDIA GPU*",
+        ]
+    )
 
 
-def test_github_step_summary(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch,
-                             tmp_path: Path):
+def test_github_step_summary(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+):
     summary = tmp_path / "summary.md"
     monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
     pytester.runpytest("--unsloth-env", "--unsloth-checks=python,cuda")

@@ -10,43 +10,51 @@ import time
 from pathlib import Path
 
 import pytest
-from distfake import write_dist
 
+from distfake import write_dist
 from pytest_unsloth.probe import ProbeStore, run_probe, run_subprocess, stderr_summary
 from pytest_unsloth.settings import Settings
 
-H100 = {"name": "NVIDIA H100 80GB HBM3", "capability": [9, 0], "total_gib": 79.6,
-        "free_gib": 79.0}
+H100 = {"name": "NVIDIA H100 80GB HBM3", "capability": [9, 0], "total_gib": 79.6, "free_gib": 79.0}
 
 
 def _child(tmp_path: Path, body: str) -> list[str]:
     script = tmp_path / "child.py"
-    script.write_text(textwrap.dedent("""
-        import sys
-        sys.path.insert(0, %r)
-        from pytest_unsloth.probes import emit, stage, run
-    """ % str(Path(__file__).parents[1] / "src")) + textwrap.dedent(body))
+    src = str(Path(__file__).parents[1] / "src")
+    header = f"import sys\nsys.path.insert(0, {src!r})\n"
+    header += "from pytest_unsloth.probes import emit, stage, run\n"
+    script.write_text(header + textwrap.dedent(body))
     return [sys.executable, str(script)]
 
 
 def test_result_line_is_parsed(tmp_path: Path):
-    argv = _child(tmp_path, """
+    argv = _child(
+        tmp_path,
+        """
         print("library chatter on stdout")
         run("x", {"x": lambda: (stage("one"), emit("passed", "all good", answer=42))[1]})
-    """)
+    """,
+    )
     res = run_subprocess(argv, "x", timeout=30)
-    assert (res.status, res.message, res.stage, res.data["answer"]) == \
-        ("passed", "all good", "one", 42)
+    assert (res.status, res.message, res.stage, res.data["answer"]) == (
+        "passed",
+        "all good",
+        "one",
+        42,
+    )
 
 
 def test_timeout_kills_the_process_group_and_names_the_stage(tmp_path: Path):
-    argv = _child(tmp_path, """
+    argv = _child(
+        tmp_path,
+        """
         import subprocess, time
         stage("spawn a grandchild")
         subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
         stage("wait forever")
         time.sleep(60)
-    """)
+    """,
+    )
     start = time.perf_counter()
     res = run_subprocess(argv, "x", timeout=2)
     assert time.perf_counter() - start < 10  # the grandchild holding the pipe was killed too
@@ -55,12 +63,15 @@ def test_timeout_kills_the_process_group_and_names_the_stage(tmp_path: Path):
 
 
 def test_signal_death_names_the_signal_and_keeps_stderr(tmp_path: Path):
-    argv = _child(tmp_path, """
+    argv = _child(
+        tmp_path,
+        """
         import faulthandler, os, signal
         faulthandler.enable()
         stage("native call")
         os.kill(os.getpid(), signal.SIGSEGV)
-    """)
+    """,
+    )
     res = run_subprocess(argv, "x", timeout=30)
     assert res.message == "died with SIGSEGV in stage 'native call'"
     assert "Fatal Python error: Segmentation fault" in res.stderr_tail
@@ -68,24 +79,32 @@ def test_signal_death_names_the_signal_and_keeps_stderr(tmp_path: Path):
 
 
 def test_exit_without_result(tmp_path: Path):
-    argv = _child(tmp_path, """
+    argv = _child(
+        tmp_path,
+        """
         stage("import")
         sys.stderr.write("ImportError: libcudart.so.13: cannot open shared object file\\n")
         sys.exit(3)
-    """)
+    """,
+    )
     res = run_subprocess(argv, "x", timeout=30)
     assert res.message == "exited with code 3 in stage 'import' without a result"
-    assert stderr_summary(res.stderr_tail) == \
-        "ImportError: libcudart.so.13: cannot open shared object file"
+    assert (
+        stderr_summary(res.stderr_tail)
+        == "ImportError: libcudart.so.13: cannot open shared object file"
+    )
 
 
 def test_exception_in_probe_becomes_a_failed_result(tmp_path: Path):
-    argv = _child(tmp_path, """
+    argv = _child(
+        tmp_path,
+        """
         def boom():
             stage("load")
             raise OSError("libbitsandbytes_cuda130.so: cannot open shared object file")
         run("x", {"x": boom})
-    """)
+    """,
+    )
     res = run_subprocess(argv, "x", timeout=30)
     assert res.status == "failed"
     assert res.stage == "load"
@@ -112,13 +131,19 @@ def test_no_gpu_skips_every_probe(fake_nvml):
 
 
 def _slow_fake(site: Path, dist: str, module: str, log: Path, seconds: float) -> None:
-    write_dist(site, dist, "1.0", module=module, code=f"""
+    write_dist(
+        site,
+        dist,
+        "1.0",
+        module=module,
+        code=f"""
         import time
         with open({str(log)!r}, "a") as fh:
             fh.write("{module}\\n")
         time.sleep({seconds})
         __version__ = "1.0"
-    """)
+    """,
+    )
 
 
 @pytest.mark.slow
@@ -139,8 +164,9 @@ def test_probes_run_concurrently(fake_nvml, tmp_path: Path, monkeypatch: pytest.
 
 
 @pytest.mark.slow
-def test_two_stores_sharing_a_run_dir_probe_once(fake_nvml, tmp_path: Path,
-                                                  monkeypatch: pytest.MonkeyPatch):
+def test_two_stores_sharing_a_run_dir_probe_once(
+    fake_nvml, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
     fake_nvml(gpus=[H100], driver="580.159.04", cuda_driver=13000)
     site = tmp_path / "site"
     log = tmp_path / "log"
@@ -149,8 +175,9 @@ def test_two_stores_sharing_a_run_dir_probe_once(fake_nvml, tmp_path: Path,
     run_dir = tmp_path / "run"
     stores = [ProbeStore(Settings(), run_dir=run_dir) for _ in range(2)]
     out: list[str] = []
-    threads = [threading.Thread(target=lambda s=s: out.append(s.get("vllm").origin))
-               for s in stores]
+    threads = [
+        threading.Thread(target=lambda s=s: out.append(s.get("vllm").origin)) for s in stores
+    ]
     for t in threads:
         t.start()
     for t in threads:

@@ -10,20 +10,32 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+
 from distfake import write_dist
 
-H100 = {"name": "NVIDIA H100 80GB HBM3", "capability": [9, 0], "total_gib": 79.6,
-        "free_gib": 79.0, "uuid": "GPU-aaaaaaaa-0000-0000-0000-000000000001"}
+H100 = {
+    "name": "NVIDIA H100 80GB HBM3",
+    "capability": [9, 0],
+    "total_gib": 79.6,
+    "free_gib": 79.0,
+    "uuid": "GPU-aaaaaaaa-0000-0000-0000-000000000001",
+}
 
 
 class Env:
     """A fake GPU box: fake NVML, fake vllm (logging each probe), fake torch for the child."""
 
-    def __init__(self, pytester: pytest.Pytester, fake_nvml, monkeypatch: pytest.MonkeyPatch,
-                 *, vllm_ok: bool = True, sleep: float = 0.0) -> None:
+    def __init__(
+        self,
+        pytester: pytest.Pytester,
+        fake_nvml,
+        monkeypatch: pytest.MonkeyPatch,
+        *,
+        vllm_ok: bool = True,
+        sleep: float = 0.0,
+    ) -> None:
         self.pytester = pytester
         self.nvml = fake_nvml(gpus=[H100], driver="580.159.04", cuda_driver=13000)
         self.site = pytester.path / "site"
@@ -38,15 +50,20 @@ class Env:
         self.vllm_info = write_dist(self.site, "vllm", "0.11.0", module="vllm", code=code)
         if vllm_ok:
             (self.site / "vllm" / "_C.py").write_text("")
-        write_dist(self.site, "torch", "2.11.0+cu130", module="torch",
-                   code="__version__ = '2.11.0+cu130'\n")
+        write_dist(
+            self.site,
+            "torch",
+            "2.11.0+cu130",
+            module="torch",
+            code="__version__ = '2.11.0+cu130'\n",
+        )
         monkeypatch.setenv("PYTHONPATH", f"{self.site}{os.pathsep}{os.environ['PYTHONPATH']}")
         monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
 
     def run(self, *args: str) -> pytest.RunResult:
         result = self.pytester.runpytest_subprocess(
-            "--unsloth-env", "--unsloth-checks=vllm", "--unsloth-report=r.json", *args,
-            timeout=120)
+            "--unsloth-env", "--unsloth-checks=vllm", "--unsloth-report=r.json", *args, timeout=120
+        )
         assert "INTERNALERROR" not in result.stdout.str() + result.stderr.str()
         return result
 
@@ -109,8 +126,9 @@ def test_different_driver_reprobes(env: Env):
     assert env.probes == 2
 
 
-def test_failed_probe_is_never_reused(pytester: pytest.Pytester, fake_nvml,
-                                      monkeypatch: pytest.MonkeyPatch):
+def test_failed_probe_is_never_reused(
+    pytester: pytest.Pytester, fake_nvml, monkeypatch: pytest.MonkeyPatch
+):
     env = Env(pytester, fake_nvml, monkeypatch, vllm_ok=False)
     env.run().assert_outcomes(failed=1)
     env.run().assert_outcomes(failed=1)
@@ -134,21 +152,35 @@ def test_max_age_setting(env: Env):
     assert env.probes == 2
 
 
-@pytest.mark.parametrize("flag", [("--cache-clear",), ("-p", "no:cacheprovider"),
-                                  ("--unsloth-reprobe",)])
+@pytest.mark.parametrize(
+    "flag", [("--cache-clear",), ("-p", "no:cacheprovider"), ("--unsloth-reprobe",)]
+)
 def test_flags_that_force_a_fresh_probe(env: Env, flag: tuple[str, ...]):
     env.run()
     env.run(*flag)
     assert env.probes == 2
 
 
-def test_two_concurrent_runs_probe_once(pytester: pytest.Pytester, fake_nvml,
-                                        monkeypatch: pytest.MonkeyPatch):
+def test_two_concurrent_runs_probe_once(
+    pytester: pytest.Pytester, fake_nvml, monkeypatch: pytest.MonkeyPatch
+):
     env = Env(pytester, fake_nvml, monkeypatch, sleep=3.0)
-    argv = [sys.executable, "-m", "pytest", "-p", "pytester", "--unsloth-env",
-            "--unsloth-checks=vllm", "-q"]
-    procs = [subprocess.Popen(argv, cwd=pytester.path, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    argv = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-p",
+        "pytester",
+        "--unsloth-env",
+        "--unsloth-checks=vllm",
+        "-q",
+    ]
+    procs = [
+        subprocess.Popen(
+            argv, cwd=pytester.path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        for _ in range(2)
+    ]
     outs = [p.communicate(timeout=120)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     assert env.probes == 1

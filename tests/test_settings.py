@@ -60,14 +60,20 @@ def test_list_settings_and_grpo_lines(pytester: pytest.Pytester):
 unsloth_require = ["unsloth", "trl"]
 unsloth_pins = ["trl>=0.20", "peft>=0.15"]
 unsloth_reward_funcs = ["rewards:format_reward", "rewards:correctness"]
-unsloth_grpo_config = ["num_generations = 4", "learning_rate = 5e-6", "lr_scheduler_type = cosine", "bf16 = False"]
+unsloth_grpo_config = [
+    "num_generations = 4", "learning_rate = 5e-6", "lr_scheduler_type = cosine", "bf16 = False",
+]
 """)
     s = _settings(pytester)
     assert s.require == ("unsloth", "trl")
     assert s.pins == ("trl>=0.20", "peft>=0.15")
     assert s.reward_funcs == ("rewards:format_reward", "rewards:correctness")
-    assert dict(s.grpo_config) == {"num_generations": 4, "learning_rate": 5e-6,
-                                   "lr_scheduler_type": "cosine", "bf16": False}
+    assert dict(s.grpo_config) == {
+        "num_generations": 4,
+        "learning_rate": 5e-6,
+        "lr_scheduler_type": "cosine",
+        "bf16": False,
+    }
 
 
 def test_settings_are_frozen(pytester: pytest.Pytester):

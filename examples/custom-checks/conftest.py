@@ -40,8 +40,13 @@ def dataset_mount(ctx: CheckContext) -> str:
     return f"{len(list(path.iterdir()))} entries in {folder}"
 
 
-@pytest_unsloth.check("tokenizer-template", isolated=True, timeout=120, cacheable=False,
-                      description="our model folder's tokenizer has a chat template")
+@pytest_unsloth.check(
+    "tokenizer-template",
+    isolated=True,
+    timeout=120,
+    cacheable=False,
+    description="our model folder's tokenizer has a chat template",
+)
 def tokenizer_template() -> str:
     """Runs in a subprocess: it imports transformers, and a broken install must not take pytest
     down with it."""

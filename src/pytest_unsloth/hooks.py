@@ -12,7 +12,7 @@ if TYPE_CHECKING:
 
 
 @pytest.hookspec
-def pytest_unsloth_checks(config: pytest.Config) -> list[Check] | None:  # type: ignore[empty-body]
+def pytest_unsloth_checks(config: pytest.Config) -> list[Check] | None:
     """Return checks to add to ``pytest --unsloth-env`` (a list of ``pytest_unsloth.Check``).
 
     Every implementation is called; their lists are concatenated. The built-in checks come

@@ -23,7 +23,8 @@ def _load(spec: dict[str, Any]) -> Any:
             file = Path(spec["file"])
             sys.path.insert(0, str(file.parent))
             loader_spec = importlib.util.spec_from_file_location(spec["module"], file)
-            assert loader_spec is not None and loader_spec.loader is not None
+            if loader_spec is None or loader_spec.loader is None:
+                raise ImportError(f"cannot import {file}") from None
             module = importlib.util.module_from_spec(loader_spec)
             sys.modules[spec["module"]] = module
             loader_spec.loader.exec_module(module)
@@ -46,8 +47,9 @@ def main(argv: list[str]) -> dict[str, Any]:
     stage("import the check")
     func = _load(spec)
     target = getattr(func, "__wrapped__", func)
-    raw = spec["settings"]
-    settings = Settings(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
+    raw: dict[str, Any] = spec["settings"]
+    values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
+    settings = Settings(**values)
     ctx = CheckContext(settings, Path(spec["rootpath"]))
     stage("run the check")
     try:

@@ -124,7 +124,7 @@ class CheckItem(pytest.Item):
             raise
         self._record("passed", start, message=str(detail) if detail else "ok")
 
-    def repr_failure(  # type: ignore[override]
+    def repr_failure(
         self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None
     ) -> str | Any:
         """Three lines for a check failure; the check's own traceback for a crash."""

@@ -72,16 +72,24 @@ class Dist:
         return out
 
 
+def _field(meta: md.PackageMetadata | None, key: str) -> str | None:
+    """A metadata field or None (``meta[key]`` on a missing key is deprecated)."""
+    if meta is None:
+        return None
+    values = meta.get_all(key) or []
+    return str(values[0]) if values else None
+
+
 def _read(dist: md.Distribution, wanted: str) -> Dist:
     path = getattr(dist, "_path", None)
     location = str(path.parent) if path is not None else ""
     info = str(path) if path is not None else ""
     try:
         meta = dist.metadata
-        name = (meta.get("Name") if meta is not None else None) or wanted
-        version = (meta.get("Version") if meta is not None else None) or ""
+        name = _field(meta, "Name") or wanted
+        version = _field(meta, "Version") or ""
         requires = tuple(dist.requires or ())
-        requires_python = meta.get("Requires-Python") if meta is not None else None
+        requires_python = _field(meta, "Requires-Python")
     except Exception as exc:  # corrupt METADATA must not take the session down
         return Dist(wanted, "", location, error=f"unreadable metadata: {exc}", path=info)
     error = None
@@ -104,7 +112,7 @@ class Inventory:
             key = canonical(name)
             if key in found:
                 continue
-            hits = {}
+            hits: dict[str, Dist] = {}
             for d in md.distributions(name=name):
                 dist = _read(d, name)
                 hits.setdefault(dist.location, dist)  # a folder twice on sys.path is one install

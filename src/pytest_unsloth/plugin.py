@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
+
 import pytest
 
 # Modules registered as plugins at configure time: their fixtures, markers and hooks.
@@ -45,10 +46,7 @@ def pytest_configure(config: pytest.Config) -> None:
     pm = config.pluginmanager
     for name, module in _PLUGIN_MODULES:
         if not pm.has_plugin(name):
-            try:  # TEMP while the parts are being written
-                pm.register(importlib.import_module(module), name)
-            except ImportError:
-                pass
+            pm.register(importlib.import_module(module), name)
     if settings.env:
         from pytest_unsloth.checks import BuiltinChecks
         from pytest_unsloth.report import Reporter

@@ -148,7 +148,7 @@ def _kill_group(proc: subprocess.Popen[str]) -> None:
 def run_subprocess(
     argv: list[str], name: str, timeout: float, env: Mapping[str, str] | None = None
 ) -> ProbeResult:
-    """Run one child speaking the ``@@unsloth-probe`` protocol and turn what happened into a result."""
+    """Run a child speaking the ``@@unsloth-probe`` protocol; turn what happened into a result."""
     start = time.perf_counter()
     try:
         proc = subprocess.Popen(
@@ -366,9 +366,8 @@ def get_probe_store(config: pytest.Config) -> ProbeStore:
     """The session's probe store, created on first use."""
     store = config.stash.get(PROBE_STORE_KEY, None)
     if store is None:
-        from pytest_unsloth.settings import get_settings
-
         from pytest_unsloth.probe_cache import make_cache
+        from pytest_unsloth.settings import get_settings
 
         settings = get_settings(config)
         store = ProbeStore(settings, run_dir=run_dir_for(config))

@@ -205,7 +205,7 @@ def _passed_torch(ctx: CheckContext) -> dict[str, Any]:
 
 
 def check_arch(ctx: CheckContext) -> str:
-    """Each visible GPU's compute capability is in torch's compiled arch list (or PTX-compatible)."""
+    """Each visible GPU's compute capability is in torch's arch list (or PTX-compatible)."""
     visible_gpus(ctx)
     data = _passed_torch(ctx)
     archs = data.get("arch_list") or []

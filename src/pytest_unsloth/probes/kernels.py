@@ -77,7 +77,7 @@ def probe_torch() -> dict[str, Any]:
             reason="cuda-unavailable",
             **data,
         )
-    data["cudnn"] = torch.backends.cudnn.version()
+    data["cudnn"] = torch.backends.cudnn.version()  # type: ignore[no-untyped-call]
     arch_list = list(torch.cuda.get_arch_list())
     data["arch_list"] = arch_list
     devices = []
@@ -182,7 +182,7 @@ def probe_triton() -> dict[str, Any]:
 def _attention_inputs(torch: Any) -> tuple[Any, Any, Any]:
     gen = torch.Generator(device="cuda").manual_seed(0)
     shape = (1, 16, 2, 64)  # batch, seqlen, heads, head_dim
-    return tuple(  # type: ignore[return-value]
+    return tuple(
         torch.randn(shape, generator=gen, device="cuda", dtype=torch.bfloat16) for _ in range(3)
     )
 
