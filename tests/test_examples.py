@@ -1,0 +1,93 @@
+"""Every example under examples/ runs here, so none can rot."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).parents[1] / "examples"
+
+pytestmark = pytest.mark.slow
+
+
+def _copy(name: str, dest: Path) -> Path:
+    target = dest / Path(name).name
+    shutil.copytree(
+        EXAMPLES / name, target, ignore=shutil.ignore_patterns("models", ".pytest_cache")
+    )
+    if (target / "make_tiny_model.py").exists():
+        subprocess.run(
+            [sys.executable, "make_tiny_model.py"],
+            cwd=target,
+            check=True,
+            capture_output=True,
+            timeout=300,
+        )
+    return target
+
+
+def _run(folder: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "--unsloth-env", "-p", "no:cacheprovider", *args],
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def _table(stdout: str) -> dict[str, str]:
+    section = stdout.split("= unsloth environment =", 1)[1]
+    rows = {}
+    for line in section.splitlines()[1:]:
+        m = re.match(r"^(\S+)\s+(passed|FAILED|skipped|ERROR)\s", line)
+        if m:
+            rows[m.group(1)] = m.group(2)
+    return rows
+
+
+def test_ci_gate_passes_every_configured_check(tmp_path: Path):
+    pytest.importorskip("trl")
+    folder = _copy("ci-gate", tmp_path)
+    proc = _run(folder, "--unsloth-report=report.json")
+    assert proc.returncode == 0, proc.stdout
+    rows = _table(proc.stdout)
+    for name in (
+        "python",
+        "packages",
+        "pins",
+        "known-bad",
+        "user-pins",
+        "reward-funcs",
+        "length-budget",
+        "grpo-config",
+        "dataset",
+    ):
+        assert rows[name] == "passed", (name, proc.stdout)
+    assert (folder / "report.json").exists()
+    workflow = (folder / ".github" / "workflows" / "unsloth-env.yml").read_text()
+    assert "pytest --unsloth-env" in workflow and "upload-artifact" in workflow
+
+
+@pytest.mark.parametrize(
+    ("name", "check"),
+    [("pin-drift", "pins"), ("bad-reward", "reward-funcs"), ("overlong-prompt", "length-budget")],
+)
+def test_broken_env_examples_fail_as_documented(tmp_path: Path, name: str, check: str):
+    if name != "pin-drift":
+        pytest.importorskip("trl")
+    folder = _copy(f"broken-env/{name}", tmp_path)
+    proc = _run(folder)
+    assert proc.returncode == 1, proc.stdout
+    assert _table(proc.stdout) == {check: "FAILED"}
+    expected = (folder / "EXPECTED.md").read_text()
+    found = next(line for line in expected.splitlines() if line.startswith("found:"))
+    actual = proc.stdout.replace(f"{folder}/", "<example>/")
+    assert found in actual.splitlines(), actual
+    fix = next(line for line in expected.splitlines() if line.startswith("fix:"))
+    assert fix in actual.splitlines()
