@@ -1,0 +1,319 @@
+"""``--unsloth-env`` checks of the GRPO setup: reward functions, length budget, config, dataset.
+
+Each check reads its part of the user's setup from the ini keys, skips (naming the key) when that
+part is not configured, and fails with found / why / fix lines. They run in the pytest process
+and import TRL or transformers only when configured.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pytest_unsloth.checks.base import CheckContext, CheckFailed, CheckSkipped
+
+if TYPE_CHECKING:
+    from pytest_unsloth.grpo.problems import Problem
+
+__all__ = ["dataset_check", "grpo_config_check", "length_budget_check", "reward_funcs_check"]
+
+# Rows of the dataset file used to call reward functions in the dataset's own shape.
+_REWARD_ROWS = 4
+_INDENT = "\n       "
+
+
+def _fail(failures: list[tuple[str, Problem]]) -> CheckFailed:
+    """Fold several findings into one three-part failure; one finding keeps its own lines."""
+    if len(failures) == 1:
+        name, p = failures[0]
+        prefix = f"{name}: " if name not in ("", "*") else ""
+        return CheckFailed(found=prefix + p.found, why=p.why, fix=p.fix)
+    found = [f"{len(failures)} problems:"]
+    whys: list[str] = []
+    fixes: list[str] = []
+    for i, (name, p) in enumerate(failures, 1):
+        prefix = f"{name}: " if name not in ("", "*") else ""
+        found.append(f"{i}) {prefix}{p.found}")
+        if p.why not in whys:
+            whys.append(p.why)
+        fixes.append(f"{i}) {p.fix}")
+    return CheckFailed(found=_INDENT.join(found), why=_INDENT.join(whys), fix=_INDENT.join(fixes))
+
+
+def _resolve(ctx: CheckContext, value: str) -> Path:
+    """Resolve an ini path against the rootdir."""
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else ctx.rootpath / path
+
+
+@contextlib.contextmanager
+def _on_sys_path(folder: Path) -> Iterator[None]:
+    """Let ``pkg.module`` import from the rootdir while the check runs."""
+    entry = str(folder)
+    added = entry not in sys.path
+    if added:
+        sys.path.insert(0, entry)
+    try:
+        yield
+    finally:
+        if added:
+            with contextlib.suppress(ValueError):
+                sys.path.remove(entry)
+
+
+def import_object(spec: str, rootpath: Path, source: str) -> Any:
+    """Import ``pkg.module:attr`` from the rootdir; CheckFailed names the path and the error."""
+    module_name, _, attr_path = spec.partition(":")
+    with _on_sys_path(rootpath):
+        try:
+            obj: Any = importlib.import_module(module_name)
+        except Exception as exc:
+            raise CheckFailed(
+                found=f"cannot import {module_name!r} for {spec!r} ({source}): "
+                f"{type(exc).__name__}: {exc}",
+                why="the reward functions must be importable before GRPOTrainer can call them",
+                fix=f"fix the error above, or the module path (resolved from {rootpath} and "
+                "sys.path)",
+            ) from None
+    for part in attr_path.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise CheckFailed(
+                found=f"{module_name!r} has no attribute {part!r} (for {spec!r}, {source})",
+                why="the import path must name the reward function itself",
+                fix=f"check the spelling; {module_name} defines: "
+                + ", ".join(n for n in dir(obj) if not n.startswith("_"))[:200],
+            ) from None
+    return obj
+
+
+def _read_rows(path: Path, count: int | None) -> Iterator[dict[str, Any]]:
+    """Yield the valid JSON objects of a JSONL file (the dataset check reports the bad lines)."""
+    seen = 0
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        for line in handle:
+            if count is not None and seen >= count:
+                return
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict):
+                seen += 1
+                yield row
+
+
+def _dataset_path(ctx: CheckContext) -> Path | None:
+    """The configured dataset file, or None; CheckFailed when it does not exist."""
+    if not ctx.settings.dataset:
+        return None
+    path = _resolve(ctx, ctx.settings.dataset)
+    if not path.is_file():
+        raise CheckFailed(
+            found=f"{ctx.settings.source('dataset')} = {ctx.settings.dataset!r}: no such file "
+            f"({path})",
+            why="the dataset checks need the training file",
+            fix="point unsloth_dataset at the JSONL file (relative to the rootdir)",
+        )
+    return path
+
+
+def _num_generations(ctx: CheckContext) -> int:
+    """num_generations from unsloth_grpo_config, else 2 (enough to see the repeat shape)."""
+    value = ctx.settings.grpo_config.get("num_generations")
+    return value if isinstance(value, int) and 1 <= value <= 64 else 2
+
+
+def reward_funcs_check(ctx: CheckContext) -> str | None:
+    """Import the configured reward functions and call them the way the installed TRL does."""
+    settings = ctx.settings
+    if not settings.reward_funcs:
+        raise CheckSkipped(
+            "no reward functions configured: set unsloth_reward_funcs = pkg.module:func ..."
+        )
+    source = settings.source("reward_funcs")
+    from pytest_unsloth.grpo.problems import Problem
+    from pytest_unsloth.grpo.rewards import check_reward_funcs
+
+    # Import every path first, so one typo does not hide the other functions' problems.
+    funcs: list[Any] = []
+    specs: list[str] = []
+    import_failures: list[tuple[str, Problem]] = []
+    for spec in settings.reward_funcs:
+        try:
+            funcs.append(import_object(spec, ctx.rootpath, source))
+            specs.append(spec)
+        except CheckFailed as exc:
+            import_failures.append(("", Problem("import", exc.found, exc.why, exc.fix)))
+
+    rows: list[dict[str, Any]] | None = None
+    note = ""
+    path = _dataset_path(ctx)
+    if path is not None:
+        rows = list(_read_rows(path, _REWARD_ROWS))
+        if not rows or "prompt" not in rows[0]:
+            note = f"; {path.name} has no 'prompt' field, so synthetic inputs were used"
+            rows = None
+    with _on_sys_path(ctx.rootpath):
+        report = check_reward_funcs(funcs, rows, _num_generations(ctx))
+    names = dict(zip((r.name for r in report.results), specs, strict=False))
+    failures = import_failures + [(names.get(n, n), p) for n, p in report.failures()]
+    if failures:
+        raise _fail(failures)
+    infos = sum(len(r.problems) for r in report.results)
+    shapes = sorted({s for r in report.results for s in r.shapes})
+    return (
+        f"{len(report.results)} reward function(s) pass on {report.num_completions} "
+        f"{'/'.join(shapes) or 'no'} completions, called as TRL "
+        f"{report.contract.trl_version} does"
+        + ("" if report.contract.source.startswith("read") else " (contract assumed)")
+        + (f"; {infos} note(s)" if infos else "")
+        + note
+    )
+
+
+def _load_tokenizer(ctx: CheckContext) -> Any:
+    """Load the tokenizer named by unsloth_tokenizer (or a local unsloth_model folder)."""
+    settings = ctx.settings
+    key, value = "tokenizer", settings.tokenizer
+    if not value and settings.model and _resolve(ctx, settings.model).is_dir():
+        key, value = "model", settings.model
+    if not value:
+        raise CheckSkipped(
+            "no tokenizer configured: set unsloth_tokenizer (a tokenizer or model folder) and "
+            "unsloth_dataset"
+        )
+    path = _resolve(ctx, value)
+    target = str(path) if path.exists() else value
+    try:
+        from pytest_unsloth import tiny
+
+        if path.is_dir() and tiny.is_tiny_model(path):
+            return tiny.load_tokenizer(path)
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(target, local_files_only=not settings.allow_download)
+    except Exception as exc:
+        raise CheckFailed(
+            found=f"cannot load the tokenizer {value!r} ({settings.source(key)}): "
+            f"{type(exc).__name__}: {str(exc)[:300]}",
+            why="the length budget is measured with the model's own tokenizer and chat template",
+            fix="point unsloth_tokenizer at a local folder with tokenizer.json (or set "
+            "unsloth_allow_download = true for a Hub id)",
+        ) from None
+
+
+def length_budget_check(ctx: CheckContext) -> str | None:
+    """Measure every prompt of the dataset after the chat template against the length limit."""
+    settings = ctx.settings
+    if not settings.dataset:
+        raise CheckSkipped("no dataset configured: set unsloth_dataset (and unsloth_tokenizer)")
+    path = _dataset_path(ctx)
+    assert path is not None
+    tokenizer = _load_tokenizer(ctx)
+    from pytest_unsloth.grpo.budget import check_length_budget
+
+    config = dict(settings.grpo_config)
+    try:
+        report = check_length_budget(
+            tokenizer,
+            _read_rows(path, None),
+            # unsloth_max_seq_length when set; else the model's own context, not our default.
+            max_seq_length=_model_context(ctx) or settings.max_seq_length,
+            config=config,
+        )
+    except Exception as exc:  # a tokenizer or template error is this check's finding
+        raise CheckFailed(
+            found=f"measuring the prompts of {path.name} failed: {type(exc).__name__}: "
+            f"{str(exc)[:300]}",
+            why="GRPOTrainer tokenizes the same prompts the same way at its first step",
+            fix="check the tokenizer's chat_template against the dataset's prompt format",
+        ) from None
+    failures = [("", p) for p in report.problems if p.severity == "error"]
+    if failures:
+        raise _fail(failures)
+    warnings = [p.found for p in report.problems if p.severity == "warning"]
+    return report.summary() + "".join(f"; warning: {w}" for w in warnings)
+
+
+def _model_context(ctx: CheckContext) -> int | None:
+    """The context the model is loaded with: unsloth_max_seq_length when set, else config.json's."""
+    settings = ctx.settings
+    if settings.source("max_seq_length") != "default":
+        return settings.max_seq_length
+    for folder in (settings.model, settings.tokenizer):
+        if not folder:
+            continue
+        config = _resolve(ctx, folder) / "config.json"
+        if config.is_file():
+            with contextlib.suppress(ValueError, OSError):
+                value = json.loads(config.read_text(encoding="utf-8")).get(
+                    "max_position_embeddings"
+                )
+                if isinstance(value, int):
+                    return value
+    return None
+
+
+def grpo_config_check(ctx: CheckContext) -> str | None:
+    """Build GRPOConfig from unsloth_grpo_config; check GPU bf16, vLLM, unsloth, context."""
+    settings = ctx.settings
+    if not settings.grpo_config:
+        raise CheckSkipped(
+            "no GRPO settings configured: set unsloth_grpo_config (one 'key = value' per line)"
+        )
+    from pytest_unsloth.grpo.config import check_grpo_config
+
+    snapshot = ctx.nvml
+    report = check_grpo_config(
+        dict(settings.grpo_config),
+        gpus=snapshot if getattr(snapshot, "available", False) else None,
+        model_max_length=_model_context(ctx),
+        unsloth=ctx.dist("unsloth") is not None,
+    )
+    failures = [("", p) for p in report.problems if p.severity == "error"]
+    if failures:
+        raise _fail(failures)
+    warnings = [p for p in report.problems if p.severity == "warning"]
+    detail = report.summary()
+    if warnings:
+        detail += "; warning: " + "; ".join(p.found for p in warnings)
+    return detail
+
+
+def dataset_check(ctx: CheckContext) -> str | None:
+    """Stream the JSONL dataset and report every bad line by number."""
+    settings = ctx.settings
+    if not settings.dataset:
+        raise CheckSkipped("no dataset configured: set unsloth_dataset = path/to/train.jsonl")
+    path = _dataset_path(ctx)
+    assert path is not None
+    from pytest_unsloth.grpo.jsonl import check_jsonl
+
+    report = check_jsonl(path, settings.dataset_schema)
+    if report.problems:
+        raise _fail([("", p) for p in report.problems])
+    if report.bad_count:
+        counts = report.counts()
+        first = report.bad[:5]
+        raise CheckFailed(
+            found=f"{report.bad_count} defect(s) in {path.name} ({report.schema} schema): "
+            + ", ".join(f"{n} {code}" for code, n in sorted(counts.items()))
+            + _INDENT
+            + _INDENT.join(f"line {p.line}: {p.message}" for p in first)
+            + (
+                _INDENT + f"... {report.bad_count - len(first)} more"
+                if report.bad_count > 5
+                else ""
+            ),
+            why="a bad line stops datasets.load_dataset or silently trains on broken text",
+            fix="fix or drop the listed lines (run pytest_unsloth.check_jsonl(path) for the "
+            "full list); save with '\\n' line endings and UTF-8",
+        )
+    return report.summary()

@@ -1,0 +1,321 @@
+"""Length budget: does every prompt (after the chat template) plus the completion budget fit?
+
+TRL 1.x removed ``max_prompt_length`` and no longer truncates prompts, so the budget that matters
+is the longest templated prompt plus ``max_completion_length`` against the model's
+``max_seq_length`` (and ``vllm_max_model_length`` when vLLM generates).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from pytest_unsloth.grpo.problems import Problem, errors, installed_version
+
+__all__ = ["BudgetReport", "check_length_budget", "prompt_of"]
+
+_CHUNK = 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class BudgetReport:
+    """Prompt token lengths against the length limit."""
+
+    count: int
+    p50: int
+    p95: int
+    max: int
+    limit: int
+    limit_name: str
+    max_completion_length: int
+    overflow: tuple[tuple[int, int], ...]
+    problems: tuple[Problem, ...]
+
+    @property
+    def ok(self) -> bool:
+        """Whether no error was found."""
+        return not errors(self.problems)
+
+    def summary(self) -> str:
+        """One line: the length distribution against the limit."""
+        return (
+            f"{self.count} prompts: p50 {self.p50}, p95 {self.p95}, max {self.max} tokens + "
+            f"{self.max_completion_length} completion <= {self.limit} ({self.limit_name}): "
+            f"{len(self.overflow)} over"
+        )
+
+    def format(self) -> str:
+        """Render the summary and every finding."""
+        lines = [self.summary()]
+        for p in self.problems:
+            lines += [f"  [{p.severity}] {p.code}", p.format("    ")]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.format()
+
+
+def prompt_of(row: Any) -> Any:
+    """Return what GRPO generates from: 'prompt', or the prompt part of a chat/instruction row."""
+    if isinstance(row, str):
+        return row
+    if isinstance(row, list):
+        return row
+    if not isinstance(row, Mapping):
+        raise TypeError(f"a dataset row must be a dict, a string or a message list, got {row!r}")
+    if "prompt" in row:
+        return row["prompt"]
+    for key in ("messages", "conversations"):
+        if key in row and isinstance(row[key], list):
+            messages = list(row[key])
+            # The trailing assistant turns are the answer GRPO generates, not part of the prompt.
+            while (
+                messages
+                and isinstance(messages[-1], Mapping)
+                and messages[-1].get("role") == "assistant"
+            ):
+                messages.pop()
+            return messages
+    if "instruction" in row:
+        text = str(row["instruction"])
+        extra = row.get("input")
+        if extra:
+            text += "\n\n" + str(extra)
+        return [{"role": "user", "content": text}]
+    raise KeyError(
+        f"row has none of the fields prompt, messages, instruction (fields: {', '.join(row)})"
+    )
+
+
+def _percentile(sorted_values: list[int], q: float) -> int:
+    """Nearest-rank percentile of an already sorted list."""
+    if not sorted_values:
+        return 0
+    rank = max(1, -(-len(sorted_values) * q // 100))
+    return sorted_values[int(rank) - 1]
+
+
+def _config_get(config: Any, key: str) -> Any:
+    """Read a key from a dict-like config or an attribute from a GRPOConfig."""
+    if config is None:
+        return None
+    if isinstance(config, Mapping):
+        return config.get(key)
+    return getattr(config, key, None)
+
+
+def _default_completion_length() -> int:
+    """Read max_completion_length's default from the installed GRPOConfig."""
+    from trl import GRPOConfig  # type: ignore[attr-defined]
+
+    field = next(f for f in dataclasses.fields(GRPOConfig) if f.name == "max_completion_length")
+    return int(field.default)  # type: ignore[arg-type]
+
+
+def _trl_lengths(tokenizer: Any, prompts: list[Any], conversational: bool) -> list[int]:
+    """Tokenize prompts in batches exactly as TRL's GRPOTrainer._tokenize_prompts does."""
+    lengths: list[int] = []
+    for start in range(0, len(prompts), _CHUNK):
+        chunk = prompts[start : start + _CHUNK]
+        if conversational:
+            encoded = tokenizer.apply_chat_template(
+                conversation=chunk,
+                add_generation_prompt=True,
+                tokenize=True,
+                return_dict=True,
+            )
+        else:
+            encoded = tokenizer(text=chunk)
+        lengths += [len(ids) for ids in encoded["input_ids"]]
+    return lengths
+
+
+def _fast_lengths(tokenizer: Any, prompts: list[Any], conversational: bool) -> list[int] | None:
+    """Render, then count with the Rust tokenizer directly (no offsets, no Python encodings)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    encode = getattr(backend, "encode_batch_fast", None) or getattr(backend, "encode_batch", None)
+    if encode is None:
+        return None
+    if conversational:
+        texts = tokenizer.apply_chat_template(prompts, add_generation_prompt=True, tokenize=False)
+    else:
+        texts = prompts
+    # apply_chat_template(tokenize=True) adds no special tokens to the rendered text; a plain
+    # tokenizer(text=...) call does.
+    return [len(e.ids) for e in encode(list(texts), add_special_tokens=not conversational)]
+
+
+_SAMPLE = 32
+
+
+def _token_lengths(tokenizer: Any, prompts: list[Any], conversational: bool) -> list[int]:
+    """TRL's token count per prompt; the fast path only where it matches TRL's call on a sample."""
+    if len(prompts) > _SAMPLE:
+        with contextlib.suppress(Exception):  # any surprise in the fast path: use TRL's call
+            sample = _trl_lengths(tokenizer, prompts[:_SAMPLE], conversational)
+            if _fast_lengths(tokenizer, prompts[:_SAMPLE], conversational) == sample:
+                fast = _fast_lengths(tokenizer, prompts[_SAMPLE:], conversational)
+                if fast is not None:
+                    return sample + fast
+    return _trl_lengths(tokenizer, prompts, conversational)
+
+
+def check_length_budget(
+    tokenizer: Any,
+    dataset: Iterable[Any],
+    *,
+    max_seq_length: int,
+    max_completion_length: int | None = None,
+    vllm_max_model_length: int | None = None,
+    config: Any = None,
+) -> BudgetReport:
+    """Measure every templated prompt; report rows whose prompt + completion budget overflows."""
+    problems: list[Problem] = []
+    trl_version = installed_version("trl")
+    if _config_get(config, "max_prompt_length") is not None or (
+        isinstance(config, Mapping) and "max_prompt_length" in config
+    ):
+        problems.append(
+            Problem(
+                "max-prompt-length",
+                f"the config sets max_prompt_length = {_config_get(config, 'max_prompt_length')!r}",
+                f"TRL {trl_version or '1.x'} GRPOConfig has no max_prompt_length (TypeError) and "
+                "never truncates prompts, so the longest prompt counts in full",
+                "remove max_prompt_length; filter or shorten long prompts in the dataset instead",
+                severity="warning",
+            )
+        )
+    if max_completion_length is None:
+        value = _config_get(config, "max_completion_length")
+        max_completion_length = int(value) if value is not None else _default_completion_length()
+    if vllm_max_model_length is None:
+        value = _config_get(config, "vllm_max_model_length")
+        if value is not None and _config_get(config, "use_vllm"):
+            vllm_max_model_length = int(value)
+    limit, limit_name = max_seq_length, "max_seq_length"
+    if vllm_max_model_length is not None and vllm_max_model_length < limit:
+        limit, limit_name = vllm_max_model_length, "vllm_max_model_length"
+
+    prompts: list[Any] = []
+    for index, row in enumerate(dataset):
+        try:
+            prompts.append(prompt_of(row))
+        except (KeyError, TypeError) as exc:
+            problems.append(
+                Problem(
+                    "no-prompt",
+                    f"row {index}: {exc}",
+                    "GRPOTrainer generates from each row's 'prompt'",
+                    "map the rows to {'prompt': [messages] or str, ...}",
+                )
+            )
+            break
+    if not prompts:
+        return BudgetReport(
+            0, 0, 0, 0, limit, limit_name, max_completion_length, (), tuple(problems)
+        )
+    chats = [i for i, p in enumerate(prompts) if isinstance(p, list)]
+    texts = [i for i, p in enumerate(prompts) if isinstance(p, str)]
+    odd = [i for i, p in enumerate(prompts) if not isinstance(p, list | str)]
+    if odd:
+        problems.append(
+            Problem(
+                "bad-prompt",
+                f"{len(odd)} prompts are neither text nor a message list, first: row {odd[0]} = "
+                f"{prompts[odd[0]]!r:.60}",
+                "GRPOTrainer cannot tokenize them",
+                "make every prompt a string or a list of {'role', 'content'} messages",
+            )
+        )
+    if chats and texts:
+        first, other = (chats, texts) if chats[0] < texts[0] else (texts, chats)
+        kinds = ("conversational", "plain") if first is chats else ("plain", "conversational")
+        problems.append(
+            Problem(
+                "mixed-prompts",
+                f"row {first[0]} is {kinds[0]} but {len(other)} rows are {kinds[1]}, first: row "
+                f"{other[0]}",
+                "TRL picks the chat template or plain tokenization from the first prompt of each "
+                "batch, so a batch mixing both fails or is tokenized wrongly",
+                "make every prompt the same kind (all message lists, or all strings)",
+            )
+        )
+    if chats and not getattr(tokenizer, "chat_template", None):
+        problems.append(
+            Problem(
+                "no-chat-template",
+                f"the tokenizer ({type(tokenizer).__name__}) has no chat_template, but the prompts "
+                "are conversational",
+                "TRL renders conversational prompts with apply_chat_template, which raises "
+                "without a template",
+                "use the instruct model's tokenizer or set tokenizer.chat_template",
+            )
+        )
+        chats = []
+    if not chats and not texts:
+        return BudgetReport(
+            len(prompts), 0, 0, 0, limit, limit_name, max_completion_length, (), tuple(problems)
+        )
+    if not getattr(tokenizer, "is_fast", True):
+        problems.append(
+            Problem(
+                "slow-tokenizer",
+                f"{type(tokenizer).__name__} is a slow (Python) tokenizer",
+                "measuring and training tokenize far slower",
+                "load the fast tokenizer (use_fast=True, tokenizer.json)",
+                severity="info",
+            )
+        )
+    measured: dict[int, int] = {}
+    for rows_of_kind, conversational in ((chats, True), (texts, False)):
+        if rows_of_kind:
+            found = _token_lengths(tokenizer, [prompts[i] for i in rows_of_kind], conversational)
+            measured.update(zip(rows_of_kind, found, strict=True))
+    order = sorted(measured)
+    lengths = [measured[i] for i in order]
+    ordered = sorted(lengths)
+    budget = limit - max_completion_length
+    overflow = tuple((i, measured[i]) for i in order if measured[i] > budget)
+    if max_completion_length >= limit:
+        problems.append(
+            Problem(
+                "completion-too-long",
+                f"max_completion_length {max_completion_length} >= {limit_name} {limit}",
+                "no prompt leaves room for a full completion",
+                f"lower max_completion_length below {limit} or raise {limit_name}",
+            )
+        )
+    elif overflow:
+        worst = ", ".join(f"row {i} ({n} tokens)" for i, n in overflow[:10])
+        more = f" and {len(overflow) - 10} more" if len(overflow) > 10 else ""
+        problems.append(
+            Problem(
+                "overflow",
+                f"{len(overflow)} of {len(lengths)} prompts are longer than {budget} tokens "
+                f"({limit_name} {limit} - max_completion_length {max_completion_length}): "
+                f"{worst}{more}; p50 {_percentile(ordered, 50)}, p95 "
+                f"{_percentile(ordered, 95)}, max {ordered[-1]}",
+                "TRL does not truncate prompts (max_prompt_length is gone), so these rows plus a "
+                f"full completion run past {limit_name}: generation is cut short or fails",
+                "drop or shorten those rows, "
+                + (
+                    f"lower max_completion_length to {limit - ordered[-1]}, "
+                    if limit - ordered[-1] >= 16
+                    else ""
+                )
+                + f"or raise {limit_name} to {ordered[-1] + max_completion_length}",
+            )
+        )
+    return BudgetReport(
+        len(lengths),
+        _percentile(ordered, 50),
+        _percentile(ordered, 95),
+        ordered[-1],
+        limit,
+        limit_name,
+        max_completion_length,
+        overflow,
+        tuple(problems),
+    )

@@ -1,0 +1,942 @@
+"""Reward-function contract: call each function the way the installed TRL's GRPOTrainer does.
+
+TRL calls every reward function by keyword with flat lists (one entry per completion, dataset
+columns repeated once per generation) and turns the result into a float tensor. This module reads
+the call from the installed ``trl/trainer/grpo_trainer.py`` (without importing TRL), calls each
+function with synthetic or dataset-shaped inputs, and reports every way the call would fail at
+the first training step, or train nothing.
+"""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import dataclasses
+import functools
+import importlib.util
+import inspect
+import math
+import os
+import pathlib
+import sys
+import sysconfig
+import threading
+import traceback
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Literal
+
+from pytest_unsloth.grpo.problems import Problem, errors, installed_version, shorten
+
+__all__ = [
+    "FuncResult",
+    "RewardContract",
+    "RewardReport",
+    "RewardTimeout",
+    "assert_reward_funcs",
+    "check_reward_funcs",
+    "reward_contract",
+]
+
+Shape = Literal["conversational", "plain"]
+Status = Literal["pass", "fail", "model"]
+
+# What TRL 1.15/1.16 do, used only when the installed grpo_trainer.py cannot be read.
+_ASSUMED_EXPLICIT = ("prompts", "completions", "completion_ids")
+_ASSUMED_EXTRA = ("trainer_state", "log_extra", "log_metric")
+_ASSUMED_CONDITIONAL = ("environments",)
+_ASSUMED_EXCLUDED = ("prompt", "completion", "completion_ids")
+_ASSUMED_FROM = "1.16.0"
+
+_FLAT_SHAPE = (
+    "TRL calls reward functions by keyword with FLAT lists: completions has one entry per "
+    "completion (prompts x num_generations = {n} here), each [{{'role': 'assistant', 'content': "
+    "str}}] for conversational data or a str for plain data; prompts and every dataset column "
+    "are repeated once per generation, so completions[i] is one completion, not a group"
+)
+
+_SYNTHETIC_TEXTS = (
+    "<reasoning>\n2 + 2 = 4\n</reasoning>\n<answer>\n4\n</answer>\n",
+    "<think>2 plus 2 is 4</think> <answer>4</answer>",
+    "The answer is 4.",
+    "",
+    "<reasoning>\nnot sure\n</reasoning>\n<answer>\nfive\n</answer>",
+    "答案是 4",
+    "<answer>4</answer> and some trailing text that goes on for a while",
+    "I cannot answer that.",
+)
+_SYNTHETIC_QUESTIONS = (
+    "What is 2 + 2?",
+    "Natalia sold clips to 48 of her friends. How many clips did she sell?",
+    "Name a colour of the sky.",
+    "Write one word.",
+)
+_SYSTEM_PROMPT = (
+    "Respond in the following format:\n<reasoning>\n...\n</reasoning>\n<answer>\n...\n</answer>"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardContract:
+    """How the installed TRL calls reward functions (read from its source, or assumed)."""
+
+    explicit: tuple[str, ...]
+    extra: tuple[str, ...]
+    conditional: tuple[str, ...]
+    excluded_columns: tuple[str, ...]
+    trl_version: str | None
+    source: str
+
+    def keywords(self, columns: Iterable[str]) -> list[str]:
+        """Return every keyword TRL passes for a dataset with ``columns``."""
+        names = list(self.explicit) + list(self.extra)
+        names += [c for c in columns if c not in self.excluded_columns and c not in names]
+        return names
+
+
+@dataclasses.dataclass(frozen=True)
+class FuncResult:
+    """What happened to one entry of ``reward_funcs``."""
+
+    index: int
+    name: str
+    status: Status
+    shapes: tuple[Shape, ...]
+    problems: tuple[Problem, ...]
+
+    @property
+    def ok(self) -> bool:
+        """Whether nothing here makes training fail or train nothing."""
+        return not errors(self.problems)
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardReport:
+    """The result of :func:`check_reward_funcs`: one :class:`FuncResult` per reward function."""
+
+    results: tuple[FuncResult, ...]
+    problems: tuple[Problem, ...]
+    contract: RewardContract
+    shape: Shape | None
+    num_completions: int
+
+    @property
+    def ok(self) -> bool:
+        """Whether every function passed and the inputs themselves had no error."""
+        return not errors(self.problems) and all(r.ok for r in self.results)
+
+    def failures(self) -> list[tuple[str, Problem]]:
+        """Return (function name, problem) for every error, report-level ones named ``*``."""
+        out = [("*", p) for p in errors(self.problems)]
+        for r in self.results:
+            out += [(r.name, p) for p in errors(r.problems)]
+        return out
+
+    def format(self) -> str:
+        """Render the report: one line per function, then found/why/fix for each finding."""
+        where = "dataset rows" if self.shape else "synthetic inputs"
+        lines = [
+            f"reward functions checked against {self.num_completions} completions of {where} "
+            f"(call contract {self.contract.source})"
+        ]
+        for p in self.problems:
+            lines += [f"  [{p.severity}] inputs", p.format("    ")]
+        for r in self.results:
+            mark = {"pass": "ok", "fail": "FAILED", "model": "reward model"}[r.status]
+            shapes = f" ({', '.join(r.shapes)})" if r.shapes else ""
+            lines.append(f"  {r.name}: {mark}{shapes}")
+            for p in r.problems:
+                lines += [f"    [{p.severity}] {p.code}", p.format("      ")]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.format()
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the installed TRL
+
+
+def _grpo_trainer_source() -> pathlib.Path | None:
+    """Locate trl/trainer/grpo_trainer.py without importing trl."""
+    spec = importlib.util.find_spec("trl")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for folder in spec.submodule_search_locations:
+        path = pathlib.Path(folder) / "trainer" / "grpo_trainer.py"
+        if path.is_file():
+            return path
+    return None
+
+
+def _parse_contract(source: str) -> tuple[tuple[str, ...], ...]:
+    """Extract the reward call's keywords from GRPOTrainer._calculate_rewards' source."""
+    tree = ast.parse(source)
+    fn = next(
+        (
+            node
+            for node in ast.walk(tree)
+            if isinstance(node, ast.FunctionDef) and node.name == "_calculate_rewards"
+        ),
+        None,
+    )
+    if fn is None:
+        raise LookupError("no GRPOTrainer._calculate_rewards")
+    extra: list[str] = []
+    conditional: list[str] = []
+
+    def subscript_key(target: ast.expr) -> str | None:
+        if (
+            isinstance(target, ast.Subscript)
+            and isinstance(target.value, ast.Name)
+            and target.value.id == "reward_kwargs"
+            and isinstance(target.slice, ast.Constant)
+            and isinstance(target.slice.value, str)
+        ):
+            return target.slice.value
+        return None
+
+    for stmt in fn.body:
+        for node in ast.walk(stmt):
+            if isinstance(node, ast.Assign):
+                for target in node.targets:
+                    key = subscript_key(target)
+                    if key is not None:
+                        # Keys set under an `if` (environments) are passed only in some setups.
+                        (extra if node is stmt else conditional).append(key)
+    explicit: list[str] = []
+    for node in ast.walk(fn):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id in ("reward_func", "func")
+            and any(k.arg is None for k in node.keywords)
+        ):
+            explicit = [k.arg for k in node.keywords if k.arg is not None]
+            break
+    excluded: list[str] = []
+    for node in ast.walk(fn):
+        if (
+            isinstance(node, ast.Compare)
+            and len(node.ops) == 1
+            and isinstance(node.ops[0], ast.NotIn)
+            and isinstance(node.comparators[0], ast.List | ast.Tuple | ast.Set)
+        ):
+            elts = node.comparators[0].elts
+            excluded = [
+                e.value for e in elts if isinstance(e, ast.Constant) and isinstance(e.value, str)
+            ]
+            break
+    if not explicit or not extra:
+        raise LookupError("no reward_func(...) call with **reward_kwargs found")
+    return tuple(explicit), tuple(extra), tuple(conditional), tuple(excluded)
+
+
+@functools.lru_cache(maxsize=4)
+def _contract_for(path: str | None, mtime: float) -> RewardContract:
+    """Parse (once per file version) the installed TRL's reward call."""
+    version = installed_version("trl")
+    if path is None:
+        return RewardContract(
+            _ASSUMED_EXPLICIT,
+            _ASSUMED_EXTRA,
+            _ASSUMED_CONDITIONAL,
+            _ASSUMED_EXCLUDED,
+            version,
+            f"assumed from TRL {_ASSUMED_FROM} (TRL's grpo_trainer.py not found)",
+        )
+    try:
+        explicit, extra, conditional, excluded = _parse_contract(
+            pathlib.Path(path).read_text(encoding="utf-8")
+        )
+    except (OSError, SyntaxError, LookupError, ValueError) as exc:
+        return RewardContract(
+            _ASSUMED_EXPLICIT,
+            _ASSUMED_EXTRA,
+            _ASSUMED_CONDITIONAL,
+            _ASSUMED_EXCLUDED,
+            version,
+            f"assumed from TRL {_ASSUMED_FROM}; could not read the installed TRL {version} "
+            f"({type(exc).__name__}: {exc})",
+        )
+    return RewardContract(
+        explicit,
+        extra,
+        conditional,
+        excluded or _ASSUMED_EXCLUDED,
+        version,
+        f"read from the installed TRL {version} GRPOTrainer._calculate_rewards",
+    )
+
+
+def reward_contract() -> RewardContract:
+    """Return how the installed TRL calls reward functions."""
+    path = _grpo_trainer_source()
+    mtime = path.stat().st_mtime if path is not None else 0.0
+    return _contract_for(str(path) if path is not None else None, mtime)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+
+
+def _callable_name(func: Any) -> str:
+    """Name a reward function as TRL's get_callable_name does."""
+    while isinstance(func, functools.partial):
+        func = func.func
+    return str(getattr(func, "__name__", type(func).__name__))
+
+
+def _is_conversational(value: object) -> bool:
+    """TRL's is_conversational for one prompt: a list whose first item is a dict with a role."""
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and isinstance(value[0], dict)
+        and ("role" in value[0])
+    )
+
+
+def _rows(dataset: Any, count: int) -> list[dict[str, Any]]:
+    """Take the first ``count`` rows of a datasets.Dataset, a list of dicts or a dict of lists."""
+    if isinstance(dataset, Mapping):
+        columns = list(dataset)
+        length = min((len(dataset[c]) for c in columns), default=0)
+        return [{c: dataset[c][i] for c in columns} for i in range(min(count, length))]
+    if hasattr(dataset, "select") and hasattr(dataset, "column_names"):
+        n = min(count, len(dataset))
+        return [dict(row) for row in dataset.select(range(n))]
+    rows: list[dict[str, Any]] = []
+    for row in dataset:
+        if len(rows) >= count:
+            break
+        if not isinstance(row, Mapping):
+            raise TypeError(f"dataset rows must be mappings, got {type(row).__name__}")
+        rows.append(dict(row))
+    return rows
+
+
+class _TrainerStateStandIn:
+    """The attributes reward functions read from transformers' TrainerState at step 0."""
+
+    def __init__(self) -> None:
+        self.epoch: float = 0.0
+        self.global_step = 0
+        self.max_steps = 0
+        self.num_train_epochs = 0
+        self.log_history: list[dict[str, float]] = []
+        self.is_local_process_zero = True
+        self.is_world_process_zero = True
+
+
+def _trainer_state() -> Any:
+    """Use transformers' TrainerState when it is already imported (importing it costs seconds)."""
+    module = sys.modules.get("transformers.trainer_callback")
+    if module is not None:
+        return module.TrainerState()
+    return _TrainerStateStandIn()
+
+
+@dataclasses.dataclass
+class _Batch:
+    shape: Shape
+    prompts: list[Any]
+    completions: list[Any]
+    completion_ids: list[list[int]]
+    columns: dict[str, list[Any]]
+
+    def __len__(self) -> int:
+        return len(self.completions)
+
+    def item(self, i: int) -> _Batch:
+        return _Batch(
+            self.shape,
+            self.prompts[i : i + 1],
+            self.completions[i : i + 1],
+            self.completion_ids[i : i + 1],
+            {k: v[i : i + 1] for k, v in self.columns.items()},
+        )
+
+
+def _make_batch(
+    shape: Shape, rows: list[dict[str, Any]] | None, num_prompts: int, num_generations: int
+) -> _Batch:
+    """Build one generation batch: each prompt repeated num_generations times, as TRL does."""
+    prompts: list[Any] = []
+    completions: list[Any] = []
+    columns: dict[str, list[Any]] = {}
+    if rows is None:
+        rows = []
+        for i in range(num_prompts):
+            question = _SYNTHETIC_QUESTIONS[i % len(_SYNTHETIC_QUESTIONS)]
+            prompt: Any = (
+                [
+                    {"role": "system", "content": _SYSTEM_PROMPT},
+                    {"role": "user", "content": question},
+                ]
+                if shape == "conversational"
+                else question + "\n"
+            )
+            rows.append({"prompt": prompt})
+    k = 0
+    for row in rows:
+        for _ in range(num_generations):
+            prompts.append(row.get("prompt"))
+            text = _SYNTHETIC_TEXTS[k % len(_SYNTHETIC_TEXTS)]
+            k += 1
+            completions.append(
+                [{"role": "assistant", "content": text}] if shape == "conversational" else text
+            )
+            for key, value in row.items():
+                columns.setdefault(key, []).append(value)
+    ids = [[(ord(c) % 250) + 3 for c in str(c_)[:32]] or [2] for c_ in completions]
+    return _Batch(shape, prompts, completions, ids, columns)
+
+
+# ---------------------------------------------------------------------------------------------
+# Calling
+
+
+class _Recorder:
+    """Stand-in for TRL's log_extra / log_metric callbacks."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        self.calls.append((args, kwargs))
+
+
+def _run_coroutine(coro: Any) -> Any:
+    """Await a reward coroutine on a fresh event loop, in a thread if one is already running."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = asyncio.run(coro)
+        except BaseException as exc:  # re-raised in the caller's thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+_SKIP_DIRS = tuple(
+    os.path.normcase(os.path.realpath(p))
+    for p in {sysconfig.get_paths()[k] for k in ("stdlib", "purelib", "platlib")}
+)
+
+
+def _user_frame(exc: BaseException) -> str:
+    """Return 'file:line in func: code' for the deepest traceback frame in the user's code."""
+    frames = [
+        f
+        for f in traceback.extract_tb(exc.__traceback__)
+        if os.path.normcase(os.path.realpath(f.filename))
+        != os.path.normcase(os.path.realpath(__file__))
+    ]
+    if not frames:
+        return "(no traceback)"
+    user = [
+        f
+        for f in frames
+        if not os.path.normcase(os.path.realpath(f.filename)).startswith(_SKIP_DIRS)
+    ]
+    frame = (user or frames)[-1]
+    code = f": {frame.line.strip()}" if frame.line else ""
+    return f"{frame.filename}:{frame.lineno} in {frame.name}{code}"
+
+
+class RewardTimeout(Exception):
+    """A reward function did not return within the check's timeout."""
+
+
+def _call_direct(func: Any, kwargs: dict[str, Any]) -> Any:
+    """Call as TRL does: by keyword, awaiting async functions."""
+    out = func(**kwargs)
+    if inspect.isawaitable(out):
+        out = _run_coroutine(out)
+    return out
+
+
+def _call(func: Any, kwargs: dict[str, Any], timeout: float | None) -> Any:
+    """Call with a time limit, so a hanging function (a network judge) cannot hang the check."""
+    if timeout is None:
+        return _call_direct(func, kwargs)
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = _call_direct(func, kwargs)
+        except BaseException as exc:  # re-raised in the caller's thread with its traceback
+            box["error"] = exc
+
+    # A daemon thread: a function that never returns is abandoned, not waited for at exit.
+    thread = threading.Thread(target=target, name="reward-check", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise RewardTimeout(f"did not return within {timeout:g} s")
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
+def _kwargs_for(
+    batch: _Batch, contract: RewardContract, accepted: set[str] | None
+) -> dict[str, Any]:
+    """Build TRL's keyword arguments for one batch, keeping only ``accepted`` names if given."""
+    kwargs: dict[str, Any] = {
+        "prompts": batch.prompts,
+        "completions": batch.completions,
+        "completion_ids": batch.completion_ids,
+        "trainer_state": _trainer_state(),
+        "log_extra": _Recorder(),
+        "log_metric": _Recorder(),
+    }
+    # Keep exactly the names the installed TRL passes, in case TRL renamed or added one.
+    kwargs = {k: kwargs.get(k) for k in (*contract.explicit, *contract.extra)}
+    for key, values in batch.columns.items():
+        if key not in contract.excluded_columns:
+            kwargs.setdefault(key, values)
+    if accepted is not None:
+        kwargs = {k: v for k, v in kwargs.items() if k in accepted}
+    return kwargs
+
+
+def _to_rewards(output: Any, n: int) -> tuple[list[Problem], list[Any]]:
+    """Apply TRL's post-processing to one function's output; return problems and the values."""
+    problems: list[Problem] = []
+    if isinstance(output, str | bytes | Mapping) or not isinstance(output, Iterable):
+        kind = type(output).__name__
+        problems.append(
+            Problem(
+                "not-a-list",
+                f"returned {kind} {shorten(output)}, not a list of {n} rewards",
+                "TRL iterates the result to turn None into NaN; "
+                + (
+                    f"a {kind} is not iterable, so the first step raises TypeError: "
+                    f"'{kind}' object is not iterable"
+                    if not isinstance(output, Iterable)
+                    else f"iterating a {kind} yields its {'keys' if kind == 'dict' else 'items'}, "
+                    "which are not rewards"
+                ),
+                f"return a list with one float (or None) per completion, e.g. "
+                f"[score(c) for c in completions] (len {n})",
+            )
+        )
+        return problems, []
+    values = [math.nan if v is None else v for v in output]
+    if len(values) != n:
+        nested = bool(values) and all(isinstance(v, list | tuple) for v in values)
+        problems.append(
+            Problem(
+                "wrong-length",
+                f"returned {len(values)} rewards for {n} completions"
+                + (" (a list of lists: one list per group?)" if nested else ""),
+                f'TRL raises ValueError "The reward function returned {len(values)} rewards, but '
+                f'{n} were expected" at the first step; ' + _FLAT_SHAPE.format(n=n),
+                "return exactly one reward per completion: [score(c) for c in completions]",
+            )
+        )
+        return problems, values
+    bad = _non_numeric(values)
+    if bad:
+        i, v = bad[0]
+        nested = any(isinstance(x, list | tuple) for _, x in bad)
+        problems.append(
+            Problem(
+                "non-numeric",
+                f"{len(bad)} of {n} rewards are not numbers, first: rewards[{i}] = {shorten(v)} "
+                f"({type(v).__name__})",
+                "TRL builds torch.tensor(rewards, dtype=float32), which fails on "
+                + ("nested lists; " + _FLAT_SHAPE.format(n=n) if nested else "this value"),
+                "return one float (or None when not applicable) per completion",
+            )
+        )
+        return problems, values
+    if n and all(isinstance(v, float) and math.isnan(v) for v in values):
+        problems.append(
+            Problem(
+                "all-none",
+                f"returned None (or NaN) for all {n} completions",
+                "TRL treats None as 'not applicable' and ignores it; a function that never scores "
+                "adds no signal, and when every function does, TRL only logs a warning and the "
+                "step trains nothing (zero advantage, zero loss)",
+                "return a number for the completions this function applies to",
+            )
+        )
+    return problems, values
+
+
+def _non_numeric(values: list[Any]) -> list[tuple[int, Any]]:
+    """Return the entries torch.tensor(..., dtype=float32) would reject, as TRL uses it."""
+    try:
+        import torch
+    except ImportError:  # judge by Python types; TRL itself needs torch anyway
+        import numbers
+
+        return [(i, v) for i, v in enumerate(values) if not isinstance(v, numbers.Real)]
+    try:
+        buffer = torch.zeros(len(values), 1)
+        # The exact TRL operation: a float32 tensor assigned into one column of the reward table.
+        buffer[:, 0] = torch.tensor(values, dtype=torch.float32)
+        return []
+    except (TypeError, ValueError, RuntimeError):
+        pass
+    bad = []
+    for i, v in enumerate(values):
+        try:
+            t = torch.tensor(v, dtype=torch.float32)
+            if t.dim() != 0 and t.numel() != 1:
+                bad.append((i, v))
+        except (TypeError, ValueError, RuntimeError):
+            bad.append((i, v))
+    return bad or [(0, values[0])]
+
+
+def _signature_problems(
+    func: Any,
+    name: str,
+    contract: RewardContract,
+    columns: list[str] | None,
+) -> tuple[list[Problem], set[str] | None, list[str]]:
+    """Compare parameters with TRL's keywords: problems, accepted names, missing columns."""
+    try:
+        sig = inspect.signature(func)
+    except (TypeError, ValueError):
+        return [], None, []
+    params = list(sig.parameters.values())
+    has_var_kw = any(p.kind is p.VAR_KEYWORD for p in params)
+    passed = contract.keywords(columns or [])
+    problems: list[Problem] = []
+    positional_only = [p.name for p in params if p.kind is p.POSITIONAL_ONLY]
+    if positional_only:
+        problems.append(
+            Problem(
+                "positional-only",
+                f"parameters {', '.join(positional_only)} are positional-only",
+                "TRL passes everything by keyword",
+                "remove the '/' from the signature",
+            )
+        )
+    names = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    accepted: set[str] | None = None
+    if not has_var_kw:
+        unexpected = [k for k in passed if k not in names]
+        if unexpected:
+            problems.append(
+                Problem(
+                    "missing-kwargs",
+                    f"{name}{sig} has no **kwargs, but TRL {contract.trl_version or ''} also "
+                    f"passes {', '.join(unexpected)}".replace("TRL  ", "TRL "),
+                    f"the first step raises TypeError: {name}() got an unexpected keyword "
+                    f"argument '{unexpected[0]}'",
+                    f"add **kwargs to the signature: def {name}(prompts, completions, ..., "
+                    "**kwargs)",
+                )
+            )
+            accepted = names
+    required = [
+        p.name
+        for p in params
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        and p.default is p.empty
+        and p.name not in passed
+    ]
+    if required and columns is not None:
+        have = ", ".join(c for c in columns) or "none"
+        problems.append(
+            Problem(
+                "missing-column",
+                f"parameter{'s' if len(required) > 1 else ''} {', '.join(required)} "
+                f"{'have' if len(required) > 1 else 'has'} no default and the dataset has no "
+                f"such column (columns: {have})",
+                "TRL fills reward parameters from dataset columns by name; the first step raises "
+                f"TypeError: {name}() missing required keyword argument '{required[0]}'",
+                f"add the column '{required[0]}' to the dataset (dataset.map) or give the "
+                "parameter a default",
+            )
+        )
+    elif required:
+        problems.append(
+            Problem(
+                "needs-column",
+                f"needs dataset column{'s' if len(required) > 1 else ''} "
+                f"{', '.join(required)} (checked with placeholder strings)",
+                "TRL fills reward parameters from dataset columns by name",
+                f"make sure the training dataset has {', '.join(repr(r) for r in required)}",
+                severity="info",
+            )
+        )
+    return problems, accepted, required
+
+
+# Single completions tried to find the one that makes a function raise.
+_CULPRIT_SEARCH = 16
+
+
+def _raised_problem(
+    func: Any,
+    name: str,
+    exc: BaseException,
+    batch: _Batch,
+    contract: RewardContract,
+    accepted: set[str] | None,
+    timeout: float | None,
+) -> Problem:
+    """Describe an exception, naming the first single completion that reproduces it."""
+    culprit = ""
+    if len(batch) > 1:
+        for i in range(min(len(batch), _CULPRIT_SEARCH)):
+            try:
+                _call(func, _kwargs_for(batch.item(i), contract, accepted), timeout)
+            except RewardTimeout:
+                break
+            except Exception:
+                culprit = f" on completion #{i} = {shorten(batch.completions[i], 70)}"
+                break
+    n = len(batch)
+    hint = ""
+    if isinstance(exc, KeyError | IndexError | TypeError) and (
+        "indices" in str(exc)
+        or "subscriptable" in str(exc)
+        or isinstance(exc, KeyError | IndexError)
+    ):
+        hint = (
+            "; indexing errors like this one usually mean the code treats completions[i] as a "
+            "group of num_generations completions (and extends a result list), or expects the "
+            "other data shape"
+        )
+    return Problem(
+        "raised",
+        f"raised {type(exc).__name__}: {_clip(str(exc), 120)} at {_user_frame(exc)} "
+        f"({batch.shape} input{culprit})",
+        _FLAT_SHAPE.format(n=n) + hint,
+        "index one completion at a time: completions[i][0]['content'] (conversational) or "
+        "completions[i] (plain); return one float per completion; guard empty completions",
+    )
+
+
+def _clip(text: str, limit: int) -> str:
+    """Cut ``text`` to ``limit`` characters."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _check_one(
+    index: int,
+    func: Any,
+    batches: list[_Batch],
+    contract: RewardContract,
+    columns: list[str] | None,
+    timeout: float | None,
+) -> FuncResult:
+    """Check one reward function against each batch shape."""
+    name = _callable_name(func) if callable(func) else shorten(func)
+    if isinstance(func, str | os.PathLike):
+        return _check_string(index, os.fspath(func))
+    if _is_module(func):
+        return FuncResult(index, name, "model", (), ())
+    if not callable(func):
+        return FuncResult(
+            index,
+            name,
+            "fail",
+            (),
+            (
+                Problem(
+                    "not-callable",
+                    f"reward_funcs[{index}] is {type(func).__name__} {shorten(func)}",
+                    "TRL accepts functions, callable objects, reward models or model ids",
+                    "pass the reward function object",
+                ),
+            ),
+        )
+    sig_problems, accepted, required = _signature_problems(func, name, contract, columns)
+    per_shape: dict[Shape, list[Problem]] = {}
+    for batch in batches:
+        for r in required:
+            batch.columns.setdefault(r, [f"placeholder {r}"] * len(batch))
+        kwargs = _kwargs_for(batch, contract, accepted)
+        try:
+            output = _call(func, kwargs, timeout)
+        except RewardTimeout as exc:
+            per_shape[batch.shape] = [
+                Problem(
+                    "timeout",
+                    f"{exc} on {len(batch)} {batch.shape} completions",
+                    "GRPOTrainer calls every reward function at every step; one this slow (a "
+                    "remote judge, a loop that never ends) stalls training",
+                    "make it return in well under a second per batch (batch or cache remote "
+                    "calls), or raise the timeout if it is really this slow",
+                )
+            ]
+            break  # the function may still be running; do not start it again
+        except Exception as exc:
+            per_shape[batch.shape] = [
+                _raised_problem(func, name, exc, batch, contract, accepted, timeout)
+            ]
+            continue
+        per_shape[batch.shape] = _to_rewards(output, len(batch))[0]
+    problems = list(sig_problems)
+    shapes = tuple(s for s, ps in per_shape.items() if not errors(ps))
+    raised_only = {s for s, ps in per_shape.items() if ps and all(p.code == "raised" for p in ps)}
+    if len(batches) > 1 and shapes and raised_only:
+        # Many real functions index completion[0]["content"] and are meant for one shape only.
+        for s in raised_only:
+            p = per_shape[s][0]
+            problems.append(
+                dataclasses.replace(
+                    p,
+                    code="shape-only",
+                    found=f"supports {' and '.join(shapes)} data only: {p.found}",
+                    fix=f"fine if the training data is {' and '.join(shapes)}; otherwise " + p.fix,
+                    severity="info",
+                )
+            )
+    else:
+        seen: set[tuple[str, str]] = set()
+        for ps in per_shape.values():
+            for p in ps:
+                key = (p.code, p.found.split(" (", 1)[0])
+                if key not in seen:
+                    seen.add(key)
+                    problems.append(p)
+    status: Status = "fail" if errors(problems) else "pass"
+    return FuncResult(index, name, status, shapes, tuple(problems))
+
+
+def _is_module(obj: object) -> bool:
+    """Whether ``obj`` is a torch module (a reward model), without importing torch."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(obj, torch.nn.Module)
+
+
+def _check_string(index: int, value: str) -> FuncResult:
+    """A string is a reward-model id for TRL; accept only an existing local model folder."""
+    path = pathlib.Path(value).expanduser()
+    if path.is_dir() and (path / "config.json").is_file():
+        return FuncResult(index, value, "model", (), ())
+    why = (
+        "TRL loads every string in reward_funcs with AutoModelForSequenceClassification."
+        "from_pretrained(..., num_labels=1) as a Hugging Face Hub model id or local folder"
+    )
+    if path.is_dir():
+        problem = Problem(
+            "string-func",
+            f"reward_funcs[{index}] = {value!r} is a folder without config.json",
+            why + ", and this folder is not a saved model",
+            "point at a folder written by save_pretrained, or pass a reward function object",
+        )
+    elif "/" in value and not value.startswith((".", "/", "~")) and value.count("/") == 1:
+        problem = Problem(
+            "string-func",
+            f"reward_funcs[{index}] = {value!r} is not a local folder: TRL will treat it as a Hub "
+            "model id",
+            why + "; it is downloaded when the trainer is built, which fails offline (after a "
+            "long Hub timeout unless HF_HUB_OFFLINE=1)",
+            "download the reward model first and pass its local folder, or pass a function",
+            severity="warning",
+        )
+    else:
+        problem = Problem(
+            "string-func",
+            f"reward_funcs[{index}] = {value!r} is a string, not a function, and no such folder "
+            "exists",
+            why + f"; {value!r} is treated as a Hub model id, so GRPOTrainer(...) fails with an "
+            "OSError (after a ~50 s Hub timeout when offline)",
+            f"pass the function object without quotes: reward_funcs=[{value}]"
+            if value.isidentifier()
+            else "pass the reward function object, or an existing reward-model folder",
+        )
+    return FuncResult(
+        index, value, "fail" if problem.severity == "error" else "pass", (), (problem,)
+    )
+
+
+def check_reward_funcs(
+    funcs: Sequence[Any] | Callable[..., Any] | str,
+    dataset: Any = None,
+    num_generations: int = 2,
+    *,
+    num_prompts: int = 4,
+    timeout: float | None = 30.0,
+) -> RewardReport:
+    """Call each reward function the way the installed TRL's GRPOTrainer does; report problems."""
+    if num_generations < 1 or num_prompts < 1:
+        raise ValueError(
+            f"num_generations ({num_generations}) and num_prompts ({num_prompts}) must be >= 1"
+        )
+    items = [funcs] if callable(funcs) or isinstance(funcs, str) else list(funcs)
+    contract = reward_contract()
+    report_problems: list[Problem] = []
+    rows: list[dict[str, Any]] | None = None
+    columns: list[str] | None = None
+    shape: Shape | None = None
+    if dataset is not None:
+        rows = _rows(dataset, num_prompts)
+        if not rows:
+            report_problems.append(
+                Problem(
+                    "empty-dataset",
+                    "the dataset has no rows",
+                    "GRPOTrainer has nothing to sample",
+                    "pass a dataset with at least one row",
+                )
+            )
+            rows = None
+        else:
+            columns = list(dict.fromkeys(k for row in rows for k in row))
+            if "prompt" not in columns:
+                report_problems.append(
+                    Problem(
+                        "no-prompt",
+                        f"the dataset has no 'prompt' column (columns: {', '.join(columns)})",
+                        "GRPOTrainer reads each example's 'prompt' to generate completions",
+                        "map the rows to {'prompt': [...messages...] or str, <other columns>}",
+                    )
+                )
+            shape = "conversational" if _is_conversational(rows[0].get("prompt")) else "plain"
+    if rows is not None and shape is not None:
+        batches = [_make_batch(shape, rows, num_prompts, num_generations)]
+    else:
+        batches = [
+            _make_batch("conversational", None, num_prompts, num_generations),
+            _make_batch("plain", None, num_prompts, num_generations),
+        ]
+    results = tuple(
+        _check_one(
+            i,
+            f,
+            [dataclasses.replace(b, columns=dict(b.columns)) for b in batches],
+            contract,
+            columns,
+            timeout,
+        )
+        for i, f in enumerate(items)
+    )
+    return RewardReport(results, tuple(report_problems), contract, shape, len(batches[0]))
+
+
+def assert_reward_funcs(
+    funcs: Sequence[Any] | Callable[..., Any] | str,
+    dataset: Any = None,
+    num_generations: int = 2,
+    *,
+    num_prompts: int = 4,
+    timeout: float | None = 30.0,
+) -> RewardReport:
+    """Like :func:`check_reward_funcs`, but raise AssertionError with the report on failure."""
+    report = check_reward_funcs(
+        funcs, dataset, num_generations, num_prompts=num_prompts, timeout=timeout
+    )
+    if not report.ok:
+        raise AssertionError("reward functions would fail in GRPOTrainer:\n" + report.format())
+    return report
