@@ -123,8 +123,10 @@ def test_probe_not_installed_skips_without_a_subprocess(fake_nvml):
     assert (res.status, res.message, res.duration) == ("skipped", "vllm is not installed", 0.0)
 
 
-def test_no_gpu_skips_every_probe(fake_nvml):
+def test_no_gpu_skips_every_probe(fake_nvml, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     fake_nvml(no_driver=True)
+    write_dist(tmp_path / "site", "torch", "2.11.0+cu130")  # installed, so only the GPU decides
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
     res = ProbeStore(Settings()).get("torch")
     assert res.status == "skipped"
     assert res.message == "no NVIDIA GPU: NVML says NVML Shared Library Not Found"
