@@ -224,3 +224,16 @@ def test_header_line_only_with_env_or_verbose(pytester: pytest.Pytester):
     pytester.makepyfile("def test_ok():\n    pass\n")
     assert "unsloth:" not in pytester.runpytest().stdout.str()
     pytester.runpytest("-v").stdout.fnmatch_lines(["unsloth: *torch*"])
+
+
+def test_unwritable_report_path_is_reported_not_crashed(pytester: pytest.Pytester):
+    blocker = pytester.path / "file"
+    blocker.write_text("")
+    result = pytester.runpytest(
+        "--unsloth-env", "--unsloth-checks=python", f"--unsloth-report={blocker}/r.json"
+    )
+    assert result.ret == 0
+    result.stdout.fnmatch_lines(
+        ["unsloth: cannot write the JSON report to */r.json (--unsloth-report): *"]
+    )
+    assert "INTERNALERROR" not in result.stdout.str()

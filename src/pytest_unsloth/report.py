@@ -49,6 +49,7 @@ class Reporter:
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
         self.records: dict[str, dict[str, Any]] = {}
+        self.report_error: str | None = None
 
     @pytest.hookimpl
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
@@ -93,6 +94,8 @@ class Reporter:
         path = self.config.stash.get(REPORT_PATH_KEY, None)
         if path:
             tr.line(f"unsloth: JSON report written to {path}")
+        if self.report_error:
+            tr.line(f"unsloth: {self.report_error}", red=True)
 
     @pytest.hookimpl
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
@@ -112,13 +115,9 @@ class Reporter:
                 path.write_text(json.dumps(data, indent=2, default=str) + "\n", "utf-8")
                 self.config.stash[REPORT_PATH_KEY] = str(path)
             except OSError as exc:
-                self.config.issue_config_time_warning(
-                    pytest.PytestConfigWarning(
-                        f"pytest-unsloth: cannot write the JSON report "
-                        f"to {path} ({settings.source('report_path')}): "
-                        f"{exc}"
-                    ),
-                    stacklevel=2,
+                self.report_error = (
+                    f"cannot write the JSON report to {path} "
+                    f"({settings.source('report_path')}): {exc.strerror or exc}"
                 )
         summary = os.environ.get("GITHUB_STEP_SUMMARY")
         if summary and self.records:
