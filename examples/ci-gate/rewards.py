@@ -19,7 +19,10 @@ def correctness_reward_func(
     prompts: list[Any], completions: list[Any], answer: list[str], **kwargs: Any
 ) -> list[float]:
     """2.0 when the extracted answer equals the reference answer."""
-    return [2.0 if _answer_of(r) == a else 0.0 for r, a in zip(_contents(completions), answer)]
+    return [
+        2.0 if _answer_of(r) == a else 0.0
+        for r, a in zip(_contents(completions), answer, strict=True)
+    ]
 
 
 def int_reward_func(completions: list[Any], **kwargs: Any) -> list[float]:

@@ -13,7 +13,7 @@ def _text(completion: Any) -> str:
 def answer_reward(completions: list[Any], answer: list[str], **kwargs: Any) -> list[float]:
     """1.0 when <answer>N</answer> holds the reference answer."""
     found = [re.search(r"<answer>\s*(.*?)\s*</answer>", _text(c), re.S) for c in completions]
-    return [1.0 if m and m.group(1) == a else 0.0 for m, a in zip(found, answer)]
+    return [1.0 if m and m.group(1) == a else 0.0 for m, a in zip(found, answer, strict=True)]
 
 
 def format_reward(completions: list[Any], **kwargs: Any) -> list[float]:

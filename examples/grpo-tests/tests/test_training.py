@@ -4,9 +4,9 @@ on the GPU with unsloth when it is installed, and skip with exact numbers where 
 from __future__ import annotations
 
 import pytest
+from rewards import answer_reward, format_reward
 
 from pytest_unsloth import assert_reward_funcs
-from rewards import answer_reward, format_reward
 
 DATA = [
     {"prompt": [{"role": "user", "content": "What is 2 + 2?"}], "answer": "4"},
@@ -31,8 +31,9 @@ def test_lora_adapters_train(peft_model):
 
 
 def test_two_grpo_steps(grpo_trainer):
-    trainer = grpo_trainer(reward_funcs=[answer_reward, format_reward], train_dataset=DATA * 4,
-                           max_steps=2)
+    trainer = grpo_trainer(
+        reward_funcs=[answer_reward, format_reward], train_dataset=DATA * 4, max_steps=2
+    )
     trainer.train()
     assert trainer.state.global_step == 2
 
