@@ -1,12 +1,12 @@
-"""Load a causal LM in 4-bit, add LoRA adapters, verify both really took effect, release memory.
+"""Load a causal LM in 4-bit, verify it really is 4-bit, release it and check the memory came back.
 
 Plain functions and a small cache, no pytest fixtures: :mod:`pytest_unsloth.fixtures` puts thin
-fixtures on top. Two backends:
+fixtures on top, :mod:`pytest_unsloth.lora` adds the adapters. Two backends:
 
-* ``unsloth``: ``FastLanguageModel.from_pretrained(load_in_4bit=True)`` and unsloth's
-  ``get_peft_model``; chosen when unsloth is installed and CUDA is available.
-* ``transformers``: ``AutoModelForCausalLM`` with a ``BitsAndBytesConfig`` NF4 config and peft's
-  ``get_peft_model``; works on CPU with bitsandbytes >= 0.50, so CPU CI tests the real thing.
+* ``unsloth``: ``FastLanguageModel.from_pretrained(load_in_4bit=True)``; chosen when unsloth is
+  installed and CUDA is available.
+* ``transformers``: ``AutoModelForCausalLM`` with a ``BitsAndBytesConfig`` NF4 config; works on
+  CPU with bitsandbytes >= 0.50, so CPU CI tests the real thing.
 
 Failures are :class:`ModelLoadError` (nothing loaded: bad name, offline, missing backend) and
 :class:`ModelCheckError` (loaded, but not what a 4-bit LoRA run needs). Both carry messages that
@@ -38,30 +38,23 @@ __all__ = [
     "BACKENDS",
     "DEFAULT_MODEL",
     "DTYPES",
-    "GRADIENT_CHECKPOINTING_MODES",
-    "AppliedLora",
     "LoadedModel",
-    "LoraSettings",
     "ModelCache",
     "ModelCheckError",
     "ModelLoadError",
     "ModelRequest",
     "UnslothImportOrderWarning",
-    "apply_lora",
     "choose_backend",
     "count_4bit_layers",
     "import_order_problem",
     "load_4bit",
     "release",
-    "remove_lora",
     "resolve_model_path",
     "verify_4bit",
-    "verify_lora",
 ]
 
 BACKENDS = ("auto", "unsloth", "transformers")
 DTYPES = ("bfloat16", "float16", "float32")
-GRADIENT_CHECKPOINTING_MODES = ("unsloth", "true", "false")
 TINY_PREFIX = "tiny:"
 DEFAULT_MODEL = "tiny:llama"
 
@@ -139,6 +132,8 @@ class LoadedModel:
     baseline_bytes: int = 0
     loaded_bytes: int = 0
     released: bool = False
+    # The model's pristine state (lora.snapshot_state), taken once; tests are compared to it.
+    state: tuple[Any, ...] | None = None
 
     def __iter__(self) -> Iterator[Any]:
         """Yield model then tokenizer, for ``model, tokenizer = loaded_4bit_model``."""
@@ -150,46 +145,11 @@ class LoadedModel:
         name = self.request.name_or_path
         where = "" if name == self.path else f" ({self.path})"
         return (
-            f"{self.backend} backend ({self.backend_reason}): {name}{where} from {self.request.source}; "
+            f"{self.backend} backend ({self.backend_reason}): {name}{where} "
+            f"from {self.request.source}; "
             f"{self.quantized_layers} of {self.linear_layers} Linear layers 4-bit, "
             f"{self.dtype}, {self.device}, max_seq_length {self.max_seq_length}, "
             f"loaded in {self.load_seconds:.2f} s"
-        )
-
-
-@dataclasses.dataclass(frozen=True)
-class LoraSettings:
-    """LoRA hyper-parameters; defaults match the plugin's settings defaults."""
-
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.0
-    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
-    gradient_checkpointing: str = "unsloth"
-    seed: int = 3407
-
-
-@dataclasses.dataclass(eq=False)
-class AppliedLora:
-    """A PEFT model on top of a cached base, with what is needed to take the adapters off."""
-
-    model: Any
-    base: LoadedModel
-    settings: LoraSettings
-    lora_layers: int
-    lora_tensors: int
-    trainable_parameters: int
-    gradient_checkpointing: str
-    state_before: tuple[Any, ...]
-
-    def describe(self) -> str:
-        """One line: adapter layout and gradient checkpointing mode."""
-        targets = ", ".join(self.settings.target_modules)
-        return (
-            f"LoRA r={self.settings.r} alpha={self.settings.alpha} "
-            f"dropout={self.settings.dropout} on {targets}: {self.lora_layers} layers, "
-            f"{self.lora_tensors} LoRA tensors, {self.trainable_parameters} trainable parameters, "
-            f"gradient checkpointing {self.gradient_checkpointing}"
         )
 
 
@@ -355,11 +315,19 @@ def _resolve_dtype(requested: str | None, cuda: bool) -> str:
     return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
 
 
+def _cuda_ready() -> bool:
+    """Return whether CUDA is available and already initialised in this process."""
+    import torch
+
+    initialized: bool = torch.cuda.is_initialized()  # type: ignore[no-untyped-call]
+    return bool(torch.cuda.is_available()) and initialized
+
+
 def _allocated_bytes() -> int:
     """Return CUDA memory allocated by tensors on the current device (0 without CUDA)."""
     import torch
 
-    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+    if not _cuda_ready():
         return 0
     torch.cuda.synchronize()
     return int(torch.cuda.memory_allocated())
@@ -459,6 +427,63 @@ def _load_unsloth(
     return model, tokenizer
 
 
+def keep_cpu_layout_trainable(model: Any) -> int:
+    """Stop bitsandbytes repacking 4-bit weights for CPU inference; return the layers changed.
+
+    On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks a Linear4bit's weight in place on its
+    first eval-mode forward without grad (``packing_format_for_cpu``) and from then on uses
+    ``gemv_4bit``, which has no autograd: a later QLoRA step silently drops the gradient through
+    every 4-bit layer (only adapters after the last one train). A shared session model sees both
+    kinds of test, so the fast inference layout is switched off.
+    """
+    bnb: Any = importlib.import_module("bitsandbytes")
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and getattr(
+            module, "support_avx512bf16_for_cpu", False
+        ):
+            module.support_avx512bf16_for_cpu = False
+            changed += 1
+    return changed
+
+
+def cpu_packed_layers(model: Any) -> list[str]:
+    """Return the 4-bit layers whose weights bitsandbytes repacked for CPU inference."""
+    names = []
+    for name, module in model.named_modules():
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if getattr(state, "packing_format_for_cpu", False):
+            names.append(name)
+    return names
+
+
+def _import_on_a_clean_stack(module: str) -> None:
+    """Import ``module`` in a short-lived thread, so no frame of ours is kept by its import.
+
+    bitsandbytes on CPU logs a caught ImportError (the optional ``kernels`` package) with the
+    exception as a log argument; pytest keeps the record until the test ends, the exception's
+    traceback keeps every calling frame, and a frame of ours would keep the model alive. Frames
+    of a separate thread lead nowhere.
+    """
+    if module in sys.modules:
+        return
+    import threading
+
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            importlib.import_module(module)
+        except BaseException as exc:  # re-raised below, in the caller's thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=target, name=f"pytest-unsloth-import-{module}")
+    thread.start()
+    thread.join()
+    if errors:
+        raise errors[0]
+
+
 def _load_transformers(
     request: ModelRequest, path: str, dtype: str, cuda: bool, extra: dict[str, Any]
 ) -> tuple[Any, Any, str]:
@@ -469,12 +494,17 @@ def _load_transformers(
     from pytest_unsloth import tiny
 
     if request.fast_inference:
-        raise ModelLoadError(
-            "fast_inference=True needs unsloth with vLLM on a GPU; the transformers backend "
-            "cannot honour it. Set it false, or run where unsloth and a GPU are available"
+        # A CPU CI lane often shares the ini of the GPU lane: run the test without vLLM.
+        warnings.warn(
+            pytest.PytestWarning(
+                f"fast_inference=True is ignored for {request.name_or_path!r} on the "
+                "transformers backend: it needs unsloth with vLLM on a GPU"
+            ),
+            stacklevel=2,
         )
+    _import_on_a_clean_stack("bitsandbytes")
     torch_dtype = _torch_dtype(dtype)
-    quantization = BitsAndBytesConfig(
+    quantization = BitsAndBytesConfig(  # type: ignore[no-untyped-call]
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_compute_dtype=torch_dtype,
@@ -483,16 +513,23 @@ def _load_transformers(
     device_map: Any = {"": torch.cuda.current_device()} if cuda else "cpu"
     with _quiet_loading():
         model = AutoModelForCausalLM.from_pretrained(
-            path, quantization_config=quantization, device_map=device_map, dtype=torch_dtype, **extra
+            path,
+            quantization_config=quantization,
+            device_map=device_map,
+            dtype=torch_dtype,
+            **extra,
         )
+    tokenizer: Any
     if tiny.is_tiny_model(path):
         tokenizer = tiny.load_tokenizer(path)
     else:
         tokenizer = AutoTokenizer.from_pretrained(
             path, local_files_only=extra.get("local_files_only", False)
         )
+    if not cuda:
+        keep_cpu_layout_trainable(model)
     # unsloth records the length on the model; do the same so code under test can read it.
-    model.max_seq_length = request.max_seq_length
+    setattr(model, "max_seq_length", request.max_seq_length)  # noqa: B010 (a typed Module)
     return model, tokenizer, "cuda" if cuda else "cpu"
 
 
@@ -503,8 +540,9 @@ def count_4bit_layers(model: Any) -> tuple[int, int, list[str]]:
     """Return (4-bit layers, Linear layers, names of Linear layers that are not 4-bit)."""
     import torch
 
+    bnb: Any
     try:
-        import bitsandbytes as bnb
+        bnb = importlib.import_module("bitsandbytes")
     except Exception:  # bitsandbytes missing or broken: then nothing can be 4-bit
         bnb = None
     quantized = 0
@@ -530,9 +568,9 @@ def verify_4bit(loaded: LoadedModel) -> None:
     """Check the model is a 4-bit torch module on the right device and dtype, ready to train."""
     import torch
 
-    model = loaded.model
+    model: Any = loaded.model
     what = f"{loaded.request.name_or_path!r} ({loaded.backend} backend)"
-    if not isinstance(model, torch.nn.Module):
+    if not isinstance(loaded.model, torch.nn.Module):
         raise ModelCheckError(
             f"{what} returned a {type(model).__name__}, not a torch.nn.Module; "
             "the loader did not produce a model"
@@ -548,8 +586,7 @@ def verify_4bit(loaded: LoadedModel) -> None:
             "bitsandbytes imports and works (python -m bitsandbytes) and that nothing overrides "
             "the quantization config"
         )
-    import bitsandbytes as bnb
-
+    bnb: Any = importlib.import_module("bitsandbytes")
     devices: dict[str, int] = {}
     compute: dict[str, int] = {}
     for module in model.modules():
@@ -566,7 +603,9 @@ def verify_4bit(loaded: LoadedModel) -> None:
         raise ModelCheckError(
             f"{what}: 4-bit layers compute in {_counts(compute)}, expected {loaded.dtype}"
         )
-    embedding = model.get_input_embeddings()
+    # unsloth manages embedding precision itself (it may upcast or offload them), so the
+    # compute dtype above is what is checked there.
+    embedding = model.get_input_embeddings() if loaded.backend == "transformers" else None
     if embedding is not None and str(embedding.weight.dtype).replace("torch.", "") != loaded.dtype:
         raise ModelCheckError(
             f"{what}: input embeddings are {embedding.weight.dtype}, expected {loaded.dtype}"
@@ -586,7 +625,11 @@ def verify_4bit(loaded: LoadedModel) -> None:
             f"{what}: model.max_seq_length is {recorded!r}, expected {loaded.max_seq_length}"
         )
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if loaded.backend == "transformers" and isinstance(limit, int) and loaded.max_seq_length > limit:
+    if (
+        loaded.backend == "transformers"
+        and isinstance(limit, int)
+        and loaded.max_seq_length > limit
+    ):
         raise ModelCheckError(
             f"{what}: max_seq_length {loaded.max_seq_length} exceeds the model's "
             f"max_position_embeddings {limit}; unsloth scales RoPE for longer sequences, plain "
@@ -604,7 +647,7 @@ def _referrer_names(obj: object, ignore: Sequence[object]) -> list[str]:
     ignored = {id(x) for x in ignore}
     names: list[str] = []
     for ref in gc.get_referrers(obj):
-        if id(ref) in ignored or isinstance(ref, (list, weakref.ref)):
+        if id(ref) in ignored or isinstance(ref, weakref.ref):
             continue
         if type(ref).__name__ == "frame":
             code = getattr(ref, "f_code", None)
@@ -626,12 +669,17 @@ def release(loaded: LoadedModel, *, check: bool = True) -> None:
     gc.collect()
     import torch
 
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if loaded.backend == "unsloth":
+        _shrink_unsloth_buffers()
+    if _cuda_ready():
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
     if not check:
         return
     alive = model_ref is not None and model_ref() is not None
+    if alive and _forget_last_failure():
+        gc.collect()
+        alive = model_ref is not None and model_ref() is not None
     holders = _referrer_names(model_ref(), [loaded]) if model_ref is not None and alive else []
     after = _allocated_bytes()
     leaked = after - loaded.baseline_bytes
@@ -659,286 +707,37 @@ def release(loaded: LoadedModel, *, check: bool = True) -> None:
         )
 
 
+def _shrink_unsloth_buffers() -> None:
+    """Shrink unsloth's gradient checkpointing buffers to their initial size (a few MiB).
+
+    They are process-wide and grow with the activations of the last training run; after a
+    release they would otherwise be counted as memory the model failed to return.
+    """
+    with contextlib.suppress(Exception):
+        module: Any = importlib.import_module("unsloth_zoo.gradient_checkpointing")
+        module.reset_unsloth_gradient_checkpointing_buffers()
+
+
+def _forget_last_failure() -> bool:
+    """Drop ``sys.last_*``; return whether there was a failure kept there.
+
+    pytest stores the last failure there for post-mortem debugging (done by teardown time);
+    its traceback holds the failed test's frame and so its model, which would turn a real
+    failure into a second, misleading "not released" error. Clearing the frames instead is not
+    an option: clearing suspended generator frames (pluggy's) crashes CPython 3.11's GC.
+    """
+    found = False
+    for name in ("last_exc", "last_value", "last_traceback", "last_type"):
+        if getattr(sys, name, None) is not None:
+            found = True
+            with contextlib.suppress(AttributeError):
+                delattr(sys, name)
+    return found
+
+
 def _mib(n: int) -> str:
     """Format bytes as MiB."""
     return f"{n / 2**20:.1f} MiB"
-
-
-# ----------------------------------------------------------------------------- state snapshots
-
-
-def snapshot_state(model: Any) -> tuple[Any, ...]:
-    """Capture what a test could change on a shared model: modules, requires_grad, modes."""
-    modules = tuple((name, type(m).__name__) for name, m in model.named_modules())
-    grads = tuple((name, bool(p.requires_grad)) for name, p in model.named_parameters())
-    return (
-        modules,
-        grads,
-        bool(model.training),
-        bool(getattr(model, "is_gradient_checkpointing", False)),
-        hasattr(model, "peft_config"),
-    )
-
-
-def describe_state_change(before: tuple[Any, ...], after: tuple[Any, ...]) -> str:
-    """Say in a few words what changed between two snapshots."""
-    changes: list[str] = []
-    if before[0] != after[0]:
-        added = sorted({t for _, t in after[0]} - {t for _, t in before[0]})
-        changes.append("modules replaced" + (f" (new types: {', '.join(added[:4])})" if added else ""))
-    if before[1] != after[1]:
-        flipped = [n for (n, g), (_, h) in zip(before[1], after[1]) if g != h]
-        changes.append(f"requires_grad changed on {len(flipped) or 'some'} parameters")
-    if before[2] != after[2]:
-        changes.append("train/eval mode changed")
-    if before[3] != after[3]:
-        changes.append("gradient checkpointing switched")
-    if before[4] != after[4]:
-        changes.append("peft_config added")
-    return "; ".join(changes) or "no change"
-
-
-# ----------------------------------------------------------------------------- LoRA
-
-
-def _linear_leaf_names(model: Any) -> dict[str, list[str]]:
-    """Map each Linear layer's last name component to the full names that end with it."""
-    import torch
-
-    leaves: dict[str, list[str]] = {}
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and name:
-            leaves.setdefault(name.rsplit(".", 1)[-1], []).append(name)
-    return leaves
-
-
-def match_target_modules(model: Any, targets: Sequence[str]) -> dict[str, list[str]]:
-    """Return, per target, the modules peft would wrap; fail naming targets that match none."""
-    if not targets:
-        raise ModelCheckError("no LoRA target modules given; name at least one (e.g. q_proj)")
-    modules = dict(model.named_modules())
-    leaves = _linear_leaf_names(model)
-    if tuple(targets) == ("all-linear",):
-        # peft's all-linear: every Linear except the output head.
-        output = model.get_output_embeddings()
-        return {
-            leaf: names
-            for leaf, names in leaves.items()
-            if not any(modules[n] is output for n in names)
-        }
-    matched: dict[str, list[str]] = {}
-    missing: list[str] = []
-    for target in targets:
-        # peft's rule: the full name equals the target or ends with "." + target.
-        names = [n for n in modules if n and (n == target or n.endswith("." + target))]
-        if names:
-            matched[target] = names
-        else:
-            missing.append(target)
-    if missing:
-        close = {t: _close_match(t, leaves) for t in missing}
-        hint = "; ".join(f"{t!r} -> did you mean {c!r}?" for t, c in close.items() if c)
-        raise ModelCheckError(
-            f"LoRA target module{'s' if len(missing) > 1 else ''} "
-            f"{', '.join(repr(t) for t in missing)} matched no module of "
-            f"{type(model).__name__}, so no adapter would be trained there. "
-            f"Linear modules that exist: {', '.join(sorted(leaves))}. "
-            + (hint + ". " if hint else "")
-            + "Fix the names in --unsloth-lora-target-modules / ini unsloth_lora_target_modules"
-        )
-    return matched
-
-
-def _close_match(target: str, leaves: Mapping[str, object]) -> str | None:
-    """Return the existing leaf name closest to a typo'd target, if any is close."""
-    import difflib
-
-    found = difflib.get_close_matches(target, list(leaves), n=1, cutoff=0.6)
-    return found[0] if found else None
-
-
-def _lora_layer_names(model: Any) -> list[str]:
-    """Return the names of modules that carry LoRA adapters (peft LoraLayer)."""
-    from peft.tuners.lora import LoraLayer
-
-    return [name for name, m in model.named_modules() if isinstance(m, LoraLayer)]
-
-
-def _strip_peft_prefix(name: str) -> str:
-    """Turn 'base_model.model.model.layers.0.q_proj' into the base model's module name."""
-    return name.removeprefix("base_model.model.")
-
-
-def apply_lora(loaded: LoadedModel, settings: LoraSettings) -> AppliedLora:
-    """Add LoRA adapters to a loaded model (unsloth's or peft's get_peft_model) and verify them."""
-    if loaded.released or loaded.model is None:
-        raise ModelCheckError("cannot add LoRA adapters: the model was already released")
-    if settings.gradient_checkpointing not in GRADIENT_CHECKPOINTING_MODES:
-        raise ModelCheckError(
-            f"unknown gradient checkpointing mode {settings.gradient_checkpointing!r}; choose "
-            f"one of {', '.join(GRADIENT_CHECKPOINTING_MODES)}"
-        )
-    if settings.r <= 0:
-        raise ModelCheckError(f"LoRA r must be positive, got {settings.r}")
-    if not 0.0 <= settings.dropout < 1.0:
-        raise ModelCheckError(f"LoRA dropout must be in [0, 1), got {settings.dropout}")
-    base = loaded.model
-    if _lora_layer_names(base):
-        raise ModelCheckError(
-            "the shared 4-bit model already carries LoRA adapters; another fixture or test "
-            "added them and did not remove them"
-        )
-    matched = match_target_modules(base, settings.target_modules)
-    state = snapshot_state(base)
-    targets = list(matched)
-    if loaded.backend == "unsloth":
-        from unsloth import FastLanguageModel
-
-        mode: Any = {"unsloth": "unsloth", "true": True, "false": False}[
-            settings.gradient_checkpointing
-        ]
-        peft_model = FastLanguageModel.get_peft_model(
-            base,
-            r=settings.r,
-            lora_alpha=settings.alpha,
-            lora_dropout=settings.dropout,
-            target_modules=targets,
-            bias="none",
-            use_gradient_checkpointing=mode,
-            random_state=settings.seed,
-        )
-        used_mode = settings.gradient_checkpointing
-    else:
-        import peft
-        import torch
-
-        config = peft.LoraConfig(
-            r=settings.r,
-            lora_alpha=settings.alpha,
-            lora_dropout=settings.dropout,
-            target_modules=targets,
-            bias="none",
-            task_type="CAUSAL_LM",
-        )
-        # Seed only the adapter init (lora_A is random) without disturbing the test's stream.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(settings.seed)
-            peft_model = peft.get_peft_model(base, config)
-        if settings.gradient_checkpointing == "false":
-            used_mode = "off"
-        else:
-            # "unsloth" mode exists only in unsloth; transformers' own checkpointing is the
-            # nearest equivalent (non-reentrant, so 4-bit inputs need no requires_grad hook).
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            used_mode = (
-                "on (transformers; 'unsloth' mode needs the unsloth backend)"
-                if settings.gradient_checkpointing == "unsloth"
-                else "on (transformers)"
-            )
-    applied = AppliedLora(
-        model=peft_model,
-        base=loaded,
-        settings=settings,
-        lora_layers=0,
-        lora_tensors=0,
-        trainable_parameters=0,
-        gradient_checkpointing=used_mode,
-        state_before=state,
-    )
-    try:
-        verify_lora(applied, matched)
-    except ModelCheckError:
-        remove_lora(applied)
-        raise
-    return applied
-
-
-def verify_lora(applied: AppliedLora, matched: Mapping[str, Sequence[str]]) -> None:
-    """Check LoRA tensors exist and train, every target got adapters, base weights are frozen."""
-    model = applied.model
-    lora_a: list[str] = []
-    lora_b: list[str] = []
-    frozen_lora: list[str] = []
-    trainable_base: list[str] = []
-    trainable = 0
-    for name, param in model.named_parameters():
-        is_lora = ".lora_A." in name or ".lora_B." in name
-        if ".lora_A." in name:
-            lora_a.append(name)
-        elif ".lora_B." in name:
-            lora_b.append(name)
-        if is_lora and not param.requires_grad:
-            frozen_lora.append(name)
-        if not is_lora and param.requires_grad:
-            trainable_base.append(name)
-        if param.requires_grad:
-            trainable += param.numel()
-    expected = {n for names in matched.values() for n in names}
-    wrapped = {_strip_peft_prefix(n) for n in _lora_layer_names(model)}
-    layers = len(wrapped)
-    summary = ", ".join(f"{t} x {len(n)}" for t, n in matched.items())
-    if not lora_a or not lora_b:
-        raise ModelCheckError(
-            f"no LoRA tensors after get_peft_model (lora_A: {len(lora_a)}, lora_B: "
-            f"{len(lora_b)}); expected adapters on {summary}"
-        )
-    if frozen_lora:
-        raise ModelCheckError(
-            f"{len(frozen_lora)} LoRA tensors are frozen (requires_grad=False), e.g. "
-            f"{frozen_lora[0]}; the optimiser would train nothing there"
-        )
-    if wrapped != expected:
-        missing = sorted(expected - wrapped)
-        extra = sorted(wrapped - expected)
-        raise ModelCheckError(
-            f"LoRA adapters landed on {layers} modules, expected {len(expected)} ({summary}); "
-            + (f"missing: {', '.join(missing[:6])}; " if missing else "")
-            + (f"unexpected: {', '.join(extra[:6])}" if extra else "")
-        )
-    if len(lora_a) != layers or len(lora_b) != layers:
-        raise ModelCheckError(
-            f"{len(lora_a)} lora_A and {len(lora_b)} lora_B tensors for {layers} adapted "
-            "modules; expected one of each per module"
-        )
-    if trainable_base:
-        raise ModelCheckError(
-            f"{len(trainable_base)} base-model parameters are trainable next to the LoRA "
-            f"adapters (e.g. {', '.join(trainable_base[:3])}); QLoRA keeps the base frozen, and "
-            "training them costs memory and changes the shared model"
-        )
-    applied.lora_layers = layers
-    applied.lora_tensors = len(lora_a) + len(lora_b)
-    applied.trainable_parameters = trainable
-
-
-def remove_lora(applied: AppliedLora) -> bool:
-    """Take the adapters off; return whether the base model is back as it was (reusable)."""
-    loaded = applied.base
-    if loaded.released or loaded.model is None:
-        return False
-    if loaded.backend == "unsloth":
-        # unsloth's get_peft_model also patches forward functions, the gradient checkpointing
-        # hooks and the training flags of the base model in place; unload() does not undo that,
-        # so the base is not reused: the cache reloads it for the next test.
-        applied.model = None
-        return False
-    base = loaded.model
-    try:
-        unloaded = applied.model.unload()
-        if unloaded is not base:
-            return False
-        if getattr(base, "is_gradient_checkpointing", False) and not applied.state_before[3]:
-            base.gradient_checkpointing_disable()
-        wanted = dict(applied.state_before[1])
-        for name, param in base.named_parameters():
-            if name in wanted:
-                param.requires_grad_(wanted[name])
-        base.train(applied.state_before[2])
-    except Exception:
-        return False
-    finally:
-        applied.model = None
-    return snapshot_state(base) == applied.state_before
 
 
 # ----------------------------------------------------------------------------- cache
