@@ -91,3 +91,21 @@ def test_broken_env_examples_fail_as_documented(tmp_path: Path, name: str, check
     assert found in actual.splitlines(), actual
     fix = next(line for line in expected.splitlines() if line.startswith("fix:"))
     assert fix in actual.splitlines()
+
+
+def test_grpo_tests_example_runs_on_the_tiny_default(tmp_path: Path):
+    pytest.importorskip("trl")
+    pytest.importorskip("bitsandbytes")
+    folder = _copy("grpo-tests", tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-rs", "-p", "no:cacheprovider"],
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout
+    assert "4 passed, 2 skipped" in proc.stdout
+    # Without a GPU the GPU tests skip with the reason, never run.
+    assert "test_training.py:" in proc.stdout and "needs an NVIDIA GPU" in proc.stdout
+    assert "transformers backend" in proc.stdout
