@@ -45,7 +45,7 @@ if step bench; then
   python3 benchmarks/bench_probes.py --json "$OUT/bench-probes.json" 2>&1 | tee -a "$OUT/bench.log"
 fi
 if step tests; then
-  UNSLOTH_TEST_GPU=1 python3 -m pytest -p pytester -m gpu tests -rs -q -p no:cacheprovider \
+  UNSLOTH_TEST_GPU=1 python3 -m pytest -m gpu tests -rs -v -p no:cacheprovider -o faulthandler_timeout=400 \
     --junitxml="$OUT/gpu-tests.xml" 2>&1 | tee "$OUT/gpu-tests.log"
 fi
 if step examples && [ -x scripts/run-examples.sh ]; then
