@@ -673,6 +673,7 @@ def release(loaded: LoadedModel, *, check: bool = True) -> None:
         _shrink_unsloth_buffers()
     if _cuda_ready():
         torch.cuda.synchronize()
+        _clear_cublas_workspaces(torch)
         torch.cuda.empty_cache()
     if not check:
         return
@@ -705,6 +706,19 @@ def release(loaded: LoadedModel, *, check: bool = True) -> None:
             "so its memory cannot be freed. Fix: do not keep the model, a trainer or outputs in "
             "module globals, class attributes or longer-scoped fixtures"
         )
+
+
+def _clear_cublas_workspaces(torch: Any) -> None:
+    """Free cuBLAS' per-handle workspaces (32 MiB each on an H100).
+
+    The first matmul after a load allocates them through the caching allocator and they live
+    for the whole process, so the release check would count them as memory the model kept
+    (seen on the H100: 32 MiB after a LoRA step, 64 MiB after two GRPO steps).
+    """
+    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    if clear is not None:
+        with contextlib.suppress(Exception):
+            clear()
 
 
 def _shrink_unsloth_buffers() -> None:
