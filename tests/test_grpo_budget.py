@@ -14,6 +14,9 @@ pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    # The tiny model is built with torch and its tokenizer trained with tokenizers.
+    for module in ("torch", "transformers", "tokenizers"):
+        pytest.importorskip(module)
     from pytest_unsloth import tiny
 
     return tiny.load_tokenizer(tiny.build("llama", cache_dir=tmp_path_factory.mktemp("tiny")))
@@ -32,6 +35,7 @@ def templated_length(tokenizer: Any, prompt: Any) -> int:
 
 
 def test_lengths_match_trl_tokenize_prompts(tokenizer: Any) -> None:
+    pytest.importorskip("trl")
     from trl import GRPOTrainer
 
     prompts = [chat("What is 2 + 2?"), chat("word " * 40), chat("答案是 4")]
@@ -102,6 +106,7 @@ def test_max_prompt_length_in_config_is_called_out(tokenizer: Any) -> None:
 
 
 def test_default_completion_length_from_installed_trl(tokenizer: Any) -> None:
+    pytest.importorskip("trl")
     from trl import GRPOConfig
 
     report = check_length_budget(tokenizer, [{"prompt": chat("hi")}], max_seq_length=4096)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import json
+from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
@@ -49,13 +52,22 @@ def rows(n: int, words: int = 3) -> list[dict[str, object]]:
     ]
 
 
+# A tiny model's tokenizer for the length budget, and the installed TRL for the config check.
+_MISSING = [m for m in ("torch", "transformers", "tokenizers", "trl") if find_spec(m) is None]
+needs_stack = pytest.mark.skipif(
+    bool(_MISSING), reason=f"needs {', '.join(_MISSING)} (not installed)"
+)
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _preload_stack() -> None:
-    """Import the stack here first: pytester's in-process runs drop modules first imported
-    inside them, and torch's C extension cannot be imported twice in one process."""
-    import torch  # noqa: F401
-    import transformers  # noqa: F401
-    from trl import GRPOConfig  # noqa: F401
+    """Import the installed stack here first: pytester's in-process runs drop modules first
+    imported inside them, and torch's C extension cannot be imported twice in one process."""
+    for module in ("torch", "transformers"):
+        with contextlib.suppress(ImportError):
+            importlib.import_module(module)
+    with contextlib.suppress(ImportError):
+        from trl import GRPOConfig  # noqa: F401
 
 
 @pytest.fixture
@@ -78,6 +90,7 @@ def test_unconfigured_checks_skip_naming_the_ini_key(pytester: pytest.Pytester) 
     )
 
 
+@needs_stack
 def test_good_setup_passes(pytester: pytest.Pytester, tiny_folder: Path) -> None:
     pytester.mkpydir("myproj")
     (pytester.path / "myproj" / "rewards.py").write_text(GOOD_REWARDS)
@@ -107,6 +120,7 @@ def test_good_setup_passes(pytester: pytest.Pytester, tiny_folder: Path) -> None
     )
 
 
+@needs_stack
 def test_bad_setup_fails_with_found_why_fix(pytester: pytest.Pytester, tiny_folder: Path) -> None:
     (pytester.path / "bad_rewards.py").write_text(BAD_REWARDS)
     bad_rows = rows(9) + rows(1, words=300)
@@ -185,6 +199,7 @@ def test_missing_dataset_file(pytester: pytest.Pytester) -> None:
     )
 
 
+@needs_stack
 def test_budget_uses_the_models_context_when_max_seq_length_is_unset(
     pytester: pytest.Pytester, tiny_folder: Path
 ) -> None:

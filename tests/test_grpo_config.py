@@ -11,6 +11,9 @@ import pytest
 
 from pytest_unsloth.grpo.config import check_grpo_config
 
+# Every case builds the installed TRL's GRPOConfig (check_grpo_config does too).
+pytest.importorskip("trl")
+
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
 

@@ -6,10 +6,12 @@ import contextlib
 import os
 import textwrap
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from distfake import write_dist
 from pytest_unsloth import markers
 from pytest_unsloth.gpu import GIB
 
@@ -743,10 +745,18 @@ def test_requires_kernel_uses_probe_results(
 
 
 def test_requires_kernel_with_the_real_probe_store(
-    pytester: pytest.Pytester, fake_nvml: Callable[..., Any]
+    pytester: pytest.Pytester,
+    fake_nvml: Callable[..., Any],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
 ) -> None:
     # Real ProbeStore: not installed / no GPU are decided without starting a subprocess.
     fake_nvml(no_driver=True)
+    # bitsandbytes must look installed (its metadata is all the store reads), so the no-GPU
+    # branch is reached in the pytest-only env too.
+    site = tmp_path / "site"
+    write_dist(site, "bitsandbytes", "0.50.2")
+    monkeypatch.syspath_prepend(str(site))
     r = outcomes(
         pytester,
         """

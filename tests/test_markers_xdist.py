@@ -44,6 +44,17 @@ def pins(pytester: pytest.Pytester) -> dict[str, set[tuple[str, str]]]:
     return seen
 
 
+@pytest.fixture(autouse=True)
+def _outside_xdist(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hide this session's own xdist worker variables from the child pytest runs.
+
+    Under ``pytest -n 2`` they would leak into a child run with ``-p no:xdist``, whose tests
+    would then log the outer worker's id instead of "main".
+    """
+    for name in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT", "PYTEST_XDIST_TESTRUNUID"):
+        monkeypatch.delenv(name, raising=False)
+
+
 def run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
     # Hypothesis's plugin would import hypothesis (about 1.5 s) in each of these processes.
     return pytester.runpytest_subprocess(
