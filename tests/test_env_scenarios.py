@@ -434,3 +434,14 @@ def test_kernel_not_installed_and_not_required_skips(pytester: pytest.Pytester, 
     run = run_env(pytester, "--unsloth-checks=flash-attn,vllm", "-rs")
     assert run.outcomes == {"flash-attn": "skipped", "vllm": "skipped"}
     assert "flash-attn is not installed (not required)" in run.output
+
+
+@pytest.mark.skipif(importlib.util.find_spec("trl") is not None, reason="only without trl")
+def test_grpo_settings_without_trl_fail_in_three_lines(pytester: pytest.Pytester):
+    pytester.makeini("[pytest]\nunsloth_grpo_config =\n    num_generations = 4\n")
+    run = run_env(pytester, "--unsloth-checks=grpo-config")
+    assert run.failed() == {"grpo-config"}
+    msg = run.text["grpo-config"]
+    assert "found: ini unsloth_grpo_config in tox.ini is set, but trl is not installed" in msg
+    assert "fix:   pip install trl" in msg
+    assert "Traceback" not in msg

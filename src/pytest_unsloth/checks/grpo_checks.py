@@ -209,6 +209,18 @@ def _load_tokenizer(ctx: CheckContext) -> Any:
         ) from None
 
 
+def _require(ctx: CheckContext, dists: tuple[str, ...], key: str, what: str) -> None:
+    """Fail in three lines when a configured part needs a package that is not installed."""
+    missing = [d for d in dists if ctx.dist(d) is None]
+    if missing:
+        raise CheckFailed(
+            found=f"{ctx.settings.source(key)} is set, but {', '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} not installed",
+            why=f"{what} needs {', '.join(missing)}, and so does the training run it describes",
+            fix="pip install " + " ".join(missing),
+        )
+
+
 def length_budget_check(ctx: CheckContext) -> str | None:
     """Measure every prompt of the dataset after the chat template against the length limit."""
     settings = ctx.settings
@@ -216,6 +228,12 @@ def length_budget_check(ctx: CheckContext) -> str | None:
         raise CheckSkipped("no dataset configured: set unsloth_dataset (and unsloth_tokenizer)")
     path = _dataset_path(ctx)
     assert path is not None
+    _require(
+        ctx,
+        ("transformers", "tokenizers"),
+        "dataset",
+        "measuring prompts with the model's tokenizer and chat template",
+    )
     tokenizer = _load_tokenizer(ctx)
     from pytest_unsloth.grpo.budget import check_length_budget
 
@@ -268,6 +286,7 @@ def grpo_config_check(ctx: CheckContext) -> str | None:
         raise CheckSkipped(
             "no GRPO settings configured: set unsloth_grpo_config (one 'key = value' per line)"
         )
+    _require(ctx, ("trl",), "grpo_config", "validating the settings with TRL's own GRPOConfig")
     from pytest_unsloth.grpo.config import check_grpo_config
 
     snapshot = ctx.nvml
