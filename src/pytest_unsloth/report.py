@@ -144,6 +144,8 @@ def _probe_origin(rec: dict[str, Any]) -> str:
             parts.append(f"{p['name']} from cache, {_age(p['age_s'])} old")
         elif p.get("origin") == "run" and p.get("duration"):
             parts.append(f"{p['name']} probed now, {p['duration']:.1f} s")
+        elif p.get("origin") == "shared":
+            parts.append(f"{p['name']} probed by another xdist worker")
     return f" [{'; '.join(parts)}]" if parts else ""
 
 
