@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 import xml.etree.ElementTree as ET
 
 import pytest
 
-pytestmark = pytest.mark.slow
+STACK = ("torch", "transformers", "bitsandbytes", "peft")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not all(importlib.util.find_spec(m) for m in STACK),
+        reason="needs torch, transformers, bitsandbytes and peft",
+    ),
+]
 
 
 @pytest.fixture(scope="module", autouse=True)

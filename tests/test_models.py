@@ -30,6 +30,9 @@ from pytest_unsloth.models import (
     ModelRequest,
 )
 
+for _module in ("torch", "transformers", "bitsandbytes", "peft"):
+    pytest.importorskip(_module)  # every test here loads or trains a real model
+
 pytestmark = pytest.mark.slow
 
 

@@ -237,3 +237,28 @@ def test_unwritable_report_path_is_reported_not_crashed(pytester: pytest.Pyteste
         ["unsloth: cannot write the JSON report to */r.json (--unsloth-report): *"]
     )
     assert "INTERNALERROR" not in result.stdout.str()
+
+
+@pytest.mark.skipif(
+    __import__("importlib").util.find_spec("torch") is not None, reason="only without torch"
+)
+def test_model_fixtures_without_the_stack_fail_in_one_line(pytester: pytest.Pytester):
+    pytester.makepyfile(
+        """
+        def test_a(loaded_4bit_model):
+            pass
+
+        def test_c(grpo_trainer):
+            grpo_trainer(reward_funcs=[])
+        """
+    )
+    result = pytester.runpytest()
+    result.assert_outcomes(failed=1, errors=1)
+    result.stdout.fnmatch_lines(
+        [
+            "the loaded_4bit_model fixture needs torch, transformers, bitsandbytes, which are not "
+            "installed here. Fix: pip install torch transformers bitsandbytes",
+            "grpo_trainer needs torch, transformers, trl, datasets, which are not installed here.*",
+        ]
+    )
+    assert "Traceback" not in result.stdout.str()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import pathlib
 import re
@@ -14,6 +15,12 @@ import pytest
 from pytest_unsloth import tiny
 
 pytestmark = pytest.mark.slow
+
+# Building a model needs the ML stack; argument checks and import cost do not (tox minimal env).
+needs_stack = pytest.mark.skipif(
+    not all(importlib.util.find_spec(m) for m in ("torch", "transformers", "tokenizers")),
+    reason="needs torch, transformers and tokenizers",
+)
 
 
 def _digest(folder: pathlib.Path) -> str:
@@ -31,6 +38,7 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     return tmp_path_factory.mktemp("tiny-cache")
 
 
+@needs_stack
 @pytest.mark.parametrize("arch", tiny.ARCHITECTURES)
 def test_every_architecture_loads_and_generates(arch: str, cache: pathlib.Path) -> None:
     """The folder is a complete checkpoint: transformers loads it offline and it generates."""
@@ -64,6 +72,7 @@ def test_every_architecture_loads_and_generates(arch: str, cache: pathlib.Path) 
     assert out.shape[1] > len(ids)
 
 
+@needs_stack
 def test_tokenizer_has_special_tokens_and_chat_template(cache: pathlib.Path) -> None:
     """pad, bos and eos are distinct real tokens and the chat template renders ChatML."""
     tokenizer = tiny.load_tokenizer(tiny.build("llama", cache_dir=cache))
@@ -88,6 +97,7 @@ def test_tokenizer_has_special_tokens_and_chat_template(cache: pathlib.Path) -> 
     assert tokenizer.decode(tokenizer(sample)["input_ids"]) == sample
 
 
+@needs_stack
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
 def test_auto_tokenizer_encodes_like_the_saved_tokenizer(arch: str, cache: pathlib.Path) -> None:
     """AutoTokenizer (what unsloth uses) rebuilds qwen2 tokenizers; ids must still agree."""
@@ -101,6 +111,7 @@ def test_auto_tokenizer_encodes_like_the_saved_tokenizer(arch: str, cache: pathl
     assert (auto.pad_token_id, auto.eos_token_id) == (ours.pad_token_id, ours.eos_token_id)
 
 
+@needs_stack
 def test_build_is_deterministic_per_seed(tmp_path: pathlib.Path) -> None:
     """Same seed gives byte-identical folders in separate caches; another seed other weights."""
     a = tiny.build("qwen2", cache_dir=tmp_path / "a", seed=3)
@@ -113,6 +124,7 @@ def test_build_is_deterministic_per_seed(tmp_path: pathlib.Path) -> None:
     assert marker == {"arch": "qwen2", "format_version": 1, "seed": 3, "size": "small"}
 
 
+@needs_stack
 def test_build_is_identical_in_another_process(
     tmp_path: pathlib.Path, pytester: pytest.Pytester
 ) -> None:
@@ -130,6 +142,7 @@ def test_build_is_identical_in_another_process(
     assert _digest(pathlib.Path(result.stdout.lines[-1])) == _digest(here)
 
 
+@needs_stack
 def test_build_reuses_cache_and_leaves_no_staging(tmp_path: pathlib.Path) -> None:
     """A second build returns the same folder without rewriting it; no temp folders remain."""
     first = tiny.build("mistral", cache_dir=tmp_path)
@@ -140,6 +153,7 @@ def test_build_reuses_cache_and_leaves_no_staging(tmp_path: pathlib.Path) -> Non
     assert [p.name for p in tmp_path.iterdir()] == [first.name]
 
 
+@needs_stack
 def test_build_does_not_touch_the_global_torch_seed(tmp_path: pathlib.Path) -> None:
     """Building seeds its own init, and restores the caller's random stream."""
     import torch
@@ -151,6 +165,7 @@ def test_build_does_not_touch_the_global_torch_seed(tmp_path: pathlib.Path) -> N
     assert torch.equal(torch.rand(3), expected)
 
 
+@needs_stack
 def test_default_cache_is_a_per_process_temp_folder() -> None:
     """Without cache_dir the folder lives in one temp folder reused by later calls."""
     a = tiny.build("llama")
@@ -159,6 +174,7 @@ def test_default_cache_is_a_per_process_temp_folder() -> None:
     assert a.parent.name.startswith("pytest-unsloth-tiny-")
 
 
+@needs_stack
 def test_medium_size(tmp_path: pathlib.Path) -> None:
     """The medium size keeps head_dim 64 with more heads and layers."""
     from transformers import AutoConfig
@@ -167,6 +183,7 @@ def test_medium_size(tmp_path: pathlib.Path) -> None:
     assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (512, 4, 8)
 
 
+@needs_stack
 def test_build_is_fast_after_imports(tmp_path: pathlib.Path) -> None:
     """A fresh build takes well under a second once transformers' model code is imported."""
     tiny.build("llama", cache_dir=tmp_path / "warm")  # imports the modeling code
@@ -192,6 +209,7 @@ def test_bad_arguments_raise_value_error(
     assert list(tmp_path.iterdir()) == []
 
 
+@needs_stack
 def test_load_tokenizer_names_a_folder_without_tokenizer(tmp_path: pathlib.Path) -> None:
     """A folder without tokenizer.json is a FileNotFoundError naming the folder."""
     with pytest.raises(FileNotFoundError, match=r"no tokenizer\.json in"):

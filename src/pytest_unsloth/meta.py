@@ -139,6 +139,19 @@ class Inventory:
         return {d.name: d.version for d in self.installed()}
 
 
+def require_installed(names: Iterable[str], who: str) -> None:
+    """Fail the current test in one line when ``who`` needs packages that are not installed."""
+    missing = [n for n in names if version_of(n) is None]
+    if missing:
+        import pytest
+
+        pytest.fail(
+            f"{who} needs {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} "
+            f"not installed here. Fix: pip install {' '.join(missing)}",
+            pytrace=False,
+        )
+
+
 def version_of(name: str) -> str | None:
     """Installed version of one distribution, or None (metadata only)."""
     try:

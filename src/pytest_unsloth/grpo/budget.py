@@ -12,7 +12,7 @@ import dataclasses
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from pytest_unsloth.grpo.problems import Problem, errors, installed_version
+from pytest_unsloth.grpo.problems import Problem, ReportText, errors, installed_version
 
 __all__ = ["BudgetReport", "check_length_budget", "prompt_of"]
 
@@ -20,7 +20,7 @@ _CHUNK = 1024
 
 
 @dataclasses.dataclass(frozen=True)
-class BudgetReport:
+class BudgetReport(ReportText):
     """Prompt token lengths against the length limit."""
 
     count: int
@@ -45,16 +45,6 @@ class BudgetReport:
             f"{self.max_completion_length} completion <= {self.limit} ({self.limit_name}): "
             f"{len(self.overflow)} over"
         )
-
-    def format(self) -> str:
-        """Render the summary and every finding."""
-        lines = [self.summary()]
-        for p in self.problems:
-            lines += [f"  [{p.severity}] {p.code}", p.format("    ")]
-        return "\n".join(lines)
-
-    def __str__(self) -> str:
-        return self.format()
 
 
 def prompt_of(row: Any) -> Any:

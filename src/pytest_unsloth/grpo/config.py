@@ -18,7 +18,7 @@ import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-from pytest_unsloth.grpo.problems import Problem, errors, installed_version
+from pytest_unsloth.grpo.problems import Problem, ReportText, errors, installed_version
 
 __all__ = ["ConfigReport", "check_grpo_config"]
 
@@ -49,7 +49,7 @@ _REMOVED: dict[str, tuple[str, str, str]] = {
 
 
 @dataclasses.dataclass(frozen=True)
-class ConfigReport:
+class ConfigReport(ReportText):
     """Findings about one GRPO configuration, plus the effective values used."""
 
     problems: tuple[Problem, ...]
@@ -73,16 +73,6 @@ class ConfigReport:
             f"{v.get('max_completion_length')} (TRL {self.trl_version}, transformers "
             f"{self.transformers_version})"
         )
-
-    def format(self) -> str:
-        """Render the summary and every finding."""
-        lines = [self.summary()]
-        for p in self.problems:
-            lines += [f"  [{p.severity}] {p.code}", p.format("    ")]
-        return "\n".join(lines)
-
-    def __str__(self) -> str:
-        return self.format()
 
 
 def _fix_for(message: str, values: Mapping[str, Any]) -> str:

@@ -80,6 +80,9 @@ class GrpoTrainerFactory:
         **config_overrides: Any,
     ) -> Any:
         """Check the setup (reward functions, config, length budget), then build a GRPOTrainer."""
+        from pytest_unsloth.meta import require_installed
+
+        require_installed(("torch", "transformers", "trl", "datasets"), "grpo_trainer")
         self._explicit_backend = backend is not None
         backend = backend or self.backend()
         if backend not in ("unsloth", "transformers"):

@@ -23,6 +23,25 @@ class Problem:
         return f"{indent}found: {self.found}\n{indent}why:   {self.why}\n{indent}fix:   {self.fix}"
 
 
+class ReportText:
+    """``format()`` and ``str()`` for reports that have ``summary()`` and ``problems``."""
+
+    problems: tuple[Problem, ...]
+
+    def summary(self) -> str:  # pragma: no cover - every report defines it
+        raise NotImplementedError
+
+    def format(self) -> str:
+        """Render the summary and every finding."""
+        lines = [self.summary()]
+        for p in self.problems:
+            lines += [f"  [{p.severity}] {p.code}", p.format("    ")]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.format()
+
+
 def errors(problems: tuple[Problem, ...] | list[Problem]) -> list[Problem]:
     """Return the problems that make a check fail."""
     return [p for p in problems if p.severity == "error"]

@@ -26,6 +26,17 @@ def _cuda_or_fail(torch: Any) -> dict[str, Any] | None:
     return None
 
 
+def _torch_on_gpu(data: dict[str, Any]) -> tuple[Any, dict[str, Any] | None]:
+    """Import torch; also a failed result (carrying ``data``) when it cannot use a GPU."""
+    stage("import torch")
+    import torch
+
+    failed = _cuda_or_fail(torch)
+    if failed is not None:
+        failed["data"].update(data)
+    return torch, failed
+
+
 def _init_error(torch: Any) -> str:
     try:
         torch.cuda.init()
@@ -161,12 +172,8 @@ def probe_triton() -> dict[str, Any]:
     import triton
 
     data = {"version": triton.__version__}
-    stage("import torch")
-    import torch
-
-    failed = _cuda_or_fail(torch)
+    torch, failed = _torch_on_gpu(data)
     if failed is not None:
-        failed["data"].update(data)
         return failed
     stage("compile and run a triton kernel")
     from pytest_unsloth.probes.triton_kernel import add
@@ -199,12 +206,8 @@ def probe_flash_attn() -> dict[str, Any]:
     import flash_attn
 
     data = {"version": flash_attn.__version__}
-    stage("import torch")
-    import torch
-
-    failed = _cuda_or_fail(torch)
+    torch, failed = _torch_on_gpu(data)
     if failed is not None:
-        failed["data"].update(data)
         return failed
     stage("flash_attn_func forward")
     from flash_attn import flash_attn_func
@@ -241,12 +244,8 @@ def probe_xformers() -> dict[str, Any]:
             reason="abi",
             **data,
         )
-    stage("import torch")
-    import torch
-
-    failed = _cuda_or_fail(torch)
+    torch, failed = _torch_on_gpu(data)
     if failed is not None:
-        failed["data"].update(data)
         return failed
     stage("memory_efficient_attention forward")
     q, k, v = _attention_inputs(torch)
