@@ -258,3 +258,69 @@ def test_the_readme_example_runs(
     monkeypatch.setenv("NCCL_IB_DISABLE", "1")
     result = pytester.runpytest("--unsloth-env", checks)
     assert result.ret == 0
+
+
+CACHED_CONFTEST = """
+import os
+import pytest_unsloth
+
+@pytest_unsloth.check("team-cached", isolated=True, timeout=60, cacheable=True)
+def team_cached():
+    with open(os.environ["RUN_LOG"], "a") as fh:
+        fh.write("ran\\n")
+    return "slow team check passed"
+"""
+
+
+@pytest.mark.slow
+def test_cacheable_isolated_check_is_reused_until_its_source_changes(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+):
+    log = pytester.path / "runs.log"
+    monkeypatch.setenv("RUN_LOG", str(log))
+    pytester.makeconftest(CACHED_CONFTEST)
+
+    def run() -> pytest.RunResult:
+        return pytester.runpytest_subprocess(
+            "--unsloth-env", "--unsloth-checks=team-cached", "--unsloth-report=r.json", timeout=120
+        )
+
+    run().stdout.fnmatch_lines(["team-cached *passed *[[]team-cached ran in a subprocess, *"])
+    result = run()
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["team-cached *passed *[[]team-cached from cache, * old]"])
+    record = json.loads((pytester.path / "r.json").read_text())["checks"][0]
+    assert record["probes"][0]["origin"] == "cache"
+    assert log.read_text().count("ran") == 1
+    pytester.makeconftest(CACHED_CONFTEST + "\n# edited\n")  # a changed check runs again
+    run()
+    assert log.read_text().count("ran") == 2
+    pytester.runpytest_subprocess(
+        "--unsloth-env", "--unsloth-checks=team-cached", "--unsloth-reprobe", timeout=120
+    )
+    assert log.read_text().count("ran") == 3
+
+
+def test_custom_gpu_check_skips_without_a_gpu(pytester: pytest.Pytester, fake_nvml):
+    fake_nvml(no_driver=True)
+    pytester.makeconftest(
+        """
+        import pytest_unsloth
+
+        @pytest_unsloth.check("team-gpu", needs_gpu=True)
+        def team_gpu():
+            raise AssertionError("must not run without a GPU")
+        """
+    )
+    result = pytester.runpytest("--unsloth-env", "--unsloth-checks=team-gpu", "-rs")
+    result.assert_outcomes(skipped=1)
+    result.stdout.fnmatch_lines(
+        [
+            "SKIPPED [1] unsloth-env::team-gpu: no NVIDIA GPU: NVML says NVML Shared Library"
+            " Not Found"
+        ]
+    )
+    result = pytester.runpytest(
+        "--unsloth-env", "--unsloth-checks=team-gpu", "--unsloth-require-gpu"
+    )
+    result.assert_outcomes(failed=1)

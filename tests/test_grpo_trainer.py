@@ -107,6 +107,7 @@ def test_own_dataset_and_model(grpo_trainer: Any, tmp_path: Any) -> None:
     assert trainer.train().global_step == 1
 
 
+@needs("torch", "transformers", "trl", "datasets")
 def test_model_without_tokenizer_is_a_clear_failure(grpo_trainer: Any) -> None:
     with pytest.raises(pytest.fail.Exception, match="processing_class"):
         grpo_trainer(reward_funcs=[length_reward], model=object())

@@ -7,11 +7,14 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from pytest_unsloth.checks.base import Check, CheckContext, CheckFailed, CheckSkipped
+
+if TYPE_CHECKING:
+    from pytest_unsloth.probe import ProbeResult
 
 PREFIX = "unsloth-env"
 PROPERTY = "unsloth_check"
@@ -48,6 +51,7 @@ class CheckItem(pytest.Item):
         super().__init__(**kwargs)
         self.check = check
         self.order = order
+        self._isolated_runs: list[dict[str, Any]] = []
         self.add_marker(pytest.mark.unsloth_env)
 
     def _record(self, status: str, start: float, **fields: Any) -> None:
@@ -67,7 +71,7 @@ class CheckItem(pytest.Item):
 
     def _probe_records(self) -> list[dict[str, Any]]:
         if not self.check.probes:
-            return []
+            return list(self._isolated_runs)
         from pytest_unsloth.probe import get_probe_store
 
         done = get_probe_store(self.config).results()
@@ -104,10 +108,15 @@ class CheckItem(pytest.Item):
             self._record("skipped", start, message=f"disabled: {chk.disabled}")
             pytest.skip(f"disabled: {chk.disabled}")
         try:
-            if chk.isolated:
-                detail = run_isolated(chk, get_context(self.config))
-            else:
-                detail = chk.func(get_context(self.config))
+            ctx = get_context(self.config)
+            if chk.needs_gpu and not chk.source.startswith("pytest-unsloth"):
+                # Built-in GPU checks diagnose a missing GPU themselves; others skip (or fail
+                # under --unsloth-require-gpu) with NVML's reason.
+                from pytest_unsloth.checks.cuda import visible_gpus
+
+                visible_gpus(ctx)
+            run = chk.func if not chk.isolated else self._run_isolated
+            detail = run(ctx)
         except CheckFailed as exc:
             self._record(
                 "failed", start, message=exc.found, found=exc.found, why=exc.why, fix=exc.fix
@@ -123,6 +132,9 @@ class CheckItem(pytest.Item):
             self._record("error", start, message=f"{type(exc).__name__}: {exc}")
             raise
         self._record("passed", start, message=str(detail) if detail else "ok")
+
+    def _run_isolated(self, ctx: CheckContext) -> str | None:
+        return run_isolated(self.check, ctx, self._isolated_runs)
 
     def repr_failure(
         self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None
@@ -185,16 +197,57 @@ def _function_ref(func: Any) -> dict[str, str]:
     return {"file": str(file), "module": func.__module__, "qualname": func.__qualname__}
 
 
-def run_isolated(chk: Check, ctx: CheckContext) -> str | None:
-    """Run ``chk`` in a child interpreter; a hang or crash fails only this check."""
+def _file_stamp(path: str) -> str:
+    """Size and mtime of the check's source file: editing it invalidates a cached result."""
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return "0"
+    return f"{st.st_size:x}{st.st_mtime_ns:x}"
+
+
+def _run_or_reuse(
+    chk: Check, ctx: CheckContext, argv: list[str], timeout: float, file: str
+) -> ProbeResult:
+    """Run the child, or reuse a passing result of ``cacheable`` checks (probe-cache rules)."""
     from pytest_unsloth.probe import run_subprocess
+
+    cache = ctx.probes.cache if chk.cacheable and ctx.config is not None else None
+    if cache is None:
+        return run_subprocess(argv, chk.name, timeout)
+    key = f"check-{chk.name}-{_file_stamp(file)}"
+    with cache.lock(key):
+        cached = cache.lookup(key)
+        if cached is not None:
+            return cached
+        res = run_subprocess(argv, key, timeout)
+        cache.store(res)
+        return res
+
+
+def run_isolated(
+    chk: Check, ctx: CheckContext, runs: list[dict[str, Any]] | None = None
+) -> str | None:
+    """Run ``chk`` in a child interpreter; a hang or crash fails only this check."""
     from pytest_unsloth.registry import original_function
 
     ref = _function_ref(original_function(chk))
     spec = {**ref, "rootpath": str(ctx.rootpath), "settings": _settings_json(ctx.settings)}
     timeout = chk.timeout or ctx.settings.probe_timeout
     argv = [sys.executable, "-m", "pytest_unsloth.isolated", json.dumps(spec)]
-    res = run_subprocess(argv, chk.name, timeout)
+    res = _run_or_reuse(chk, ctx, argv, timeout, ref["file"])
+    if runs is not None:
+        runs.append(
+            {
+                "name": chk.name,
+                "kind": "isolated",
+                "status": res.status,
+                "origin": res.origin,
+                "age_s": res.age_s,
+                "duration": round(res.duration, 3),
+                "stage": res.stage,
+            }
+        )
     data = res.data
     if res.status == "passed":
         return res.message or None

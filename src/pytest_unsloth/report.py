@@ -140,10 +140,11 @@ def _probe_origin(rec: dict[str, Any]) -> str:
     probes = rec.get("probes") or []
     parts = []
     for p in probes:
+        what = "ran in a subprocess" if p.get("kind") == "isolated" else "probed now"
         if p.get("origin") == "cache" and p.get("age_s") is not None:
             parts.append(f"{p['name']} from cache, {_age(p['age_s'])} old")
         elif p.get("origin") == "run" and p.get("duration"):
-            parts.append(f"{p['name']} probed now, {p['duration']:.1f} s")
+            parts.append(f"{p['name']} {what}, {p['duration']:.1f} s")
         elif p.get("origin") == "shared":
             parts.append(f"{p['name']} probed by another xdist worker")
     return f" [{'; '.join(parts)}]" if parts else ""
