@@ -8,11 +8,15 @@ import os
 import platform
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from pytest_unsloth.items import PROPERTY
+from pytest_unsloth.items import PROPERTY, get_context
+
+if TYPE_CHECKING:
+    from pytest_unsloth.gpu import NvmlSnapshot
+    from pytest_unsloth.meta import Inventory
 
 SCHEMA = "pytest-unsloth/1"
 STATUS_WORD = {"passed": "passed", "failed": "FAILED", "skipped": "skipped", "error": "ERROR"}
@@ -109,7 +113,10 @@ class Reporter:
             path = Path(settings.report_path)
             if not path.is_absolute():
                 path = Path(self.config.invocation_params.dir) / path
-            data = build_json(_ordered(self.records), int(exitstatus))
+            # The checks' own inventory and NVML snapshot (read once per session; under xdist
+            # the controller reads them here), so the report shows what the checks saw.
+            ctx = get_context(self.config)
+            data = build_json(_ordered(self.records), int(exitstatus), ctx.inventory, ctx.nvml)
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(json.dumps(data, indent=2, default=str) + "\n", "utf-8")
@@ -158,14 +165,12 @@ def _age(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def build_json(records: list[dict[str, Any]], exitstatus: int) -> dict[str, Any]:
+def build_json(
+    records: list[dict[str, Any]], exitstatus: int, inv: Inventory, nvml: NvmlSnapshot
+) -> dict[str, Any]:
     """The JSON report (schema documented in README.md)."""
     from pytest_unsloth import __version__
-    from pytest_unsloth.gpu import read_snapshot
-    from pytest_unsloth.meta import Inventory
 
-    inv = Inventory.read()
-    nvml = read_snapshot()
     counts: dict[str, int] = {}
     for r in records:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
