@@ -89,3 +89,61 @@ def test_gpus_fixture_and_summed_vram(pytester: pytest.Pytester):
     result = pytester.runpytest_subprocess("-rs", "-p", "no:cacheprovider", timeout=300)
     result.assert_outcomes(passed=2, skipped=1)
     result.stdout.fnmatch_lines([f"*needs {between:.1f} GiB free on cuda:0*"])
+
+
+def test_env_checks_see_every_gpu_under_pinning(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, tmp_path
+):
+    """Issue 17 on real GPUs: memory held only on the second GPU fails vram under pinning."""
+    import subprocess
+    import sys
+    import time
+
+    for name in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT", "PYTEST_XDIST_TESTRUNUID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    ready = tmp_path / "ready"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import pathlib, sys, time, torch\n"
+            "x = torch.empty(100 * 2**30, dtype=torch.uint8, device='cuda:1')\n"
+            "pathlib.Path(sys.argv[1]).write_text('ok')\n"
+            "time.sleep(600)\n",
+            str(ready),
+        ]
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not ready.exists():
+            assert holder.poll() is None, "the memory holder died"
+            assert time.monotonic() < deadline, "the memory holder did not start"
+            time.sleep(0.5)
+        result = pytester.runpytest_subprocess(
+            "--unsloth-env",
+            "-p",
+            "no:cacheprovider",
+            "--unsloth-checks=cuda,arch,bf16,vram,bitsandbytes,triton",
+            "--unsloth-min-free-vram=60",
+            "--unsloth-report=report.json",
+            "-n",
+            "2",
+            "--unsloth-gpus-per-worker=1",
+            "-rA",
+            timeout=400,
+        )
+        print(result.stdout.str())
+        checks = {
+            c["name"]: c for c in json.loads((pytester.path / "report.json").read_text())["checks"]
+        }
+        assert checks["vram"]["status"] == "failed"
+        assert "cuda:1" in checks["vram"]["found"] and "cuda:0" not in checks["vram"]["found"]
+        assert "2 GPU(s) usable" in checks["cuda"]["message"], checks["cuda"]
+        assert checks["bf16"]["status"] == "passed"
+        for name in ("bitsandbytes", "triton"):
+            assert checks[name]["status"] == "passed", checks[name]
+            assert "cuda:0, cuda:1" in checks[name]["message"], checks[name]
+    finally:
+        holder.kill()
+        holder.wait()

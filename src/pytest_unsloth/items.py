@@ -75,30 +75,31 @@ class CheckItem(pytest.Item):
         from pytest_unsloth.probe import get_probe_store
 
         done = get_probe_store(self.config).results()
+        done.update(get_context(self.config).combined)
         out = []
         for name in self.check.probes:
             r = done.get(name)
             if r is not None:
-                out.append(
-                    {
-                        "name": name,
-                        "status": r.status,
-                        "origin": r.origin,
-                        "age_s": r.age_s,
-                        "duration": round(r.duration, 3),
-                        "stage": r.stage,
-                    }
-                )
+                rec = {
+                    "name": name,
+                    "status": r.status,
+                    "origin": r.origin,
+                    "age_s": r.age_s,
+                    "duration": round(r.duration, 3),
+                    "stage": r.stage,
+                }
+                if "gpus" in r.data:
+                    rec["gpus"] = r.data["gpus"]
+                out.append(rec)
         return out
 
     def setup(self) -> None:
         """Start every probe the selected checks need, concurrently, before the first waits."""
-        from pytest_unsloth.probe import get_probe_store
 
         wanted = self.config.stash.get(PROBES_WANTED_KEY, ())
         needs_probes = self.check.probes and not self.check.disabled
         if wanted and needs_probes:
-            get_probe_store(self.config).start(wanted)
+            get_context(self.config).start_probes(wanted)
 
     def runtest(self) -> None:
         """Run the check; CheckFailed fails with three lines, CheckSkipped skips."""

@@ -73,6 +73,10 @@ SKIPPED_HERE_KEY = pytest.StashKey[bool]()
 # Per session: id(mark) -> (mark, its requirement or the misuse message).
 VALIDATED_KEY = pytest.StashKey["dict[int, tuple[pytest.Mark, Requirement | str]]"]()
 WORKERINPUT_PIN = "unsloth_cuda_visible_devices"
+# The controller's own CUDA_VISIBLE_DEVICES ([value] or [] when unset), for the machine view.
+WORKERINPUT_MACHINE = "unsloth_machine_cuda_visible_devices"
+# On a worker the plugin pinned: the CUDA_VISIBLE_DEVICES the user gave pytest (None: unset).
+MACHINE_CVD_KEY = pytest.StashKey["str | None"]()
 
 
 class MarkerUsageError(Exception):
@@ -571,6 +575,8 @@ def pytest_configure(config: pytest.Config) -> None:
         value, note = workerinput[WORKERINPUT_PIN]
         os.environ["CUDA_VISIBLE_DEVICES"] = value
         config.stash[PIN_KEY] = note
+        machine = workerinput.get(WORKERINPUT_MACHINE, [])
+        config.stash[MACHINE_CVD_KEY] = str(machine[0]) if machine else None
     if config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(XdistPinning(config), "unsloth-xdist")
     elif workerinput is None:
@@ -583,6 +589,23 @@ def _config_warning(config: pytest.Config, warning: pytest.PytestConfigWarning) 
         config.issue_config_time_warning(warning, stacklevel=3)
     except pytest.PytestConfigWarning as exc:
         raise pytest.UsageError(f"pytest-unsloth: {exc}") from None
+
+
+def machine_environ(config: pytest.Config) -> dict[str, str] | None:
+    """The environment as the user gave it to pytest, where the plugin pinned this worker's GPUs.
+
+    Pinning narrows ``CUDA_VISIBLE_DEVICES`` for the user's tests; the environment checks describe
+    the machine, so they read this instead. None where nothing was pinned (use ``os.environ``).
+    """
+    if MACHINE_CVD_KEY not in config.stash:
+        return None
+    env = dict(os.environ)
+    machine = config.stash[MACHINE_CVD_KEY]
+    if machine is None:
+        env.pop("CUDA_VISIBLE_DEVICES", None)
+    else:
+        env["CUDA_VISIBLE_DEVICES"] = machine
+    return env
 
 
 def _warn_pinning_without_xdist(
@@ -705,6 +728,7 @@ class XdistPinning:
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
         self.plan: dict[int, str] = {}
+        self.machine_cvd: list[str] = []
 
     def _per_worker(self) -> int | None:
         from pytest_unsloth.settings import get_settings
@@ -727,6 +751,8 @@ class XdistPinning:
             return
         from pytest_unsloth.gpu import read_snapshot
 
+        machine = os.environ.get("CUDA_VISIBLE_DEVICES")
+        self.machine_cvd = [] if machine is None else [machine]
         values, warning = plan_pinning(read_snapshot(), len(specs), per_worker)
         if warning:
             _config_warning(config, pytest.PytestConfigWarning(warning))
@@ -756,3 +782,4 @@ class XdistPinning:
             f"--unsloth-gpus-per-worker={per_worker}"
         )
         node.workerinput[WORKERINPUT_PIN] = (value, note)
+        node.workerinput[WORKERINPUT_MACHINE] = list(self.machine_cvd)

@@ -81,6 +81,28 @@ class ProbeResult:
         return cls(**{k: v for k, v in data.items() if k in fields})
 
 
+@dataclasses.dataclass(frozen=True)
+class Pin:
+    """Run a probe with this ``CUDA_VISIBLE_DEVICES`` (None: unset) instead of the process's own."""
+
+    cuda_visible_devices: str | None
+
+    def key(self, name: str) -> str:
+        """The name results are stored under (run directory, cache): one per probe and pin."""
+        value = "unset" if self.cuda_visible_devices is None else self.cuda_visible_devices
+        safe = "".join(c if c.isalnum() or c in "-_.," else "_" for c in value)
+        return f"{name}@{safe or 'none'}"
+
+    def environ(self) -> dict[str, str]:
+        """The child's environment with this pin applied."""
+        env = child_env()
+        if self.cuda_visible_devices is None:
+            env.pop("CUDA_VISIBLE_DEVICES", None)
+        else:
+            env["CUDA_VISIBLE_DEVICES"] = self.cuda_visible_devices
+        return env
+
+
 def child_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
     """Environment for a child: the parent's, its import path, offline Hub, faulthandler."""
     env = dict(os.environ if base is None else base)
@@ -273,7 +295,7 @@ class ProbeStore:
             self._nvml = read_snapshot()
         return self._nvml
 
-    def _not_applicable(self, name: str) -> ProbeResult | None:
+    def _not_applicable(self, name: str, pin: Pin | None = None) -> ProbeResult | None:
         from pytest_unsloth.meta import version_of
 
         dist = PROBE_DISTS[name]
@@ -282,6 +304,8 @@ class ProbeStore:
         nvml = self.nvml
         if not nvml.available:
             return ProbeResult(name, "skipped", f"no NVIDIA GPU: NVML says {nvml.error}")
+        if pin is not None:
+            return None  # the caller chose the GPUs from the machine's view
         if not nvml.visible:
             if nvml.devices:
                 why = f"CUDA_VISIBLE_DEVICES={nvml.cuda_visible_devices!r} hides all "
@@ -290,60 +314,65 @@ class ProbeStore:
             return ProbeResult(name, "skipped", "no NVIDIA GPU: NVML reports 0 devices")
         return None
 
-    def _produce(self, name: str) -> ProbeResult:
-        early = self._not_applicable(name)
+    def _produce(self, name: str, pin: Pin | None) -> ProbeResult:
+        early = self._not_applicable(name, pin)
         if early is not None:
             return early
+        key = name if pin is None else pin.key(name)
+        env = None if pin is None else pin.environ()
         if self.cache is None:
-            return run_probe(name, self.settings.probe_timeout)
+            return run_probe(name, self.settings.probe_timeout, env)
         # The lock makes a second pytest process wait and then reuse this one's result.
-        with self.cache.lock(name):
-            cached = self.cache.lookup(name)
+        with self.cache.lock(key):
+            cached = self.cache.lookup(key)
             if cached is not None:
                 return cached
-            result = run_probe(name, self.settings.probe_timeout)
-            self.cache.store(result)
+            result = run_probe(name, self.settings.probe_timeout, env)
+            self.cache.store(result, key)
             return result
 
-    def _worker(self, name: str) -> None:
+    def _worker(self, name: str, pin: Pin | None) -> None:
+        key = name if pin is None else pin.key(name)
         try:
             if self.run_dir is None:
-                result = self._produce(name)
+                result = self._produce(name, pin)
             else:
                 # Another xdist worker may hold the lock and be running this probe: wait for it
                 # and reuse its result instead of probing twice.
-                target = self.run_dir / f"{name}.json"
-                with file_lock(self.run_dir / f"{name}.lock"):
+                target = self.run_dir / f"{key}.json"
+                with file_lock(self.run_dir / f"{key}.lock"):
                     shared = read_json(target)
                     if shared is not None:
                         result = dataclasses.replace(ProbeResult.from_json(shared), origin="shared")
                     else:
-                        result = self._produce(name)
+                        result = self._produce(name, pin)
                         write_json_atomic(target, result.to_json())
         except Exception as exc:  # a bug here must fail one check, not the session
             result = ProbeResult(name, "failed", f"probe runner error: {exc!r}")
         with self._lock:
-            self._results[name] = result
-            self._events[name].set()
+            self._results[key] = result
+            self._events[key].set()
 
-    def start(self, names: Iterable[str]) -> None:
-        """Start every named probe that is not started yet, all at once."""
+    def start(self, names: Iterable[str], pin: Pin | None = None) -> None:
+        """Start every named probe that is not started yet, all at once (pinned to ``pin``)."""
         for name in names:
             if name not in PROBE_DISTS:
                 raise KeyError(f"unknown probe {name!r}; known: {', '.join(PROBE_NAMES)}")
+            key = name if pin is None else pin.key(name)
             with self._lock:
-                if name in self._events:
+                if key in self._events:
                     continue
-                self._events[name] = threading.Event()
+                self._events[key] = threading.Event()
             threading.Thread(
-                target=self._worker, args=(name,), daemon=True, name=f"unsloth-probe-{name}"
+                target=self._worker, args=(name, pin), daemon=True, name=f"unsloth-probe-{key}"
             ).start()
 
-    def get(self, name: str) -> ProbeResult:
+    def get(self, name: str, pin: Pin | None = None) -> ProbeResult:
         """The probe's result, starting it if needed and waiting for it."""
-        self.start([name])
-        self._events[name].wait()
-        return self._results[name]
+        self.start([name], pin)
+        key = name if pin is None else pin.key(name)
+        self._events[key].wait()
+        return self._results[key]
 
     def results(self) -> dict[str, ProbeResult]:
         """Results finished so far."""

@@ -129,11 +129,12 @@ class ProbeCache:
             return None
         return dataclasses.replace(ProbeResult.from_json(result), origin="cache", age_s=age)
 
-    def store(self, result: ProbeResult) -> None:
-        """Remember a passing result; forget the entry when the probe did not pass."""
+    def store(self, result: ProbeResult, key: str | None = None) -> None:
+        """Remember a passing result (under ``key``, default its name); forget a failure."""
+        key = result.name if key is None else key
         if result.status == "passed":
             self.cache.set(
-                CACHE_PREFIX + result.name,
+                CACHE_PREFIX + key,
                 {
                     "fingerprint": self.fingerprint,
                     "time": time.time(),
@@ -141,7 +142,7 @@ class ProbeCache:
                 },
             )
         elif result.status == "failed":
-            self.cache.set(CACHE_PREFIX + result.name, None)
+            self.cache.set(CACHE_PREFIX + key, None)
 
 
 def make_cache(

@@ -5,16 +5,17 @@ from __future__ import annotations
 import dataclasses
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import pytest
 
+    from pytest_unsloth.checks.per_gpu import GpuGroup
     from pytest_unsloth.gpu import NvmlSnapshot
     from pytest_unsloth.meta import Dist, Inventory
-    from pytest_unsloth.probe import ProbeResult, ProbeStore
+    from pytest_unsloth.probe import Pin, ProbeResult, ProbeStore
     from pytest_unsloth.settings import Settings
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
@@ -93,6 +94,14 @@ class CheckContext:
         self._lock = threading.Lock()
         self._inventory: Inventory | None = None
         self._nvml: NvmlSnapshot | None = None
+        # On an xdist worker whose GPUs the plugin pinned: the environment the user gave pytest.
+        self.machine_env: dict[str, str] | None = None
+        if config is not None:
+            from pytest_unsloth.markers import machine_environ
+
+            self.machine_env = machine_environ(config)
+        # Probe results folded over every kind of GPU (machine view only), by probe name.
+        self.combined: dict[str, ProbeResult] = {}
 
     @property
     def inventory(self) -> Inventory:
@@ -115,7 +124,7 @@ class CheckContext:
             if self._nvml is None:
                 from pytest_unsloth.gpu import read_snapshot
 
-                self._nvml = read_snapshot(with_processes=True)
+                self._nvml = read_snapshot(with_processes=True, environ=self.machine_env)
             return self._nvml
 
     @property
@@ -127,6 +136,39 @@ class CheckContext:
             return ProbeStore(self.settings)
         return get_probe_store(self.config)
 
+    def _pins(self, name: str) -> list[tuple[Pin, GpuGroup | None]] | None:
+        """Where probe NAME runs for the checks: None for this process's own view."""
+        if self.machine_env is None:
+            return None
+        from pytest_unsloth.checks.per_gpu import gpu_groups
+        from pytest_unsloth.probe import Pin
+
+        groups = gpu_groups(self.nvml) if name != "torch" else []
+        if not groups:
+            return [(Pin(self.machine_env.get("CUDA_VISIBLE_DEVICES")), None)]
+        return [(g.pin, g) for g in groups]
+
+    def start_probes(self, names: Iterable[str]) -> None:
+        """Start the named probes where the checks will read them, all at once."""
+        for name in names:
+            pins = self._pins(name)
+            for pin in [None] if pins is None else [p for p, _ in pins]:
+                self.probes.start([name], pin)
+
     def probe(self, name: str) -> ProbeResult:
-        """Wait for a kernel probe's result (it may already be running concurrently)."""
-        return self.probes.get(name)
+        """Wait for a kernel probe's result (it may already be running concurrently).
+
+        On a worker the plugin pinned, the probe runs on the machine's GPUs instead: torch's
+        with every GPU the user made visible, a kernel's once per kind of GPU (see per_gpu).
+        """
+        pins = self._pins(name)
+        if pins is None:
+            return self.probes.get(name)
+        groups = [g for _, g in pins if g is not None]
+        if not groups:
+            return self.probes.get(name, pins[0][0])
+        from pytest_unsloth.checks.per_gpu import probe_every_kind
+
+        result = probe_every_kind(self.probes, name, groups)
+        self.combined[name] = result
+        return result
