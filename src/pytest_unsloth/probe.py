@@ -38,7 +38,10 @@ PROBE_DISTS: dict[str, str] = {
     "xformers": "xformers",
     "unsloth": "unsloth",
     "vllm": "vllm",
+    "nccl": "torch",
 }
+# Probes that need more than one visible GPU (skipped with the count otherwise).
+PROBE_MIN_GPUS: dict[str, int] = {"nccl": 2}
 PROBE_NAMES: tuple[str, ...] = tuple(PROBE_DISTS)
 KERNEL_PROBES: tuple[str, ...] = tuple(n for n in PROBE_NAMES if n != "torch")
 
@@ -288,20 +291,34 @@ class ProbeStore:
                 why += f"{len(nvml.devices)} GPU(s)"
                 return ProbeResult(name, "skipped", f"no GPU visible: {why}")
             return ProbeResult(name, "skipped", "no NVIDIA GPU: NVML reports 0 devices")
+        need = PROBE_MIN_GPUS.get(name, 1)
+        if len(nvml.visible) < need:
+            return ProbeResult(
+                name, "skipped", f"needs {need} visible GPUs, {len(nvml.visible)} visible"
+            )
         return None
+
+    def _limits(self, name: str) -> tuple[float, dict[str, str] | None]:
+        """(timeout, child environment) for probe NAME; nccl retries inside its own child."""
+        if name == "nccl":
+            from pytest_unsloth.probes.nccl import parent_limits
+
+            return parent_limits(self.settings.nccl_timeout, child_env())
+        return self.settings.probe_timeout, None
 
     def _produce(self, name: str) -> ProbeResult:
         early = self._not_applicable(name)
         if early is not None:
             return early
+        timeout, env = self._limits(name)
         if self.cache is None:
-            return run_probe(name, self.settings.probe_timeout)
+            return run_probe(name, timeout, env)
         # The lock makes a second pytest process wait and then reuse this one's result.
         with self.cache.lock(name):
             cached = self.cache.lookup(name)
             if cached is not None:
                 return cached
-            result = run_probe(name, self.settings.probe_timeout)
+            result = run_probe(name, timeout, env)
             self.cache.store(result)
             return result
 
