@@ -235,12 +235,16 @@ def summarize(attempts: Sequence[Attempt], world: int, timeout: float) -> dict[s
         "attempts": [a.to_json() for a in attempts],
     }
     first, last = attempts[0], attempts[-1]
+
+    def found(a: Attempt) -> dict[str, Any]:
+        return {k: v for k, v in a.result.items() if k != "status"}
+
     if first.status == "passed":
-        data.update(first.result)
+        data.update(found(first))
         return emit("passed", first.message, **data)
     data["first_failure"] = first.message
     if last.status == "passed":
-        data.update(last.result)
+        data.update(found(last))
         data["fixed_by"] = last.label
         return emit(
             "failed",
