@@ -6,7 +6,7 @@ import dataclasses
 import json
 import os
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ def statvfs(total: float, free: float) -> Callable[[str], Any]:
 
 
 @pytest.fixture
-def host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[machine.Host]:
+def host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> machine.Host:
     """A host whose files live under tmp_path (nothing exists until a test creates it)."""
     root = tmp_path / "host"
     root.mkdir()
@@ -55,7 +55,7 @@ def host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[machine.Ho
         python_include=lambda: str(root / "include"),
     )
     monkeypatch.setattr(machine, "HOST", h)
-    yield h
+    return h
 
 
 def ctx(tmp_path: Path, **settings: Any) -> CheckContext:
@@ -292,7 +292,7 @@ def test_compiler_libcuda_from_ldconfig_or_triton_variable(
     fake_nvml(gpus=[H200])
     host.which = lambda name: "/usr/bin/gcc" if name == "gcc" else None
     _write(Path(host.python_include()) / "Python.h", "")
-    with pytest.raises(CheckFailed, match="libcuda.so.1 is not in ldconfig's cache"):
+    with pytest.raises(CheckFailed, match=r"libcuda\.so\.1 is not in ldconfig's cache"):
         machine.check_compiler(ctx(tmp_path))
     host.ldconfig = lambda: (
         "\tlibcuda.so.1 (libc6,x86-64) => /usr/lib/x86_64-linux-gnu/libcuda.so.1\n"

@@ -176,7 +176,7 @@ def test_new_fake_constants_match_the_real_module(
         if n.startswith(("NVML_P2P", "NVML_TOPOLOGY", "NVML_COMPUTEMODE", "nvmlClocksEventReason"))
     ]
     assert len(names) > 20
-    for name in names + ["NVML_NVLINK_MAX_LINKS", "NVML_VOLATILE_ECC"]:
+    for name in [*names, "NVML_NVLINK_MAX_LINKS", "NVML_VOLATILE_ECC"]:
         assert getattr(fake, name) == getattr(real, name), name
 
 
