@@ -302,3 +302,36 @@ def test_rank_module_reports_a_failure_as_a_result(tmp_path: Path) -> None:
     assert out.returncode == 3
     line = next(ln for ln in out.stdout.splitlines() if ln.startswith("@@unsloth-rank result"))
     assert json.loads(line.split(" ", 2)[2])["error"].startswith("ValueError: invalid literal")
+
+
+# ----------------------------------------------------------------------------------------------
+# on the lent two-GPU machine (UNSLOTH_TEST_GPU=1)
+
+
+@pytest.mark.gpu
+def test_real_nccl_between_two_gpus() -> None:
+    torch = pytest.importorskip("torch")
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two visible GPUs")
+    attempt = nccl.run_ranks(torch.cuda.device_count(), "nccl", 120)
+    assert attempt.status == "passed", attempt
+    assert attempt.result["busbw_gbps"] > 1.0
+    assert all(v.startswith("ok") for v in attempt.result["peer_copy"].values())
+    print(attempt.message)
+
+
+@pytest.mark.gpu
+def test_real_nccl_broken_transport_fails_within_the_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    torch = pytest.importorskip("torch")
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two visible GPUs")
+    env = dict(
+        os.environ, NCCL_SOCKET_IFNAME="nonexistent0", NCCL_P2P_DISABLE="1", NCCL_SHM_DISABLE="1"
+    )
+    start = time.monotonic()
+    attempt = nccl.run_ranks(2, "nccl", 30, base_env=env)
+    assert time.monotonic() - start < 30 + nccl.GRACE_S + 1
+    assert attempt.status in ("failed", "timeout"), attempt
+    print(attempt.message, attempt.log[-800:])

@@ -187,3 +187,15 @@ def test_an_item_in_a_pytest_run(fake_nvml: Callable[..., Any], pytester: pytest
     result.stdout.fnmatch_lines(
         ["found: cuda:0 (NVIDIA H200) is in compute mode Prohibited*", "why: *", "fix:   nvidia*"]
     )
+
+
+@pytest.mark.gpu
+def test_real_nvml_layout(tmp_path: Path) -> None:
+    from pytest_unsloth.gpu import read_snapshot
+
+    if len(read_snapshot().visible) < 2:
+        pytest.skip("needs two visible GPUs")
+    detail = topology.check_topology(ctx(tmp_path))
+    assert detail.startswith("cuda:0<->cuda:1 ")
+    assert "P2P read ?" not in detail  # the tuple constant must not break real read queries
+    print(detail)
