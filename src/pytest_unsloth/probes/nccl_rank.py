@@ -131,8 +131,11 @@ def main() -> int:
     try:
         result: dict[str, Any] = {"status": "passed", **run_rank()}
     except BaseException as exc:
-        msg = str(exc).strip().splitlines()
-        result = {"status": "failed", "error": f"{type(exc).__name__}: {msg[0] if msg else ''}"}
+        lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+        # NCCL puts its cause on a later line ("Last error: Bootstrap : no socket interface").
+        cause = [ln for ln in lines[1:] if "Last error" in ln or ln.startswith("nccl")]
+        text = "; ".join((lines[:1] + cause[:1]) or [""])[:600]
+        result = {"status": "failed", "error": f"{type(exc).__name__}: {text}"}
         import traceback
 
         traceback.print_exc()
