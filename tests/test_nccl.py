@@ -185,6 +185,17 @@ def test_check_passes_with_the_probe_detail(tmp_path: Path) -> None:
     assert nccl_check.check_nccl(_ctx(tmp_path, res)) == res.message
 
 
+def test_check_fails_when_a_direct_peer_copy_lost_data(tmp_path: Path) -> None:
+    data = {"peer_copy": {"0->1": "corrupt (peer access)"}}
+    res = ProbeResult("nccl", "passed", "nccl 2.27.5 across 2 ranks: ...", data=data)
+    with pytest.raises(CheckFailed) as exc:
+        nccl_check.check_nccl(_ctx(tmp_path, res))
+    assert exc.value.found == "direct GPU-to-GPU copies lost data: cuda:0 -> cuda:1 corrupt " + (
+        "(peer access)"
+    )
+    assert "NCCL_P2P_DISABLE=1" in exc.value.fix and "DMAR" in exc.value.fix
+
+
 def test_check_names_the_variable_in_the_fix(tmp_path: Path) -> None:
     payload = nccl.summarize(
         [

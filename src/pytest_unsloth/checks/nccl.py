@@ -79,6 +79,18 @@ def check_nccl(ctx: CheckContext) -> str:
         raise CheckSkipped("torch is not installed")
     res = ctx.probe("nccl")
     if res.status == "passed":
+        peer = res.data.get("peer_copy") or {}
+        bad = {k: v for k, v in peer.items() if not str(v).startswith("ok")}
+        if bad:
+            raise CheckFailed(
+                "direct GPU-to-GPU copies lost data: "
+                + ", ".join(f"cuda:{k.replace('->', ' -> cuda:')} {v}" for k, v in bad.items()),
+                "on a translating IOMMU (common in VMs) a PCIe peer copy can be dropped while "
+                "CUDA reports success; NCCL's P2P transport and model-parallel copies then "
+                "corrupt tensors silently",
+                "export NCCL_P2P_DISABLE=1 for every distributed run on this host, and look for "
+                "IOMMU faults: dmesg | grep -i -E 'DMAR|AMD-Vi'",
+            )
         return res.message
     if res.status == "skipped":
         raise CheckSkipped(res.message)
