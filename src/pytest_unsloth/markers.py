@@ -49,8 +49,8 @@ MARKER_HELP = {
     ),
     "requires_kernel": (
         "requires_kernel(*names): skip unless every named kernel probe passes here (names: "
-        "bitsandbytes, triton, flash-attn, xformers, unsloth, vllm, torch); each probe runs once "
-        "per session in a subprocess, with the probe's own message as the skip reason. "
+        "bitsandbytes, triton, flash-attn, xformers, unsloth, vllm, torch, nccl); each probe runs "
+        "once per session in a subprocess, with the probe's own message as the skip reason. "
         "--unsloth-strict-skips fails instead of skipping."
     ),
     "requires_gpu": (

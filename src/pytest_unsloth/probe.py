@@ -38,7 +38,10 @@ PROBE_DISTS: dict[str, str] = {
     "xformers": "xformers",
     "unsloth": "unsloth",
     "vllm": "vllm",
+    "nccl": "torch",
 }
+# Probes that need more than one visible GPU (skipped with the count otherwise).
+PROBE_MIN_GPUS: dict[str, int] = {"nccl": 2}
 PROBE_NAMES: tuple[str, ...] = tuple(PROBE_DISTS)
 KERNEL_PROBES: tuple[str, ...] = tuple(n for n in PROBE_NAMES if n != "torch")
 
@@ -312,22 +315,36 @@ class ProbeStore:
                 why += f"{len(nvml.devices)} GPU(s)"
                 return ProbeResult(name, "skipped", f"no GPU visible: {why}")
             return ProbeResult(name, "skipped", "no NVIDIA GPU: NVML reports 0 devices")
+        need = PROBE_MIN_GPUS.get(name, 1)
+        if len(nvml.visible) < need:
+            return ProbeResult(
+                name, "skipped", f"needs {need} visible GPUs, {len(nvml.visible)} visible"
+            )
         return None
+
+    def _limits(self, name: str, pin: Pin | None) -> tuple[float, dict[str, str] | None]:
+        """(timeout, child environment) for probe NAME; nccl retries inside its own child."""
+        env = None if pin is None else pin.environ()
+        if name == "nccl":
+            from pytest_unsloth.probes.nccl import parent_limits
+
+            return parent_limits(self.settings.nccl_timeout, env or child_env())
+        return self.settings.probe_timeout, env
 
     def _produce(self, name: str, pin: Pin | None) -> ProbeResult:
         early = self._not_applicable(name, pin)
         if early is not None:
             return early
         key = name if pin is None else pin.key(name)
-        env = None if pin is None else pin.environ()
+        timeout, env = self._limits(name, pin)
         if self.cache is None:
-            return run_probe(name, self.settings.probe_timeout, env)
+            return run_probe(name, timeout, env)
         # The lock makes a second pytest process wait and then reuse this one's result.
         with self.cache.lock(key):
             cached = self.cache.lookup(key)
             if cached is not None:
                 return cached
-            result = run_probe(name, self.settings.probe_timeout, env)
+            result = run_probe(name, timeout, env)
             self.cache.store(result, key)
             return result
 

@@ -47,6 +47,13 @@ ENV_VARS = (
     "XFORMERS_DISABLED",
     "VLLM_USE_V1",
     "UNSLOTH_COMPILE_DISABLE",
+    # NCCL's transport choices change what the nccl probe finds.
+    "NCCL_P2P_DISABLE",
+    "NCCL_IB_DISABLE",
+    "NCCL_SHM_DISABLE",
+    "NCCL_SOCKET_IFNAME",
+    "NCCL_NET",
+    "NCCL_P2P_LEVEL",
 )
 
 

@@ -396,6 +396,34 @@ OPTIONS: tuple[Option, ...] = (
         what="a number of hours",
         default=24.0,
     ),
+    Option(
+        "min_shm_gib",
+        "size /dev/shm must have inside a container (dataloader workers, NCCL); GiB or a unit",
+        ini="unsloth_min_shm",
+        cli="--unsloth-min-shm",
+        parse=_gib,
+        what="an amount of memory such as 1, 1GiB or 2048MiB",
+        default=1.0,
+    ),
+    Option(
+        "min_free_disk_gib",
+        "free disk the Hub cache and the output directory must have (GiB or a unit); with "
+        "unsloth_model, the model's size decides",
+        ini="unsloth_min_free_disk",
+        cli="--unsloth-min-free-disk",
+        parse=_gib,
+        what="an amount of disk such as 20, 20GiB or 50GB",
+        default=10.0,
+    ),
+    Option(
+        "nccl_timeout",
+        "seconds one NCCL attempt (all ranks: start, init, all_reduce, P2P copy) may take",
+        ini="unsloth_nccl_timeout",
+        cli="--unsloth-nccl-timeout",
+        parse=_positive_float,
+        what="a positive number of seconds",
+        default=60.0,
+    ),
 )
 
 
@@ -434,6 +462,9 @@ class Settings:
     )
     reprobe: bool = False
     probe_cache_max_age_hours: float = 24.0
+    min_shm_gib: float = 1.0
+    min_free_disk_gib: float = 10.0
+    nccl_timeout: float = 60.0
     sources: Mapping[str, str] = dataclasses.field(
         default_factory=lambda: MappingProxyType({}), compare=False, repr=False
     )

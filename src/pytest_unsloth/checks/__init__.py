@@ -11,7 +11,7 @@ __all__ = ["Check", "CheckContext", "CheckFailed", "CheckSkipped", "builtin_chec
 
 def builtin_checks() -> list[Check]:
     """Every built-in check in run order."""
-    from pytest_unsloth.checks import cuda, env, grpo_checks, kernels
+    from pytest_unsloth.checks import cuda, env, grpo_checks, kernels, machine, nccl, topology
     from pytest_unsloth.probe import KERNEL_PROBES
 
     checks = [
@@ -37,6 +37,22 @@ def builtin_checks() -> list[Check]:
         ),
         Check("bf16", cuda.check_bf16, "bf16 support of each GPU", True),
         Check("vram", cuda.check_vram, "free GPU memory against the configured minimum", True),
+        Check(
+            "launcher",
+            machine.check_launcher,
+            "several GPUs only under a launcher; mixed models in PCI order",
+            True,
+        ),
+        Check(
+            "topology",
+            topology.check_topology,
+            "GPU links, P2P, compute mode, ECC, clocks, MIG (NVML)",
+            True,
+        ),
+        Check("shm", machine.check_shm, "/dev/shm size inside a container"),
+        Check("disk", machine.check_disk, "free disk for the Hub cache and the outputs"),
+        Check("compiler", machine.check_compiler, "C compiler, Python.h, libcuda, nvcc for JIT"),
+        Check("platform", machine.check_platform, "WSL and Windows specific causes"),
     ]
     checks += [
         Check(
@@ -47,7 +63,17 @@ def builtin_checks() -> list[Check]:
             probes=(name,),
         )
         for name in KERNEL_PROBES
+        if name != "nccl"
     ]
+    checks.append(
+        Check(
+            "nccl",
+            nccl.check_nccl,
+            "NCCL all_reduce and P2P copy between the GPUs (opt-in)",
+            True,
+            probes=("nccl",),
+        )
+    )
     checks += [
         Check(
             "reward-funcs",
@@ -72,5 +98,14 @@ class BuiltinChecks:
 
     @pytest.hookimpl
     def pytest_unsloth_checks(self, config: pytest.Config) -> list[Check]:
-        """Contribute the built-in checks."""
-        return builtin_checks()
+        """Contribute the built-in checks (costly opt-in ones disabled unless asked for)."""
+        import dataclasses
+
+        from pytest_unsloth.checks.nccl import opt_in_reason
+        from pytest_unsloth.settings import get_settings
+
+        reason = opt_in_reason(get_settings(config).checks)
+        return [
+            dataclasses.replace(c, disabled=reason) if c.name == "nccl" and reason else c
+            for c in builtin_checks()
+        ]

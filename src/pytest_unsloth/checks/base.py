@@ -143,7 +143,8 @@ class CheckContext:
         from pytest_unsloth.checks.per_gpu import gpu_groups
         from pytest_unsloth.probe import Pin
 
-        groups = gpu_groups(self.nvml) if name != "torch" else []
+        # torch counts the GPUs and nccl joins them all: both need the whole machine at once.
+        groups = gpu_groups(self.nvml) if name not in ("torch", "nccl") else []
         if not groups:
             return [(Pin(self.machine_env.get("CUDA_VISIBLE_DEVICES")), None)]
         return [(g.pin, g) for g in groups]

@@ -10,6 +10,7 @@ from contextlib import redirect_stderr
 from typing import Any
 
 from pytest_unsloth.probes import emit, stage
+from pytest_unsloth.probes.nccl import probe_nccl
 
 
 def _cuda_or_fail(torch: Any) -> dict[str, Any] | None:
@@ -298,4 +299,5 @@ PROBES: dict[str, Callable[[], dict[str, Any]]] = {
     "xformers": probe_xformers,
     "unsloth": probe_unsloth,
     "vllm": probe_vllm,
+    "nccl": probe_nccl,
 }

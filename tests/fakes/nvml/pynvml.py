@@ -19,6 +19,17 @@ Spec (every key optional)::
                "mig": [{"name": "...", "uuid": "MIG-...", "total_gib": 9.8, "free_gib": 9.5,
                         "slot": 0}],   # present (even empty): MIG mode is on
                "errors": {"nvmlDeviceGetMemoryInfo": "GpuIsLost"}}]}  # per-function failures
+
+Machine-level keys (the topology check reads them; every one optional)::
+
+    per GPU: "persistence": true, "compute_mode": 0 (NVML_COMPUTEMODE_*), "nvlinks": 18
+             (active links; absent: NvLink NotSupported), "nvlink_total": 18,
+             "retired_pending": false, "remapped_rows": [corr, unc, pending, failure]
+             (absent: NotSupported), "ecc_volatile_uncorrected": 0, "throttle": 0x40
+             (clock event reason bits)
+    top level: "links": {"0,1": {"level": 10, "p2p": {"read": 0, "write": 0, "nvlink": 0}},
+                         "1,0": {...}}   # directional; a missing "b,a" mirrors "a,b";
+             a pair without an entry: level 50 (SYS), every P2P status 5 (not supported)
 """
 
 from __future__ import annotations
@@ -472,3 +483,157 @@ def nvmlDeviceGetDeviceHandleFromMigDeviceHandle(handle: c_nvmlDevice_t) -> c_nv
 def nvmlErrorString(result: int) -> str:
     """Text of an error code."""
     return str(NVMLError(result))
+
+
+# ----------------------------------------------------------------------------------------------
+# Machine-level answers: topology, P2P, NvLink, persistence/compute mode, ECC, clock events.
+
+NVML_FEATURE_DISABLED = 0
+NVML_FEATURE_ENABLED = 1
+NVML_COMPUTEMODE_DEFAULT = 0
+NVML_COMPUTEMODE_EXCLUSIVE_THREAD = 1
+NVML_COMPUTEMODE_PROHIBITED = 2
+NVML_COMPUTEMODE_EXCLUSIVE_PROCESS = 3
+NVML_NVLINK_MAX_LINKS = 36
+NVML_VOLATILE_ECC = 0
+NVML_AGGREGATE_ECC = 1
+NVML_MEMORY_ERROR_TYPE_CORRECTED = 0
+NVML_MEMORY_ERROR_TYPE_UNCORRECTED = 1
+NVML_TOPOLOGY_INTERNAL = 0
+NVML_TOPOLOGY_SINGLE = 10
+NVML_TOPOLOGY_MULTIPLE = 20
+NVML_TOPOLOGY_HOSTBRIDGE = 30
+NVML_TOPOLOGY_NODE = 40
+NVML_TOPOLOGY_SYSTEM = 50
+# The real module has a stray comma here: the constant is a 1-tuple, which ctypes refuses.
+NVML_P2P_CAPS_INDEX_READ = (0,)
+NVML_P2P_CAPS_INDEX_WRITE = 1
+NVML_P2P_CAPS_INDEX_NVLINK = 2
+NVML_P2P_CAPS_INDEX_ATOMICS = 3
+NVML_P2P_CAPS_INDEX_PCI = 4
+NVML_P2P_STATUS_OK = 0
+NVML_P2P_STATUS_CHIPSET_NOT_SUPPORTED = 1
+NVML_P2P_STATUS_GPU_NOT_SUPPORTED = 2
+NVML_P2P_STATUS_IOH_TOPOLOGY_NOT_SUPPORTED = 3
+NVML_P2P_STATUS_DISABLED_BY_REGKEY = 4
+NVML_P2P_STATUS_NOT_SUPPORTED = 5
+NVML_P2P_STATUS_UNKNOWN = 6
+nvmlClocksEventReasonGpuIdle = 0x1
+nvmlClocksEventReasonApplicationsClocksSetting = 0x2
+nvmlClocksEventReasonSwPowerCap = 0x4
+nvmlClocksEventReasonHwSlowdown = 0x8
+nvmlClocksEventReasonSyncBoost = 0x10
+nvmlClocksEventReasonSwThermalSlowdown = 0x20
+nvmlClocksEventReasonHwThermalSlowdown = 0x40
+nvmlClocksEventReasonHwPowerBrakeSlowdown = 0x80
+nvmlClocksEventReasonDisplayClockSetting = 0x100
+nvmlClocksThrottleReasonGpuIdle = 0x1
+nvmlClocksThrottleReasonSwPowerCap = 0x4
+nvmlClocksThrottleReasonHwSlowdown = 0x8
+nvmlClocksThrottleReasonSwThermalSlowdown = 0x20
+nvmlClocksThrottleReasonHwThermalSlowdown = 0x40
+nvmlClocksThrottleReasonHwPowerBrakeSlowdown = 0x80
+_P2P_KEYS = {0: "read", 1: "write", 2: "nvlink", 3: "atomics", 4: "pci"}
+
+
+def _c_uint(value: object) -> int:
+    """What ctypes accepts for a c_uint argument: an int, else ArgumentError (like the real)."""
+    import ctypes
+
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ctypes.ArgumentError(f"argument 3: TypeError: Don't know how to convert {value!r}")
+    return value
+
+
+def _link(spec: dict[str, Any], a: c_nvmlDevice_t, b: c_nvmlDevice_t) -> dict[str, Any]:
+    links: dict[str, Any] = spec.get("links", {})
+    entry = links.get(f"{a.gpu},{b.gpu}") or links.get(f"{b.gpu},{a.gpu}")
+    return dict(entry or {})
+
+
+def nvmlDeviceGetTopologyCommonAncestor(device1: c_nvmlDevice_t, device2: c_nvmlDevice_t) -> int:
+    """NVML_TOPOLOGY_* level of the closest common ancestor of two GPUs."""
+    _count("nvmlDeviceGetTopologyCommonAncestor")
+    spec = _require_init()
+    _entry(spec, device1, "nvmlDeviceGetTopologyCommonAncestor")
+    _entry(spec, device2, "nvmlDeviceGetTopologyCommonAncestor")
+    if device1.gpu == device2.gpu:
+        return NVML_TOPOLOGY_INTERNAL
+    return int(_link(spec, device1, device2).get("level", NVML_TOPOLOGY_SYSTEM))
+
+
+def nvmlDeviceGetP2PStatus(device1: c_nvmlDevice_t, device2: c_nvmlDevice_t, p2pIndex: int) -> int:
+    """NVML_P2P_STATUS_* from device1 to device2 for one capability (directional)."""
+    _count("nvmlDeviceGetP2PStatus")
+    index = _c_uint(p2pIndex)
+    spec = _require_init()
+    _entry(spec, device1, "nvmlDeviceGetP2PStatus")
+    _entry(spec, device2, "nvmlDeviceGetP2PStatus")
+    if index not in _P2P_KEYS:
+        raise NVMLError(NVML_ERROR_INVALID_ARGUMENT)
+    p2p = _link(spec, device1, device2).get("p2p", {})
+    return int(p2p.get(_P2P_KEYS[index], NVML_P2P_STATUS_NOT_SUPPORTED))
+
+
+def nvmlDeviceGetNvLinkState(device: c_nvmlDevice_t, link: int) -> int:
+    """1 when the link is active; NotSupported without NVLink, InvalidArgument past the last."""
+    _count("nvmlDeviceGetNvLinkState")
+    entry = _entry(_require_init(), device, "nvmlDeviceGetNvLinkState")
+    if "nvlinks" not in entry:
+        raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
+    active = int(entry["nvlinks"])
+    total = int(entry.get("nvlink_total", active))
+    if not 0 <= _c_uint(link) < total:
+        raise NVMLError(NVML_ERROR_INVALID_ARGUMENT)
+    return NVML_FEATURE_ENABLED if link < active else NVML_FEATURE_DISABLED
+
+
+def nvmlDeviceGetPersistenceMode(handle: c_nvmlDevice_t) -> int:
+    """NVML_FEATURE_ENABLED/DISABLED (default enabled)."""
+    _count("nvmlDeviceGetPersistenceMode")
+    entry = _entry(_require_init(), handle, "nvmlDeviceGetPersistenceMode")
+    return NVML_FEATURE_ENABLED if entry.get("persistence", True) else NVML_FEATURE_DISABLED
+
+
+def nvmlDeviceGetComputeMode(handle: c_nvmlDevice_t) -> int:
+    """NVML_COMPUTEMODE_* (default DEFAULT)."""
+    _count("nvmlDeviceGetComputeMode")
+    entry = _entry(_require_init(), handle, "nvmlDeviceGetComputeMode")
+    return int(entry.get("compute_mode", NVML_COMPUTEMODE_DEFAULT))
+
+
+def nvmlDeviceGetRetiredPagesPendingStatus(device: c_nvmlDevice_t) -> int:
+    """1 when retired pages wait for a reset (pre-Ampere ECC page retirement)."""
+    _count("nvmlDeviceGetRetiredPagesPendingStatus")
+    entry = _entry(_require_init(), device, "nvmlDeviceGetRetiredPagesPendingStatus")
+    return NVML_FEATURE_ENABLED if entry.get("retired_pending") else NVML_FEATURE_DISABLED
+
+
+def nvmlDeviceGetRemappedRows(device: c_nvmlDevice_t) -> tuple[int, int, int, int]:
+    """(corrected rows, uncorrected rows, remap pending, remap failed); Ampere and newer."""
+    _count("nvmlDeviceGetRemappedRows")
+    entry = _entry(_require_init(), device, "nvmlDeviceGetRemappedRows")
+    rows = entry.get("remapped_rows")
+    if rows is None:
+        raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
+    corr, unc, pending, failure = (int(v) for v in rows)
+    return (corr, unc, pending, failure)
+
+
+def nvmlDeviceGetTotalEccErrors(handle: c_nvmlDevice_t, errorType: int, counterType: int) -> int:
+    """ECC error count; the spec sets the volatile uncorrected one."""
+    _count("nvmlDeviceGetTotalEccErrors")
+    entry = _entry(_require_init(), handle, "nvmlDeviceGetTotalEccErrors")
+    if (errorType, counterType) == (NVML_MEMORY_ERROR_TYPE_UNCORRECTED, NVML_VOLATILE_ECC):
+        return int(entry.get("ecc_volatile_uncorrected", 0))
+    return 0
+
+
+def nvmlDeviceGetCurrentClocksEventReasons(handle: c_nvmlDevice_t) -> int:
+    """Bit mask of why clocks are below their maximum right now."""
+    _count("nvmlDeviceGetCurrentClocksEventReasons")
+    entry = _entry(_require_init(), handle, "nvmlDeviceGetCurrentClocksEventReasons")
+    return int(entry.get("throttle", 0))
+
+
+nvmlDeviceGetCurrentClocksThrottleReasons = nvmlDeviceGetCurrentClocksEventReasons
