@@ -322,7 +322,7 @@ class ProbeStore:
             )
         return None
 
-    def _limits(self, name: str, pin: Pin | None) -> tuple[float, dict[str, str] | None]:
+    def _limits(self, name: str, pin: Pin | None = None) -> tuple[float, dict[str, str] | None]:
         """(timeout, child environment) for probe NAME; nccl retries inside its own child."""
         env = None if pin is None else pin.environ()
         if name == "nccl":
