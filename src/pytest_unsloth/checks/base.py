@@ -73,8 +73,9 @@ class Check:
         problem = _check_problem(self)
         if problem:
             raise ValueError(problem)
-        if isinstance(self.probes, list):  # a list is the obvious spelling; keep it hashable
-            object.__setattr__(self, "probes", tuple(self.probes))
+        probes: object = self.probes  # typed as a tuple; users write lists
+        if isinstance(probes, list):
+            object.__setattr__(self, "probes", tuple(probes))
         from pytest_unsloth.registry import _adapt
 
         # A function taking no argument is called without the context, as with @check.
@@ -87,40 +88,44 @@ _MAX_TIMEOUT = 7 * 24 * 3600.0
 
 def _check_problem(chk: Check) -> str | None:
     """Why ``Check(...)`` was given wrong arguments (each named with its value), or None."""
-    if not isinstance(chk.source, str):
-        return f"Check(source={chk.source!r}): source must be a string"
-    where = f"(from {chk.source})"
-    if not isinstance(chk.name, str):
+    # Read as plain objects: the annotations say what callers should pass, not what they did.
+    fields: dict[str, object] = {f.name: getattr(chk, f.name) for f in dataclasses.fields(chk)}
+    source, name = fields["source"], fields["name"]
+    if not isinstance(source, str):
+        return f"Check(source={source!r}): source must be a string"
+    where = f"(from {source})"
+    if not isinstance(name, str):
         return (
-            f"check name {chk.name!r} {where} is {type(chk.name).__name__}, not a string; "
+            f"check name {name!r} {where} is {type(name).__name__}, not a string; "
             "name checks like 'team-disk' (lower-case letters, digits, '-', '_' or '.')"
         )
-    if not NAME_RE.match(chk.name):
+    if not NAME_RE.match(name):
         return (
-            f"check name {chk.name!r} {where} must be lower-case letters, "
+            f"check name {name!r} {where} must be lower-case letters, "
             "digits, '-', '_' or '.', starting with a letter or digit"
         )
-    label = f"check {chk.name!r} {where}"
-    problem = function_problem(chk.func)
+    label = f"check {name!r} {where}"
+    problem = function_problem(fields["func"])
     if problem:
         return f"{label}: {problem}"
-    if not isinstance(chk.description, str):
-        return f"{label}: description={chk.description!r} must be a string"
+    if not isinstance(fields["description"], str):
+        return f"{label}: description={fields['description']!r} must be a string"
     for flag in ("needs_gpu", "isolated", "cacheable"):
-        if not isinstance(getattr(chk, flag), bool):
-            return f"{label}: {flag}={getattr(chk, flag)!r} must be True or False"
-    t = chk.timeout
+        if not isinstance(fields[flag], bool):
+            return f"{label}: {flag}={fields[flag]!r} must be True or False"
+    t = fields["timeout"]
     if t is not None and (
         isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t <= _MAX_TIMEOUT
     ):
         return f"{label}: timeout={t!r} must be a number of seconds in (0, {_MAX_TIMEOUT:.0f}]"
-    probes = chk.probes
+    probes = fields["probes"]
     if isinstance(probes, str) or not isinstance(probes, (tuple, list)):
         return f"{label}: probes={probes!r} must be a tuple of probe names"
     if not all(isinstance(p, str) for p in probes):
         return f"{label}: probes={probes!r} must hold probe names (strings)"
-    if chk.disabled is not None and not isinstance(chk.disabled, str):
-        return f"{label}: disabled={chk.disabled!r} must be None or a reason (a string)"
+    disabled = fields["disabled"]
+    if disabled is not None and not isinstance(disabled, str):
+        return f"{label}: disabled={disabled!r} must be None or a reason (a string)"
     return None
 
 
