@@ -502,3 +502,16 @@ def test_grpo_wrong_type_end_to_end_is_a_finding(pytester: pytest.Pytester):
     assert "num_generations = 'four' is a string" in out
     assert "per_device_train_batch_size = 1.5 is a float" in out
     assert "unsupported operand" not in out and "INTERNALERROR" not in out
+
+
+def test_grpo_unicode_key_is_an_unknown_key_finding(pytester: pytest.Pytester):
+    """A valid Python name that is no GRPOConfig field reaches the check, which names it."""
+    pytest.importorskip("trl")
+    from pytest_unsloth.grpo.config import check_grpo_config
+
+    pytester.makeini("[pytest]\nunsloth_grpo_config =\n    ключ = 1\n    num_generations = 4\n")
+    s = resolve(pytester.parseconfig())
+    assert dict(s.grpo_config) == {"ключ": 1, "num_generations": 4}
+    report = check_grpo_config(s.grpo_config, unsloth=False)
+    assert [p.code for p in report.problems] == ["unknown-key"]
+    assert "ключ = 1 is not a GRPOConfig field" in report.problems[0].found

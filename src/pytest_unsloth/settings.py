@@ -610,12 +610,18 @@ def _overridden(config: pytest.Config, key: str) -> bool:
     return any(str(item).partition("=")[0].strip() == key for item in items)
 
 
-def _getini(config: pytest.Config, opt: Option, where: str) -> object:
-    """``config.getini`` with pytest's own errors (bad quoting, TOML type) as usage errors."""
+def _getini(config: pytest.Config, opt: Option, where: str, native: bool = False) -> object:
+    """``config.getini`` with pytest's own errors (bad quoting, TOML type) as usage errors.
+
+    With ``native`` (the key is in a TOML file we read ourselves) an error only means pytest
+    saw a value it would not coerce: return ``_MISSING`` so the native value is used.
+    """
     assert opt.ini is not None
     try:
         return config.getini(opt.ini)
     except (TypeError, ValueError) as exc:
+        if native:
+            return _MISSING
         raise pytest.UsageError(
             f"pytest-unsloth: {where}: pytest cannot read it ({exc}). "
             f"Fix: {_fix_where(config, opt.ini, where)} to {_what(opt)}."
@@ -631,9 +637,13 @@ def _read_ini(
         where = f"-o {opt.ini} (--override-ini)"
         return _getini(config, opt, where), where
     where = _ini_where(config, opt.ini)
-    if opt.ini in table:
-        return table[opt.ini], where
-    return _getini(config, opt, where), where
+    if opt.ini not in table:
+        return _getini(config, opt, where), where
+    # Ask pytest first: a table it does not read (pytest 8 ignores [tool.pytest]) stays unset.
+    seen = _getini(config, opt, where, native=True)
+    if seen is not _MISSING and _unset(seen):
+        return seen, where
+    return table[opt.ini], where
 
 
 def _strings(config: pytest.Config, opt: Option, raw: object, where: str) -> list[str]:
