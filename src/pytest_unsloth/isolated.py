@@ -38,7 +38,7 @@ def main(argv: list[str]) -> dict[str, Any]:
     """Import and run one check function; report pass, fail, skip or error."""
     import pytest
 
-    from pytest_unsloth.checks.base import CheckContext, CheckFailed, CheckSkipped
+    from pytest_unsloth.checks.base import CheckContext, CheckFailed, CheckSkipped, bad_return
     from pytest_unsloth.registry import _adapt
     from pytest_unsloth.settings import Settings
 
@@ -63,6 +63,9 @@ def main(argv: list[str]) -> dict[str, Any]:
     except Exception as exc:
         tb = traceback.format_exc()
         return emit("error", f"{type(exc).__name__}: {exc}", traceback=tb[-4000:])
+    problem = bad_return(detail)
+    if problem:
+        return emit("error", problem, traceback=problem)
     return emit("passed", str(detail) if detail else "ok")
 
 

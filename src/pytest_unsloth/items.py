@@ -11,7 +11,13 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from pytest_unsloth.checks.base import Check, CheckContext, CheckFailed, CheckSkipped
+from pytest_unsloth.checks.base import (
+    Check,
+    CheckContext,
+    CheckFailed,
+    CheckSkipped,
+    bad_return,
+)
 
 if TYPE_CHECKING:
     from pytest_unsloth.probe import ProbeResult
@@ -118,6 +124,10 @@ class CheckItem(pytest.Item):
                 visible_gpus(ctx)
             run = chk.func if not chk.isolated else self._run_isolated
             detail = run(ctx)
+            problem = bad_return(detail)
+            if problem:
+                # False or a dict would otherwise read as a pass: say what the check did.
+                raise CheckError(f"check {chk.name!r} ({chk.source}) {problem}")
         except CheckFailed as exc:
             self._record(
                 "failed", start, message=exc.found, found=exc.found, why=exc.why, fix=exc.fix

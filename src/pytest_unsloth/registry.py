@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from pytest_unsloth.checks.base import Check, CheckFunc
+from pytest_unsloth.checks.base import Check, CheckFunc, function_problem
 
 F = TypeVar("F", bound=Callable[..., Any])
 ATTR = "__unsloth_check__"
@@ -30,29 +30,69 @@ def check(
     fix)`` to fail, and calls ``pytest.skip(reason)`` (or raises ``CheckSkipped``) to skip.
     With ``isolated=True`` it runs in a subprocess limited to ``timeout`` seconds.
     """
+    if callable(name):
+        # Bare ``@check``: Python passed the function as the name. Raising here would be a
+        # conftest import error with a traceback; the gathering step reports it cleanly.
+        func = name
+        bad = _Invalid(
+            f"@pytest_unsloth.check is used without a name on {_qualname(func)}. Fix: "
+            "write @pytest_unsloth.check('my-check')"
+        )
+        bad.__name__ = getattr(func, "__name__", "check")
+        return bad  # type: ignore[return-value]
 
     def decorate(func: F) -> F:
-        setattr(
-            func,
-            ATTR,
-            {
-                "name": name,
-                "description": description or (func.__doc__ or "").strip().split("\n")[0],
-                "needs_gpu": needs_gpu,
-                "isolated": isolated,
-                "timeout": timeout,
-                "cacheable": cacheable,
-            },
-        )
+        spec = {
+            "name": name,
+            "description": description,
+            "needs_gpu": needs_gpu,
+            "isolated": isolated,
+            "timeout": timeout,
+            "cacheable": cacheable,
+        }
+        problem = function_problem(func)
+        if problem:
+            bad = _Invalid(f"@pytest_unsloth.check({name!r}) on {_qualname(func)}: {problem}")
+            bad.__name__ = getattr(func, "__name__", None) or type(func).__name__
+            return bad  # type: ignore[return-value]
+        if not spec["description"]:
+            spec["description"] = (getattr(func, "__doc__", None) or "").strip().split("\n")[0]
+        try:
+            setattr(func, ATTR, spec)
+        except (AttributeError, TypeError):  # e.g. a builtin or a frozen callable
+            bad = _Invalid(
+                f"@pytest_unsloth.check({name!r}) cannot mark {func!r}; decorate a function "
+                "defined with def"
+            )
+            bad.__name__ = getattr(func, "__name__", None) or type(func).__name__
+            return bad  # type: ignore[return-value]
         return func
 
     return decorate
+
+
+def _qualname(func: object) -> str:
+    return str(getattr(func, "__qualname__", None) or repr(func))
+
+
+class _Invalid:
+    """What ``@check`` leaves in place of a wrong declaration: a usage error at gathering."""
+
+    __name__ = "check"
+
+    def __init__(self, error: str) -> None:
+        setattr(self, ATTR, {"error": error})
+
+    def __call__(self, *args: object, **kwargs: object) -> None:
+        raise TypeError(getattr(self, ATTR)["error"])
 
 
 def _adapt(func: Callable[..., Any]) -> CheckFunc:
     """Accept user functions that take no argument as well as ones taking the context."""
     import inspect
 
+    if getattr(func, "_unsloth_adapted", False):
+        return func  # signature() would follow __wrapped__ and wrap it twice
     try:
         params = inspect.signature(func).parameters
     except (TypeError, ValueError):
@@ -63,6 +103,7 @@ def _adapt(func: Callable[..., Any]) -> CheckFunc:
             return func()
 
         call.__wrapped__ = func  # type: ignore[attr-defined]
+        call._unsloth_adapted = True  # type: ignore[attr-defined]
         return call
     return func
 
@@ -92,10 +133,15 @@ def decorated_checks(config: pytest.Config) -> list[Check]:
             if not isinstance(spec, dict):
                 continue
             source = f"{_plugin_source(config, plugin)}:{getattr(obj, '__name__', '?')}"
+            if "error" in spec:
+                raise pytest.UsageError(f"pytest-unsloth: {source}: {spec['error']}")
             try:
                 found.append(Check(func=_adapt(obj), source=source, **spec))
-            except ValueError as exc:
-                raise pytest.UsageError(f"pytest-unsloth: {exc}") from None
+            except (ValueError, TypeError) as exc:
+                raise pytest.UsageError(
+                    f"pytest-unsloth: {exc}. Fix: correct the @pytest_unsloth.check(...) "
+                    f"arguments in {source}."
+                ) from None
     return found
 
 
@@ -129,31 +175,59 @@ class CheckList:
         """Check names in order."""
         return [c.name for c in self._checks]
 
-    def _index(self, name: str) -> int:
+    def _index(self, name: object, method: str) -> int:
+        if not isinstance(name, str):
+            raise pytest.UsageError(
+                f"checks.{method}({name!r}): the first argument must be a check name (a string); "
+                f"known: {', '.join(self.names())}"
+            )
         for i, c in enumerate(self._checks):
             if c.name == name:
                 return i
-        raise KeyError(f"no check named {name!r}; known: {', '.join(self.names())}")
+        import difflib
+
+        close = difflib.get_close_matches(name, self.names(), n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise pytest.UsageError(
+            f"checks.{method}({name!r}): no check is named {name!r}; {hint}known: "
+            f"{', '.join(self.names())}"
+        )
 
     def disable(self, name: str, reason: str) -> None:
         """Keep the item but skip it with ``reason`` (reported in the summary and JSON)."""
-        i = self._index(name)
+        i = self._index(name, "disable")
+        if not isinstance(reason, str) or not reason.strip():
+            raise pytest.UsageError(
+                f"checks.disable({name!r}, {reason!r}): the reason must be a non-empty string "
+                "(it is shown as the skip reason)"
+            )
         self._checks[i] = dataclasses.replace(self._checks[i], disabled=reason)
 
     def remove(self, name: str) -> None:
         """Drop a check entirely."""
-        del self._checks[self._index(name)]
+        del self._checks[self._index(name, "remove")]
 
     def replace(self, new: Check) -> None:
         """Swap in a changed check of the same name."""
-        self._checks[self._index(new.name)] = new
+        _require_check(new, "checks.replace")
+        self._checks[self._index(new.name, "replace")] = new
 
     def add(self, new: Check) -> None:
         """Append a check (name clashes are a usage error)."""
+        _require_check(new, "checks.add")
         if new.name in self:
             other = self[new.name]
             raise pytest.UsageError(_clash(new, other))
         self._checks.append(new)
+
+
+def _require_check(obj: object, what: str) -> None:
+    if not isinstance(obj, Check):
+        raise pytest.UsageError(
+            f"{what}({obj!r:.80}): expected a pytest_unsloth.Check, got {type(obj).__name__} "
+            "(build one with pytest_unsloth.Check(name, func) or "
+            "dataclasses.replace(checks[name], ...))"
+        )
 
 
 def _clash(a: Check, b: Check) -> str:
@@ -163,20 +237,97 @@ def _clash(a: Check, b: Check) -> str:
     )
 
 
+def _hook_source(config: pytest.Config, impl: Any) -> str:
+    plugin = getattr(impl, "plugin", None)
+    return _plugin_source(config, plugin) if plugin is not None else "a plugin"
+
+
+def _call_hook(config: pytest.Config, name: str, kwargs: dict[str, Any]) -> list[tuple[str, Any]]:
+    """Call each implementation of one of our hooks alone, so an error names its file.
+
+    A user's hook that raises, or a veto that names an unknown check, becomes a usage error
+    naming the hook and the file instead of an INTERNALERROR.
+    """
+    caller = getattr(config.hook, name)
+    impls = list(caller.get_hookimpls())
+    if any(getattr(i, "hookwrapper", False) or getattr(i, "wrapper", False) for i in impls):
+        # Wrappers need pluggy's machinery; call the hook as a whole (no per-file blame).
+        impls = []
+        calls: list[tuple[str, Callable[[], Any]]] = [
+            (name, lambda: caller(**kwargs)),
+        ]
+    else:
+        # pluggy calls the last registered implementation first.
+        calls = [
+            (
+                f"{name} in {_hook_source(config, impl)}",
+                _bind(impl.function, {a: kwargs[a] for a in impl.argnames if a in kwargs}),
+            )
+            for impl in reversed(impls)
+        ]
+    results: list[tuple[str, Any]] = []
+    for where, call in calls:
+        try:
+            results.append((where, call()))
+        except pytest.UsageError as exc:
+            message = str(exc)
+            if not message.startswith("pytest-unsloth:"):
+                message = f"pytest-unsloth: {where}: {message}"
+            raise pytest.UsageError(
+                message + ("" if "Fix:" in message else f". Fix: correct {where}.")
+            ) from None
+        except Exception as exc:
+            raise pytest.UsageError(
+                f"pytest-unsloth: {where} raised {type(exc).__name__}: {exc}. Fix: correct "
+                "that hook (it runs before any check does)."
+            ) from None
+    return results
+
+
+def _bind(func: Callable[..., Any], kwargs: dict[str, Any]) -> Callable[[], Any]:
+    return lambda: func(**kwargs)
+
+
+def _contributed(where: str, result: object) -> list[Check]:
+    """The checks one ``pytest_unsloth_checks`` implementation returned, validated."""
+    if result is None:
+        return []
+    if isinstance(result, Check):
+        raise pytest.UsageError(
+            f"pytest-unsloth: {where} returned one Check ({result.name!r}), not a list. "
+            f"Fix: return [check]."
+        )
+    if isinstance(result, (str, bytes, dict)) or not hasattr(result, "__iter__"):
+        raise pytest.UsageError(
+            f"pytest-unsloth: {where} returned {type(result).__name__} {result!r:.80}. "
+            "Fix: return a list of pytest_unsloth.Check objects (or None)."
+        )
+    try:
+        items = list(result)
+    except Exception as exc:
+        raise pytest.UsageError(
+            f"pytest-unsloth: {where}: iterating its result raised {type(exc).__name__}: "
+            f"{exc}. Fix: return a list of pytest_unsloth.Check objects."
+        ) from None
+    for i, c in enumerate(items):
+        if not isinstance(c, Check):
+            raise pytest.UsageError(
+                f"pytest-unsloth: {where} returned a list whose item {i} is "
+                f"{type(c).__name__} {c!r:.80}. Fix: return a list of pytest_unsloth.Check "
+                "objects only."
+            )
+    return items
+
+
 def gather(config: pytest.Config) -> CheckList:
     """All checks after the modify hook, in order, names unique (else a usage error)."""
     checks = CheckList([])
-    for contributed in config.hook.pytest_unsloth_checks(config=config):
-        for c in contributed or ():
-            if not isinstance(c, Check):
-                raise pytest.UsageError(
-                    f"pytest-unsloth: pytest_unsloth_checks returned {c!r}; it must return a list "
-                    "of pytest_unsloth.Check objects"
-                )
+    for where, contributed in _call_hook(config, "pytest_unsloth_checks", {"config": config}):
+        for c in _contributed(where, contributed):
             checks.add(c)
     for c in decorated_checks(config):
         checks.add(c)
-    config.hook.pytest_unsloth_modify_checks(config=config, checks=checks)
+    _call_hook(config, "pytest_unsloth_modify_checks", {"config": config, "checks": checks})
     return checks
 
 

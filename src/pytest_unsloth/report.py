@@ -47,6 +47,17 @@ def _ordered(records: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(records.values(), key=lambda r: (r.get("order", 1 << 30), r["name"]))
 
 
+def _record(value: object) -> dict[str, Any] | None:
+    """A check record from its junit property, or None when it is not one of ours."""
+    try:
+        record = json.loads(value) if isinstance(value, str) else None
+    except ValueError:
+        return None
+    if isinstance(record, dict) and isinstance(record.get("name"), str) and "status" in record:
+        return record
+    return None
+
+
 class Reporter:
     """Collects check records from reports (so they survive xdist) and writes the outputs."""
 
@@ -59,9 +70,12 @@ class Reporter:
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         """Keep the record each check item attached to its call report."""
         for key, value in report.user_properties:
-            if key == PROPERTY and isinstance(value, str):
-                record = json.loads(value)
-                self.records[record["name"]] = record
+            # Only check items write this property; a user's test may record one of the same
+            # name (record_property), which must not become a row or break the summary.
+            if key == PROPERTY and report.nodeid.startswith("unsloth-env::"):
+                record = _record(value)
+                if record is not None:
+                    self.records[record["name"]] = record
         if (
             report.when == "call"
             and report.nodeid.startswith("unsloth-env::")

@@ -12,6 +12,7 @@ import ast
 import dataclasses
 import math
 import re
+import sys
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
@@ -20,6 +21,10 @@ import pytest
 
 GROUP = "unsloth"
 GIB = 1024**3
+MAX_BYTES = 1024**6
+# Bounds that keep user numbers inside what time.monotonic/select and C ints accept.
+MAX_SECONDS = 7 * 24 * 3600.0
+MAX_INT = 2**31 - 1
 
 CHECKS_SEPARATOR = re.compile(r"[,\s]+")
 _AMOUNT = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*$")
@@ -45,53 +50,73 @@ _UNITS = {
 def parse_amount_bytes(value: object) -> int:
     """Parse a memory amount: a number means GiB; strings may carry a unit ("16GB", "16000MiB")."""
     if isinstance(value, bool):
-        raise ValueError(f"{value!r} is not an amount of memory")
+        raise ValueError(f"{_show(value)} is not an amount of memory")
     if isinstance(value, (int, float)):
         number, unit = float(value), ""
     elif isinstance(value, str):
         m = _AMOUNT.match(value)
         if not m or m.group(2).lower() not in _UNITS:
             raise ValueError(
-                f"{value!r} is not an amount of memory; write a number of GiB (16) or a number "
-                "with a unit: 16GiB, 16GB, 16000MiB"
+                f"{_show(value)} is not an amount of memory; write a number of GiB (16) or a "
+                "number with a unit: 16GiB, 16GB, 16000MiB"
             )
         number, unit = float(m.group(1)), m.group(2).lower()
     else:
-        raise ValueError(f"{value!r} is not an amount of memory")
+        raise ValueError(f"{_show(value)} is not an amount of memory")
     if not math.isfinite(number) or number < 0:
-        raise ValueError(f"{value!r} is not a non-negative amount of memory")
-    return int(number * _UNITS[unit])
+        raise ValueError(f"{_show(value)} is not a non-negative amount of memory")
+    amount = number * _UNITS[unit]
+    # int(inf) raises OverflowError, which argparse and the ini reader would not turn into a
+    # usage error; no GPU has anywhere near 1 EiB, so larger amounts are typos.
+    if not math.isfinite(amount) or amount > MAX_BYTES:
+        raise ValueError(f"{_show(value)} is more than 1 EiB, not an amount of GPU memory")
+    return int(amount)
 
 
 # ----------------------------------------------------------------------------------------------
 # Value parsers shared by the CLI (argparse ``type=``) and the ini reader.
 
 
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"{_show(text)} is not a number") from None
+
+
 def _positive_float(text: str) -> float:
-    value = float(text)
+    value = _float(text)
     if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{text!r} is not a positive number")
+        raise ValueError(f"{_show(text)} is not a positive number")
+    if value > MAX_SECONDS:
+        # subprocess/select overflow on huge timeouts ("timestamp too large").
+        raise ValueError(f"{_show(text)} is more than a week ({MAX_SECONDS:.0f} s)")
     return value
 
 
 def _non_negative_float(text: str) -> float:
-    value = float(text)
+    value = _float(text)
     if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{text!r} is not a non-negative number")
-    return value
+        raise ValueError(f"{_show(text)} is not a non-negative number")
+    return value + 0.0  # -0.0 becomes 0.0
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"{_show(text)} is not a whole number") from None
     if value < 1:
-        raise ValueError(f"{text!r} is not a positive integer")
+        raise ValueError(f"{_show(text)} is not a positive integer")
+    if value > MAX_INT:
+        raise ValueError(f"{_show(text)} is too large (at most {MAX_INT})")
     return value
 
 
 def _fraction(text: str) -> float:
-    value = float(text)
+    value = _float(text)
     if not 0 < value <= 1:
-        raise ValueError(f"{text!r} is not a fraction in (0, 1]")
+        raise ValueError(f"{_show(text)} is not a fraction in (0, 1]")
     return value
 
 
@@ -105,14 +130,14 @@ def _bool(text: str) -> bool:
         return True
     if low in ("0", "false", "no", "off"):
         return False
-    raise ValueError(f"{text!r} is not a boolean (true/false)")
+    raise ValueError(f"{_show(text)} is not a boolean (true/false)")
 
 
 def _choice(*choices: str) -> Callable[[str], str]:
     def parse(text: str) -> str:
         low = text.strip().lower()
         if low not in choices:
-            raise ValueError(f"{text!r} is not one of {', '.join(choices)}")
+            raise ValueError(f"{_show(text)} is not one of {', '.join(choices)}")
         return low
 
     parse.__name__ = "one of " + "/".join(choices)
@@ -126,7 +151,7 @@ def _dtype(text: str) -> str | None:
         return aliases[low]
     if low in ("bfloat16", "float16", "float32"):
         return low
-    raise ValueError(f"{text!r} is not a dtype (auto, bfloat16, float16, float32)")
+    raise ValueError(f"{_show(text)} is not a dtype (auto, bfloat16, float16, float32)")
 
 
 def _argparse_type(parse: Callable[[str], Any], what: str) -> Callable[[str], Any]:
@@ -135,7 +160,7 @@ def _argparse_type(parse: Callable[[str], Any], what: str) -> Callable[[str], An
     def convert(text: str) -> Any:
         try:
             return parse(text)
-        except ValueError as exc:
+        except (ValueError, ArithmeticError) as exc:
             raise argparse.ArgumentTypeError(f"{exc} (expected {what})") from None
 
     convert.__name__ = what
@@ -518,39 +543,270 @@ def _ini_where(config: pytest.Config, key: str) -> str:
     return where
 
 
-def _ini_error(config: pytest.Config, opt: Option, raw: object, problem: str) -> pytest.UsageError:
+_MISSING: Any = object()
+
+
+def _show(value: object) -> str:
+    """``repr`` for messages: bounded, and safe for integers too long for ``repr``."""
+    try:
+        text = repr(value)
+    except ValueError:  # int with more digits than sys.get_int_max_str_digits()
+        return f"<an integer of {value.bit_length()} bits>" if isinstance(value, int) else "<?>"
+    return text if len(text) <= 120 else text[:100] + "...(" + str(len(text)) + " chars)"
+
+
+def _kind_of(value: object) -> str:
+    """What a TOML value is, in the words of the TOML spec."""
+    import datetime
+
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a float"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, (datetime.date, datetime.time)):
+        return "a date/time"
+    return f"a {type(value).__name__}"
+
+
+def _what(opt: Option) -> str:
+    if opt.field == "grpo_config":
+        return "'key = value' lines (a TOML list of strings, or a table)"
+    if opt.kind == "args":
+        return "names separated by spaces or commas (or a TOML list of strings)"
+    if opt.kind == "linelist":
+        return "one entry per line (or a TOML list of strings)"
+    return opt.what
+
+
+def _fix_where(config: pytest.Config, key: str, where: str) -> str:
+    if where.startswith("-o "):
+        return f"set -o {key}"
+    if config.inipath is not None:
+        return f"set {key} in {config.inipath}"
+    return f"set {key}"
+
+
+def _ini_error(
+    config: pytest.Config, opt: Option, raw: object, problem: str, where: str | None = None
+) -> pytest.UsageError:
     assert opt.ini is not None
+    where = where or _ini_where(config, opt.ini)
     return pytest.UsageError(
-        f"pytest-unsloth: {_ini_where(config, opt.ini)} = {raw!r}: {problem}. "
-        f"Fix: set {opt.ini} to {opt.what}."
+        f"pytest-unsloth: {where} = {_show(raw)}: {problem}. "
+        f"Fix: {_fix_where(config, opt.ini, where)} to {_what(opt)}."
     )
 
 
-def _parse_grpo_lines(config: pytest.Config, opt: Option, lines: list[str]) -> Mapping[str, object]:
+def _toml_table(config: pytest.Config) -> Mapping[str, object]:
+    """The ini keys as the TOML file wrote them (native types), when the ini file is TOML.
+
+    pytest 8 and ``[tool.pytest.ini_options]`` turn scalars into strings (a table becomes
+    "{'a': 1}"), pytest 9's ``[tool.pytest]`` keeps native types and raises TypeError from
+    ``getini`` for a mismatch; reading the file gives one behaviour on both.
+    """
+    path = config.inipath
+    if path is None or path.suffix != ".toml":
+        return {}
+    try:
+        if sys.version_info >= (3, 11):
+            import tomllib
+        else:  # pragma: no cover - pytest depends on tomli below 3.11
+            import tomli as tomllib  # type: ignore[import-not-found, no-redef, unused-ignore]
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except Exception:  # pytest parsed it already; anything odd falls back to getini
+        return {}
+    if path.name in ("pytest.toml", ".pytest.toml"):
+        table = data.get("pytest")
+    else:
+        tool = data.get("tool")
+        tool = tool.get("pytest") if isinstance(tool, dict) else None
+        if not isinstance(tool, dict):
+            return {}
+        table = tool.get("ini_options")
+        if not isinstance(table, dict):
+            table = {k: v for k, v in tool.items() if k != "ini_options"}
+    return table if isinstance(table, dict) else {}
+
+
+def _overridden(config: pytest.Config, key: str) -> bool:
+    items = getattr(config.option, "override_ini", None) or ()
+    return any(str(item).partition("=")[0].strip() == key for item in items)
+
+
+def _getini(config: pytest.Config, opt: Option, where: str, native: bool = False) -> object:
+    """``config.getini`` with pytest's own errors (bad quoting, TOML type) as usage errors.
+
+    With ``native`` (the key is in a TOML file we read ourselves) an error only means pytest
+    saw a value it would not coerce: return ``_MISSING`` so the native value is used.
+    """
+    assert opt.ini is not None
+    try:
+        return config.getini(opt.ini)
+    except (TypeError, ValueError) as exc:
+        if native:
+            return _MISSING
+        raise pytest.UsageError(
+            f"pytest-unsloth: {where}: pytest cannot read it ({exc}). "
+            f"Fix: {_fix_where(config, opt.ini, where)} to {_what(opt)}."
+        ) from None
+
+
+def _read_ini(
+    config: pytest.Config, opt: Option, table: Mapping[str, object]
+) -> tuple[object, str]:
+    """The raw ini value (native TOML type when the file is TOML) and where it came from."""
+    assert opt.ini is not None
+    if _overridden(config, opt.ini):
+        where = f"-o {opt.ini} (--override-ini)"
+        return _getini(config, opt, where), where
+    where = _ini_where(config, opt.ini)
+    if opt.ini not in table:
+        return _getini(config, opt, where), where
+    # Ask pytest first: a table it does not read (pytest 8 ignores [tool.pytest]) stays unset.
+    seen = _getini(config, opt, where, native=True)
+    if seen is not _MISSING and _unset(seen):
+        return seen, where
+    return table[opt.ini], where
+
+
+def _strings(config: pytest.Config, opt: Option, raw: object, where: str) -> list[str]:
+    """A list-valued key as strings: one string (split later) or a list of strings."""
+    if isinstance(raw, str):
+        return [raw]
+    if not isinstance(raw, list):
+        raise _ini_error(config, opt, raw, f"it is {_kind_of(raw)}", where)
+    for i, item in enumerate(raw):
+        if not isinstance(item, str):
+            raise _ini_error(
+                config,
+                opt,
+                raw,
+                f"item {i} ({_show(item)}) is {_kind_of(item)}, not a string",
+                where,
+            )
+    return list(raw)
+
+
+def _scalar_text(config: pytest.Config, opt: Option, raw: object, where: str) -> str:
+    """A single-valued key as the text its parser reads; native numbers/booleans where they fit."""
+    if isinstance(raw, str):
+        return raw
+    if isinstance(raw, bool):
+        if opt.parse is _bool:
+            return "true" if raw else "false"
+    elif isinstance(raw, (int, float)) and opt.parse in _NUMERIC_PARSERS:
+        try:
+            return repr(raw)
+        except ValueError:  # an integer too long to print is too large for any setting
+            raise _ini_error(config, opt, raw, "it is far too large", where) from None
+    raise _ini_error(config, opt, raw, f"it is {_kind_of(raw)}", where)
+
+
+_NUMERIC_PARSERS: tuple[Callable[[str], Any], ...] = (
+    _positive_float,
+    _non_negative_float,
+    _positive_int,
+    _fraction,
+    _gib,
+)
+
+# A GRPO value that is not a Python literal may be a bare word (``linear``, ``./out``); anything
+# else (``= 4``, ``import os``) is a typo that would otherwise reach GRPOConfig as a string.
+_BARE_WORD = re.compile(r"^[A-Za-z_./~][\w./:+-]*$")
+
+
+def _grpo_value(text: str) -> object:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        pass
+    return text if _BARE_WORD.match(text) else _MISSING
+
+
+def _parse_grpo(
+    config: pytest.Config, opt: Option, raw: object, where: str
+) -> Mapping[str, object]:
+    """``unsloth_grpo_config``: 'key = value' lines, or a TOML table of settings."""
+    fix = _fix_where(config, "unsloth_grpo_config", where)
+
+    def error(problem: str) -> pytest.UsageError:
+        return pytest.UsageError(
+            f"pytest-unsloth: {where}: {problem}. Fix: {fix} to one GRPOConfig setting per "
+            "line, e.g. 'num_generations = 4' (quote text with spaces: key = 'two words')."
+        )
+
     result: dict[str, object] = {}
+    if isinstance(raw, dict):
+        for key, value in raw.items():
+            if not (isinstance(key, str) and key.isidentifier()):
+                raise error(f"key {_show(key)} is not a GRPOConfig field name")
+            result[key] = value
+        return MappingProxyType(result)
+    lines: list[str] = []
+    for chunk in _strings(config, opt, raw, where):
+        lines.extend(chunk.splitlines())
+    seen: dict[str, str] = {}
     for line in lines:
         if not line.strip() or line.strip().startswith("#"):
             continue
         key, sep, value = line.partition("=")
         key = key.strip()
         if not sep or not key.isidentifier():
-            raise pytest.UsageError(
-                f"pytest-unsloth: {_ini_where(config, 'unsloth_grpo_config')}: line {line!r} is "
-                "not 'key = value'. Fix: write one GRPOConfig setting per line, e.g. "
-                "'num_generations = 4'."
-            )
+            raise error(f"line {_show(line)} is not 'key = value'")
         text = value.strip()
-        try:
-            result[key] = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            result[key] = text  # bare words such as `linear` are strings
+        if not text:
+            raise error(f"line {_show(line)} has no value after '='")
+        parsed = _grpo_value(text)
+        if parsed is _MISSING:
+            raise error(
+                f"line {_show(line)}: the value of {key} ({_show(text)}) is neither a Python "
+                "literal (4, 5e-6, True, 'text', [1, 2]) nor a bare word"
+            )
+        if key in seen:
+            raise error(f"{key} is set twice ({_show(seen[key])} and {_show(line)}); keep one")
+        seen[key] = line
+        result[key] = parsed
     return MappingProxyType(result)
+
+
+def _convert(config: pytest.Config, opt: Option, raw: object, where: str) -> Any:
+    """One ini value to the field's type, or a usage error naming key, value, source and fix."""
+    if opt.field == "grpo_config":
+        return _parse_grpo(config, opt, raw, where)
+    if opt.kind == "args":
+        words = _strings(config, opt, raw, where)
+        return tuple(w for item in words for w in _split_words(item))
+    if opt.kind == "linelist":
+        lines = [line for item in _strings(config, opt, raw, where) for line in item.splitlines()]
+        return tuple(s.strip() for s in lines if s.strip())
+    assert opt.parse is not None
+    text = _scalar_text(config, opt, raw, where)
+    try:
+        return opt.parse(text)
+    except (ValueError, ArithmeticError) as exc:
+        problem = str(exc)
+        if problem.startswith(_show(text)):  # the value is already shown once
+            problem = "it" + problem[len(_show(text)) :]
+        raise _ini_error(config, opt, text, problem, where) from None
+
+
+def _unset(raw: object) -> bool:
+    return raw is None or (isinstance(raw, (str, list, dict)) and not raw)
 
 
 def resolve(config: pytest.Config) -> Settings:
     """Resolve every option once (CLI > ini > default); raise UsageError for a bad ini value."""
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
+    table = _toml_table(config)
     for opt in OPTIONS:
         cli_value = config.getoption(opt.cli) if opt.cli else None
         if opt.cli and cli_value is not None:
@@ -559,26 +815,13 @@ def resolve(config: pytest.Config) -> Settings:
             values[opt.field] = cli_value
             sources[opt.field] = opt.cli
             continue
-        raw = config.getini(opt.ini) if opt.ini else None
-        if raw is None or raw == [] or raw == "":
-            if opt.ini and raw == [] and opt.kind in ("args", "linelist"):
-                pass  # pytest returns [] for an unset list; keep the default
+        if not opt.ini:
             continue
-        assert opt.ini is not None
-        sources[opt.field] = _ini_where(config, opt.ini)
-        if opt.field == "grpo_config":
-            values[opt.field] = _parse_grpo_lines(config, opt, list(raw))
-        elif opt.kind == "args":
-            values[opt.field] = tuple(w for item in raw for w in _split_words(str(item)))
-        elif opt.kind == "linelist":
-            values[opt.field] = tuple(s.strip() for s in raw if s.strip())
-        else:
-            assert opt.parse is not None
-            text = str(raw)
-            try:
-                values[opt.field] = opt.parse(text)
-            except ValueError as exc:
-                raise _ini_error(config, opt, text, str(exc)) from None
+        raw, where = _read_ini(config, opt, table)
+        if _unset(raw):
+            continue
+        sources[opt.field] = where
+        values[opt.field] = _convert(config, opt, raw, where)
     settings = Settings(**values, sources=MappingProxyType(sources))
     _validate(config, settings)
     return settings

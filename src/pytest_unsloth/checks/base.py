@@ -71,11 +71,99 @@ class Check:
     disabled: str | None = None
 
     def __post_init__(self) -> None:
-        if not NAME_RE.match(self.name):
-            raise ValueError(
-                f"check name {self.name!r} (from {self.source}) must be lower-case letters, "
-                "digits, '-', '_' or '.', starting with a letter or digit"
+        problem = _check_problem(self)
+        if problem:
+            raise ValueError(problem)
+        probes: object = self.probes  # typed as a tuple; users write lists
+        if isinstance(probes, list):
+            object.__setattr__(self, "probes", tuple(probes))
+        from pytest_unsloth.registry import _adapt
+
+        # A function taking no argument is called without the context, as with @check.
+        object.__setattr__(self, "func", _adapt(self.func))
+
+
+# A week: longer timeouts overflow the subprocess/select time conversions.
+_MAX_TIMEOUT = 7 * 24 * 3600.0
+
+
+def _check_problem(chk: Check) -> str | None:
+    """Why ``Check(...)`` was given wrong arguments (each named with its value), or None."""
+    # Read as plain objects: the annotations say what callers should pass, not what they did.
+    fields: dict[str, object] = {f.name: getattr(chk, f.name) for f in dataclasses.fields(chk)}
+    source, name = fields["source"], fields["name"]
+    if not isinstance(source, str):
+        return f"Check(source={source!r}): source must be a string"
+    where = f"(from {source})"
+    if not isinstance(name, str):
+        return (
+            f"check name {name!r} {where} is {type(name).__name__}, not a string; "
+            "name checks like 'team-disk' (lower-case letters, digits, '-', '_' or '.')"
+        )
+    if not NAME_RE.match(name):
+        return (
+            f"check name {name!r} {where} must be lower-case letters, "
+            "digits, '-', '_' or '.', starting with a letter or digit"
+        )
+    label = f"check {name!r} {where}"
+    problem = function_problem(fields["func"])
+    if problem:
+        return f"{label}: {problem}"
+    if not isinstance(fields["description"], str):
+        return f"{label}: description={fields['description']!r} must be a string"
+    for flag in ("needs_gpu", "isolated", "cacheable"):
+        if not isinstance(fields[flag], bool):
+            return f"{label}: {flag}={fields[flag]!r} must be True or False"
+    t = fields["timeout"]
+    if t is not None and (
+        isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t <= _MAX_TIMEOUT
+    ):
+        return f"{label}: timeout={t!r} must be a number of seconds in (0, {_MAX_TIMEOUT:.0f}]"
+    probes = fields["probes"]
+    if isinstance(probes, str) or not isinstance(probes, (tuple, list)):
+        return f"{label}: probes={probes!r} must be a tuple of probe names"
+    if not all(isinstance(p, str) for p in probes):
+        return f"{label}: probes={probes!r} must hold probe names (strings)"
+    disabled = fields["disabled"]
+    if disabled is not None and not isinstance(disabled, str):
+        return f"{label}: disabled={disabled!r} must be None or a reason (a string)"
+    return None
+
+
+def function_problem(func: object) -> str | None:
+    """Why ``func`` cannot be a check function (called with the context), or None."""
+    import inspect
+
+    if isinstance(func, type):
+        return f"{func.__name__} is a class; decorate a function that takes no argument or one"
+    if not callable(func):
+        return f"{func!r} is not callable; a check is a function"
+    try:
+        sig = inspect.signature(func)
+    except (TypeError, ValueError):
+        return None  # builtins without a signature: let the call decide
+    try:
+        sig.bind(None)
+    except TypeError:
+        try:
+            sig.bind()
+        except TypeError:
+            return (
+                f"{getattr(func, '__qualname__', func)!r} takes {sig}; a check function takes "
+                "no argument or one (the CheckContext)"
             )
+    return None
+
+
+def bad_return(detail: object) -> str | None:
+    """Why a check's return value is not a pass (None or a one-line string), or None."""
+    if detail is None or isinstance(detail, str):
+        return None
+    return (
+        f"returned {type(detail).__name__} {detail!r:.80}; a check returns None or a string to "
+        "pass, raises pytest_unsloth.CheckFailed(found, why, fix) to fail and calls "
+        "pytest.skip(reason) to skip"
+    )
 
 
 class CheckContext:

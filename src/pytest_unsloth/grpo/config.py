@@ -213,6 +213,8 @@ def check_grpo_config(
                 )
             )
         kwargs = {k: v for k, v in user.items() if k in fields}
+        typed = _wrong_types(cls, kwargs)
+        problems += typed
         kwargs.setdefault("output_dir", os.path.join(tempfile.gettempdir(), "pytest-unsloth-grpo"))
         kwargs.setdefault("report_to", "none")
         substituted = False
@@ -221,10 +223,15 @@ def check_grpo_config(
             kwargs["use_cpu"] = True
             substituted = True
         try:
+            if typed:
+                # TRL would fail on arithmetic with the wrong type, often naming another key.
+                raise _NotBuilt
             with warnings.catch_warnings(), _without_launcher_env():
                 warnings.simplefilter("ignore")
                 built = cls(**kwargs)
-        except (ValueError, TypeError, ImportError) as exc:
+        except _NotBuilt:
+            pass
+        except Exception as exc:  # whatever TRL raises is the finding, never our crash
             message = str(exc)
             values = _effective(fields, user, None)
             rewrite = _unsloth_rewrite(values) if _use_unsloth(unsloth) else None
@@ -248,6 +255,126 @@ def check_grpo_config(
     values = _effective(fields, user, built)
     problems += _extra_checks(values, gpus, model_max_length, _use_unsloth(unsloth))
     return ConfigReport(tuple(problems), values, trl_version, tf_version)
+
+
+class _NotBuilt(Exception):
+    """GRPOConfig is not built because a value has the wrong type (already reported)."""
+
+
+def _wrong_types(cls: Any, kwargs: Mapping[str, Any]) -> list[Problem]:
+    """A finding for each value whose type GRPOConfig's annotation does not allow."""
+    import typing
+
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # unresolvable annotations in some TRL version: let TRL decide
+        return []
+    problems: list[Problem] = []
+    for key, value in kwargs.items():
+        hint = hints.get(key)
+        if hint is None:
+            continue
+        problem = _type_problem(value, hint)
+        if problem:
+            problems.append(
+                Problem(
+                    "wrong-type",
+                    f"{key} = {_short(value)} is {problem}, but GRPOConfig wants "
+                    f"{_hint_text(hint)}",
+                    "GRPOConfig(...) fails on it (or computes with a wrong value), often in "
+                    "arithmetic that names another setting",
+                    f"write {key} as {_hint_text(hint)}, e.g. {key} = {_example(hint)}",
+                )
+            )
+    return problems
+
+
+def _short(value: object) -> str:
+    try:
+        text = repr(value)
+    except ValueError:  # an int too long to print
+        return "<a very large integer>"
+    return text if len(text) <= 80 else text[:70] + "..."
+
+
+def _type_problem(value: object, hint: Any) -> str | None:
+    """Why ``value`` does not fit the annotation ``hint``, or None (unknown types pass)."""
+    import math
+    import types
+    import typing
+
+    origin = typing.get_origin(hint)
+    if origin is typing.Union or origin is types.UnionType:
+        whys = [_type_problem(value, arg) for arg in typing.get_args(hint)]
+        return None if any(w is None for w in whys) else _kind(value)
+    if origin is typing.Literal:
+        return None if value in typing.get_args(hint) else _kind(value)
+    if hint is Any:
+        return None
+    if hint is type(None):
+        return None if value is None else _kind(value)
+    if hint is bool:
+        return None if isinstance(value, bool) else _kind(value)
+    if hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        return None if ok else _kind(value)
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return _kind(value)
+        if isinstance(value, float) and not math.isfinite(value):
+            return "not finite"
+        return None
+    if hint is str:
+        return None if isinstance(value, str) else _kind(value)
+    if origin in (list, tuple) or hint in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            return _kind(value)
+        args = typing.get_args(hint)
+        if args and all(_type_problem(v, args[0]) is None for v in value):
+            return None
+        return None if not args else f"{_kind(value)} with an item of the wrong type"
+    if origin is dict or hint is dict:
+        return None if isinstance(value, dict) else _kind(value)
+    if isinstance(hint, type):
+        return None if isinstance(value, hint) else _kind(value)
+    return None
+
+
+def _kind(value: object) -> str:
+    names = {bool: "a boolean", int: "an integer", float: "a float", str: "a string"}
+    for kind, name in names.items():
+        if type(value) is kind:
+            return name
+    if value is None:
+        return "None"
+    return f"a {type(value).__name__}"
+
+
+def _hint_text(hint: Any) -> str:
+    import typing
+
+    args = typing.get_args(hint)
+    origin = typing.get_origin(hint)
+    if origin in (list, tuple):
+        return f"list of {_hint_text(args[0])}" if args else "list"
+    if origin is dict:
+        return "dict"
+    if args and origin is not typing.Literal:
+        parts = [_hint_text(a) for a in args]
+        return " or ".join(dict.fromkeys(parts))
+    if hint is type(None):
+        return "None"
+    return getattr(hint, "__name__", None) or str(hint)
+
+
+def _example(hint: Any) -> str:
+    import typing
+
+    for arg in typing.get_args(hint) or (hint,):
+        example = {int: "4", float: "0.5", bool: "True", str: "'text'"}.get(arg)
+        if example:
+            return example
+    return "None"
 
 
 # Under a launcher's variables TrainingArguments initialises torch.distributed, which a check
