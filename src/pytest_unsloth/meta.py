@@ -153,11 +153,18 @@ def require_installed(names: Iterable[str], who: str) -> None:
 
 
 def version_of(name: str) -> str | None:
-    """Installed version of one distribution, or None (metadata only)."""
+    """Installed version of one distribution, or None (metadata only).
+
+    ``""`` when it is installed but its METADATA is unreadable or has no Version (the packages
+    check reports that); never raises.
+    """
     try:
-        return md.version(name)
+        version = md.version(name)
     except md.PackageNotFoundError:
         return None
+    except Exception:  # METADATA that is not UTF-8, a folder where a file should be, ...
+        return ""
+    return str(version) if version else ""
 
 
 # ----------------------------------------------------------------------------------------------
