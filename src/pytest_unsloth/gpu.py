@@ -482,7 +482,18 @@ def _pynvml_origin() -> str:
     return str(spec.origin) if spec is not None and spec.origin else ""
 
 
+# Probe threads and the checks import pynvml at the same time; when that import fails, a
+# concurrent importer can be handed the half-executed module (CPython's deadlock avoidance), which
+# would then be misread as "not nvidia-ml-py". One import at a time.
+_IMPORT_LOCK = threading.Lock()
+
+
 def _import_pynvml() -> ModuleType | str:
+    with _IMPORT_LOCK:
+        return _import_pynvml_locked()
+
+
+def _import_pynvml_locked() -> ModuleType | str:
     try:
         import pynvml
     except ImportError as exc:

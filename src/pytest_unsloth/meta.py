@@ -80,6 +80,16 @@ def _field(meta: md.PackageMetadata | None, key: str) -> str | None:
     return str(values[0]) if values else None
 
 
+def _valid_version(text: str) -> bool:
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        Version(text)
+    except InvalidVersion:
+        return False
+    return True
+
+
 def _read(dist: md.Distribution, wanted: str) -> Dist:
     path = getattr(dist, "_path", None)
     location = str(path.parent) if path is not None else ""
@@ -95,6 +105,8 @@ def _read(dist: md.Distribution, wanted: str) -> Dist:
     error = None
     if not version:
         error = "metadata has no Version (a broken or half-removed install)"
+    elif not _valid_version(version):
+        error = f"metadata Version {version!r} is not a valid (PEP 440) version"
     return Dist(name, version, location, requires, requires_python, error, info)
 
 

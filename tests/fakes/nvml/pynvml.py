@@ -325,6 +325,7 @@ def nvmlInit() -> None:
         raise NVMLError(NVML_ERROR_LIBRARY_NOT_FOUND)
     if spec.get("init_error"):
         raise _error_by_name(spec["init_error"])
+    _system("nvmlInit")
     with _lock:
         _refcount += 1
 
