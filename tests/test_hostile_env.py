@@ -303,7 +303,11 @@ NVML_UNAVAILABLE: dict[str, tuple[dict[str, Any], str | None, str]] = {
         None,
         "nvmlDeviceGetHandleByIndex for GPU 0 raised KeyError",
     ),
-    "driver-not-loaded": ({"gpus": [L4], "init_error": "DriverNotLoaded"}, None, "Driver Not Loaded"),
+    "driver-not-loaded": (
+        {"gpus": [L4], "init_error": "DriverNotLoaded"},
+        None,
+        "Driver Not Loaded",
+    ),
 }
 
 
@@ -453,34 +457,38 @@ def _outcomes(pytester: pytest.Pytester, *args: str) -> tuple[int, dict[str, int
     return int(result.ret), result.parseoutcomes(), out
 
 
+def _oserror_binding_and_undecodable_torch(site: Path, mp: pytest.MonkeyPatch) -> None:
+    (site / "pynvml.py").write_text("raise OSError(13, 'Permission denied')\n", "utf-8")
+    raw_dist(site, "torch-2.0.dist-info", b"Name: torch\nVersion: \xff\n", record=None)
+
+
+def _syntax_error_binding_and_stray_torch(site: Path, mp: pytest.MonkeyPatch) -> None:
+    (site / "pynvml.py").write_text("def (\n", "utf-8")
+    (site / "torch.py").write_text("print('my script')\n", "utf-8")
+
+
+def _not_a_binding_and_empty_metadata(site: Path, mp: pytest.MonkeyPatch) -> None:
+    (site / "pynvml.py").write_text("X = 1\n", "utf-8")
+    raw_dist(site, "torch-2.0.dist-info", b"")
+
+
+def _hidden_gpus_and_count_raising(site: Path, mp: pytest.MonkeyPatch) -> None:
+    mp.setenv("CUDA_VISIBLE_DEVICES", "-1")
+    (site / "pynvml.py").write_text(
+        "class NVMLError(Exception):\n    pass\n"
+        "def nvmlInit():\n    pass\n"
+        "def nvmlShutdown():\n    raise SystemError('shutdown')\n"
+        "def nvmlSystemGetDriverVersion():\n    return b'1.0'\n"
+        "def nvmlDeviceGetCount():\n    raise MemoryError('count')\n",
+        "utf-8",
+    )
+
+
 PLAIN_BREAKAGE: dict[str, Callable[[Path, pytest.MonkeyPatch], None]] = {
-    "pynvml-oserror-and-torch-metadata-not-utf8": lambda s, mp: (
-        (s / "pynvml.py").write_text("raise OSError(13, 'Permission denied')\n", "utf-8"),
-        raw_dist(s, "torch-2.0.dist-info", b"Name: torch\nVersion: \xff\n", record=None),
-    )
-    and None,
-    "pynvml-syntax-error-and-stray-torch": lambda s, mp: (
-        (s / "pynvml.py").write_text("def (\n", "utf-8"),
-        (s / "torch.py").write_text("print('my script')\n", "utf-8"),
-    )
-    and None,
-    "pynvml-not-a-binding-and-empty-metadata": lambda s, mp: (
-        (s / "pynvml.py").write_text("X = 1\n", "utf-8"),
-        raw_dist(s, "torch-2.0.dist-info", b""),
-    )
-    and None,
-    "hidden-gpus-and-nvml-count-raising": lambda s, mp: (
-        mp.setenv("CUDA_VISIBLE_DEVICES", "-1"),
-        (s / "pynvml.py").write_text(
-            "class NVMLError(Exception):\n    pass\n"
-            "def nvmlInit():\n    pass\n"
-            "def nvmlShutdown():\n    raise SystemError('shutdown')\n"
-            "def nvmlSystemGetDriverVersion():\n    return b'1.0'\n"
-            "def nvmlDeviceGetCount():\n    raise MemoryError('count')\n",
-            "utf-8",
-        ),
-    )
-    and None,
+    "pynvml-oserror-and-torch-metadata-not-utf8": _oserror_binding_and_undecodable_torch,
+    "pynvml-syntax-error-and-stray-torch": _syntax_error_binding_and_stray_torch,
+    "pynvml-not-a-binding-and-empty-metadata": _not_a_binding_and_empty_metadata,
+    "hidden-gpus-and-nvml-count-raising": _hidden_gpus_and_count_raising,
 }
 
 
