@@ -413,7 +413,11 @@ class _Handles:
 def _read_all(
     nv: ModuleType, *, with_processes: bool
 ) -> tuple[str | None, int | None, list[GpuDevice], list[GpuDevice], _Handles]:
-    """Driver versions, physical GPUs and MIG instances (raises NVMLError on a broken driver)."""
+    """Driver versions, physical GPUs and MIG instances.
+
+    Raises NVMLError on a broken driver, NvmlReadError (naming the call) when the binding raises
+    anything else or returns something unusable.
+    """
     driver = _text(nv.nvmlSystemGetDriverVersion()) or None
     try:
         cuda_driver: int | None = int(nv.nvmlSystemGetCudaDriverVersion())
