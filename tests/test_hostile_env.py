@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 from distfake import write_dist
+from pytest_unsloth.meta import version_of
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None
 IMPORT_ERROR_ENV = "PYTEST_UNSLOTH_FAKE_NVML_IMPORT_ERROR"
@@ -652,8 +653,8 @@ def test_dependent_check_alone_reports_the_cause_itself(
 def test_cpu_torch_with_a_gpu_fails_cuda_and_defers_the_torch_dependents(
     pytester: pytest.Pytester, fake_nvml: Any
 ) -> None:
-    if not HAS_TORCH:
-        pytest.skip("needs torch installed")
+    if not HAS_TORCH or "+cpu" not in (version_of("torch") or ""):
+        pytest.skip("needs a CPU-only torch build")
     fake_nvml(gpus=[L4])
     run = _run(pytester, "--unsloth-env", "--unsloth-checks=cuda,driver,arch,bf16,bitsandbytes")
     assert run.ret == 1
