@@ -308,6 +308,15 @@ def _process_name(pid: int) -> str:
     return text[:_MAX_PROC_NAME]
 
 
+def _text(value: object) -> str:
+    """NVML text as str: old nvidia-ml-py releases return bytes, broken ones None."""
+    if value is None:
+        return ""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    return str(value)
+
+
 def _read_processes(nv: ModuleType, handle: Any) -> tuple[GpuProcess, ...]:
     """Compute and graphics processes on one device (deduplicated by pid); () when not allowed."""
     seen: dict[int, GpuProcess] = {}
@@ -316,18 +325,23 @@ def _read_processes(nv: ModuleType, handle: Any) -> tuple[GpuProcess, ...]:
         if fn is None:
             continue
         try:
-            infos = fn(handle)
-        except nv.NVMLError:
-            # Containers and MIG instances often refuse this (NoPermission/NotSupported); the
-            # inventory is still useful without it.
+            infos = list(fn(handle) or ())
+        except Exception:
+            # Containers and MIG instances often refuse this (NoPermission/NotSupported), and a
+            # broken binding may raise anything: the process list only decorates the vram
+            # finding, so the inventory goes on without it.
             continue
         for info in infos:
-            pid = int(info.pid)
-            used = info.usedGpuMemory
+            try:
+                pid = int(info.pid)
+                used = info.usedGpuMemory
+                used = None if used is None else int(used)
+            except Exception:
+                continue  # an entry of the wrong shape names no process
             if pid not in seen:
                 seen[pid] = GpuProcess(
                     pid=pid,
-                    used_bytes=None if used is None else int(used),
+                    used_bytes=used,
                     name=_process_name(pid),
                 )
     return tuple(seen.values())
@@ -342,14 +356,15 @@ def _read_device(
     fallback_capability: tuple[int, int] = (0, 0),
 ) -> GpuDevice:
     """One device's fixed facts and current memory (cuda_index is filled in later)."""
-    uuid = str(nv.nvmlDeviceGetUUID(handle))
-    name = str(nv.nvmlDeviceGetName(handle))
+    where = f"GPU {nvml_index}"
+    uuid = _text(_call(nv, "nvmlDeviceGetUUID", handle, where=where))
+    name = _text(_call(nv, "nvmlDeviceGetName", handle, where=where)) or "unnamed GPU"
     try:
         major, minor = nv.nvmlDeviceGetCudaComputeCapability(handle)
         capability = (int(major), int(minor))
-    except nv.NVMLError:
+    except Exception:
         capability = fallback_capability  # MIG instance handles may not answer this
-    mem = nv.nvmlDeviceGetMemoryInfo(handle)
+    mem = _call(nv, "nvmlDeviceGetMemoryInfo", handle, where=where)
     processes = _read_processes(nv, handle) if with_processes else ()
     return GpuDevice(
         nvml_index=nvml_index,
@@ -368,8 +383,8 @@ def _read_device(
 def _mig_enabled(nv: ModuleType, handle: Any) -> bool:
     try:
         current, _pending = nv.nvmlDeviceGetMigMode(handle)
-    except nv.NVMLError:
-        return False  # NotSupported on GPUs without MIG
+    except Exception:
+        return False  # NotSupported on GPUs without MIG (or a binding that cannot tell)
     return bool(current == nv.NVML_DEVICE_MIG_ENABLE)
 
 
@@ -377,13 +392,13 @@ def _read_mig_handles(nv: ModuleType, parent: Any) -> list[tuple[int, Any]]:
     """(slot, handle) of every populated MIG slot under a MIG-mode GPU."""
     try:
         slots = min(int(nv.nvmlDeviceGetMaxMigDeviceCount(parent)), _MAX_MIG_SLOTS)
-    except nv.NVMLError:
+    except Exception:
         return []
     found = []
     for slot in range(slots):
         try:
             found.append((slot, nv.nvmlDeviceGetMigDeviceHandleByIndex(parent, slot)))
-        except nv.NVMLError:
+        except Exception:
             continue  # NotFound: an empty slot
     return found
 
@@ -398,18 +413,32 @@ class _Handles:
 def _read_all(
     nv: ModuleType, *, with_processes: bool
 ) -> tuple[str | None, int | None, list[GpuDevice], list[GpuDevice], _Handles]:
-    """Driver versions, physical GPUs and MIG instances (raises NVMLError on a broken driver)."""
-    driver = str(nv.nvmlSystemGetDriverVersion())
+    """Driver versions, physical GPUs and MIG instances.
+
+    Raises NVMLError on a broken driver, NvmlReadError (naming the call) when the binding raises
+    anything else or returns something unusable.
+    """
+    driver = _text(nv.nvmlSystemGetDriverVersion()) or None
     try:
         cuda_driver: int | None = int(nv.nvmlSystemGetCudaDriverVersion())
-    except nv.NVMLError:
+    except Exception:
         cuda_driver = None
     devices: list[GpuDevice] = []
     migs: list[GpuDevice] = []
     handles: dict[str, Any] = {}
-    for index in range(int(nv.nvmlDeviceGetCount())):
-        handle = nv.nvmlDeviceGetHandleByIndex(index)
-        dev = _read_device(nv, handle, index, with_processes=with_processes)
+    count = _call(nv, "nvmlDeviceGetCount")
+    try:
+        count = int(count)
+    except Exception:
+        raise NvmlReadError(f"nvmlDeviceGetCount returned {count!r}, not a number") from None
+    for index in range(count):
+        handle = _call(nv, "nvmlDeviceGetHandleByIndex", index, where=f"GPU {index}")
+        try:
+            dev = _read_device(nv, handle, index, with_processes=with_processes)
+        except Exception as exc:
+            if isinstance(exc, NvmlReadError) or type(exc).__name__.startswith("NVMLError"):
+                raise
+            raise NvmlReadError(f"reading GPU {index} failed: {_error_text(exc)}") from None
         if _mig_enabled(nv, handle):
             dev = dataclasses.replace(dev, mig_enabled=True)
             for slot, mig_handle in _read_mig_handles(nv, handle):
@@ -428,13 +457,77 @@ def _read_all(
     return driver, cuda_driver, devices, migs, _Handles(handles)
 
 
+class NvmlReadError(Exception):
+    """NVML (or the binding) failed while the inventory was read; the text says where."""
+
+
+def _call(nv: ModuleType, func: str, *args: Any, where: str = "") -> Any:
+    """``nv.func(*args)``; an exception other than NVMLError becomes NvmlReadError naming the call.
+
+    NVML's own errors keep their text ("GPU is lost"): that is what users search for.
+    """
+    try:
+        return getattr(nv, func)(*args)
+    except Exception as exc:
+        if type(exc).__name__.startswith("NVMLError"):
+            raise
+        at = f" for {where}" if where else ""
+        raise NvmlReadError(f"{func}{at} raised {_error_text(exc)}") from None
+
+
+def _pynvml_origin() -> str:
+    """Where ``import pynvml`` would load from, without importing it ("" when unknown)."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("pynvml")
+    except Exception:
+        return ""
+    return str(spec.origin) if spec is not None and spec.origin else ""
+
+
+# Probe threads and the checks import pynvml at the same time; when that import fails, a
+# concurrent importer can be handed the half-executed module (CPython's deadlock avoidance), which
+# would then be misread as "not nvidia-ml-py". One import at a time.
+_IMPORT_LOCK = threading.Lock()
+
+
 def _import_pynvml() -> ModuleType | str:
+    with _IMPORT_LOCK:
+        return _import_pynvml_locked()
+
+
+def _import_pynvml_locked() -> ModuleType | str:
     try:
         import pynvml
     except ImportError as exc:
-        return f"nvidia-ml-py is not installed ({exc}); fix: pip install nvidia-ml-py"
+        if not _pynvml_origin():
+            return f"nvidia-ml-py is not installed ({exc}); fix: pip install nvidia-ml-py"
+        return _broken_pynvml(exc)
+    except Exception as exc:
+        # A binding that raises anything else at import (a permission-denied libnvidia-ml, a
+        # half-written pynvml.py) must read as "NVML unavailable", never crash the session.
+        return _broken_pynvml(exc)
     module: ModuleType = pynvml
+    if not isinstance(getattr(module, "NVMLError", None), type) or not callable(
+        getattr(module, "nvmlInit", None)
+    ):
+        where = getattr(module, "__file__", None) or "?"
+        return (
+            f"the pynvml module at {where} is not nvidia-ml-py (no NVMLError/nvmlInit); fix: "
+            "rename or remove that file, then pip install --force-reinstall nvidia-ml-py"
+        )
     return module
+
+
+def _broken_pynvml(exc: BaseException) -> str:
+    where = _pynvml_origin()
+    at = f" at {where}" if where else ""
+    return (
+        f"importing nvidia-ml-py (pynvml{at}) raised {_error_text(exc)}; fix: check that this "
+        "user can read libnvidia-ml.so (ls -l $(ldconfig -p | grep libnvidia-ml)), then pip "
+        "install --force-reinstall nvidia-ml-py"
+    )
 
 
 def _unavailable(error: str, cvd: str | None) -> NvmlSnapshot:
@@ -475,8 +568,23 @@ def _assemble(
 
 
 def _error_text(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    return text
+    """NVML's own words for its errors; ``Type: text`` for anything else."""
+    if type(exc).__name__.startswith("NVMLError") or isinstance(exc, NvmlReadError):
+        try:
+            return str(exc) or type(exc).__name__
+        except Exception:  # a broken __str__ (error code missing from the table)
+            return type(exc).__name__
+    try:
+        text = str(exc)
+    except Exception:
+        text = ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _shutdown_quietly(nv: ModuleType) -> None:
+    # A failing shutdown changes nothing about what was read.
+    with contextlib.suppress(Exception):
+        nv.nvmlShutdown()
 
 
 def read_snapshot(
@@ -490,15 +598,14 @@ def read_snapshot(
         return _unavailable(nv, cvd)
     try:
         nv.nvmlInit()
-    except nv.NVMLError as exc:
+    except Exception as exc:
         return _unavailable(_error_text(exc), cvd)
     try:
         driver, cuda_driver, devices, migs, _ = _read_all(nv, with_processes=with_processes)
-    except nv.NVMLError as exc:
+    except Exception as exc:
         return _unavailable(_error_text(exc), cvd)
     finally:
-        with contextlib.suppress(nv.NVMLError):
-            nv.nvmlShutdown()
+        _shutdown_quietly(nv)
     return _assemble(driver, cuda_driver, devices, migs, cvd)
 
 
@@ -550,12 +657,12 @@ class Inventory:
                 return self._base
             try:
                 nv.nvmlInit()
-            except nv.NVMLError as exc:
+            except Exception as exc:
                 self._base = _unavailable(_error_text(exc), cvd)
                 return self._base
             try:
                 driver, cuda_driver, devices, migs, handles = _read_all(nv, with_processes=False)
-            except nv.NVMLError as exc:
+            except Exception as exc:
                 self._shutdown(nv)
                 self._base = _unavailable(_error_text(exc), cvd)
                 return self._base
@@ -596,8 +703,10 @@ class Inventory:
                     if handle is not None:
                         mem = nv.nvmlDeviceGetMemoryInfo(handle)
                         fresh[uuid] = (int(mem.total), int(mem.free), int(mem.used))
-            except nv.NVMLError as exc:
-                return _error_text(exc)
+            except Exception as exc:
+                if type(exc).__name__.startswith("NVMLError"):
+                    return _error_text(exc)
+                return f"nvmlDeviceGetMemoryInfo raised {_error_text(exc)}"
             return fresh
 
     def snapshot(
@@ -619,8 +728,7 @@ class Inventory:
 
     @staticmethod
     def _shutdown(nv: ModuleType) -> None:
-        with contextlib.suppress(nv.NVMLError):
-            nv.nvmlShutdown()
+        _shutdown_quietly(nv)
 
     def close(self) -> None:
         """Shut NVML down if this inventory initialised it."""

@@ -116,6 +116,7 @@ class CheckItem(pytest.Item):
             pytest.skip(f"disabled: {chk.disabled}")
         try:
             ctx = get_context(self.config)
+            self._defer_to_root_cause(ctx)
             if chk.needs_gpu and not chk.source.startswith("pytest-unsloth"):
                 # Built-in GPU checks diagnose a missing GPU themselves; others skip (or fail
                 # under --unsloth-require-gpu) with NVML's reason.
@@ -143,6 +144,15 @@ class CheckItem(pytest.Item):
             self._record("error", start, message=f"{type(exc).__name__}: {exc}")
             raise
         self._record("passed", start, message=str(detail) if detail else "ok")
+
+    def _defer_to_root_cause(self, ctx: CheckContext) -> None:
+        """Skip with "see unsloth-env::OWNER" while a root cause another selected check reports
+        holds, so one cause is reported once (xdist workers each derive the same verdict)."""
+        selected = self.config.stash.get(SELECTED_KEY, frozenset())
+        for cause in self.check.depends_on:
+            owner, found = ctx.root_cause(cause)
+            if found is not None and owner != self.check.name and owner in selected:
+                raise CheckSkipped(f"see {PREFIX}::{owner}: {found}")
 
     def _run_isolated(self, ctx: CheckContext) -> str | None:
         return run_isolated(self.check, ctx, self._isolated_runs)
@@ -173,6 +183,8 @@ class CheckItem(pytest.Item):
 
 
 PROBES_WANTED_KEY = pytest.StashKey[tuple[str, ...]]()
+# Names of the check items this session runs (after -k / --unsloth-checks selection).
+SELECTED_KEY = pytest.StashKey[frozenset[str]]()
 
 
 @pytest.hookimpl(wrapper=True)

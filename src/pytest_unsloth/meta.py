@@ -80,6 +80,16 @@ def _field(meta: md.PackageMetadata | None, key: str) -> str | None:
     return str(values[0]) if values else None
 
 
+def _valid_version(text: str) -> bool:
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        Version(text)
+    except InvalidVersion:
+        return False
+    return True
+
+
 def _read(dist: md.Distribution, wanted: str) -> Dist:
     path = getattr(dist, "_path", None)
     location = str(path.parent) if path is not None else ""
@@ -95,6 +105,8 @@ def _read(dist: md.Distribution, wanted: str) -> Dist:
     error = None
     if not version:
         error = "metadata has no Version (a broken or half-removed install)"
+    elif not _valid_version(version):
+        error = f"metadata Version {version!r} is not a valid (PEP 440) version"
     return Dist(name, version, location, requires, requires_python, error, info)
 
 
@@ -153,11 +165,18 @@ def require_installed(names: Iterable[str], who: str) -> None:
 
 
 def version_of(name: str) -> str | None:
-    """Installed version of one distribution, or None (metadata only)."""
+    """Installed version of one distribution, or None (metadata only).
+
+    ``""`` when it is installed but its METADATA is unreadable or has no Version (the packages
+    check reports that); never raises.
+    """
     try:
-        return md.version(name)
+        version = md.version(name)
     except md.PackageNotFoundError:
         return None
+    except Exception:  # METADATA that is not UTF-8, a folder where a file should be, ...
+        return ""
+    return str(version) if version else ""
 
 
 # ----------------------------------------------------------------------------------------------

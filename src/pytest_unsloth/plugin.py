@@ -93,13 +93,16 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     settings = session.config.stash.get(SETTINGS_KEY, None)
     if not (settings and settings.env):
         return
-    from pytest_unsloth.items import PROBES_WANTED_KEY, CheckItem
+    from pytest_unsloth.items import PROBES_WANTED_KEY, SELECTED_KEY, CheckItem
 
     wanted: dict[str, None] = {}
+    selected: set[str] = set()
     for item in session.items:
         if isinstance(item, CheckItem) and not item.check.disabled:
             wanted.update(dict.fromkeys(item.check.probes))
+            selected.add(item.check.name)
     session.config.stash[PROBES_WANTED_KEY] = tuple(wanted)
+    session.config.stash[SELECTED_KEY] = frozenset(selected)
 
 
 def pytest_report_header(config: pytest.Config) -> str | None:
@@ -111,4 +114,7 @@ def pytest_report_header(config: pytest.Config) -> str | None:
         return None
     from pytest_unsloth.report import header_line
 
-    return header_line()
+    try:
+        return header_line()
+    except Exception as exc:  # the header must never be what breaks a run
+        return f"unsloth: environment unreadable ({type(exc).__name__}: {exc})"

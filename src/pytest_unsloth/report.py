@@ -27,7 +27,8 @@ def header_line() -> str:
     from pytest_unsloth.gpu import read_snapshot
     from pytest_unsloth.meta import version_of
 
-    torch = version_of("torch") or "not installed"
+    version = version_of("torch")
+    torch = "not installed" if version is None else version or "(unreadable metadata)"
     nvml = read_snapshot()
     if nvml.available and nvml.devices:
         names: dict[str, int] = {}

@@ -9,6 +9,11 @@ from pytest_unsloth.checks.base import Check, CheckContext, CheckFailed, CheckSk
 __all__ = ["Check", "CheckContext", "CheckFailed", "CheckSkipped", "builtin_checks"]
 
 
+# Root causes (owned by the cuda check) that make the GPU checks below meaningless.
+GPU = ("gpu-visible",)
+GPU_AND_TORCH = ("gpu-visible", "torch-gpu")
+
+
 def builtin_checks() -> list[Check]:
     """Every built-in check in run order."""
     from pytest_unsloth.checks import cuda, env, grpo_checks, kernels, machine, nccl, topology
@@ -27,16 +32,29 @@ def builtin_checks() -> list[Check]:
             True,
             probes=("torch",),
         ),
-        Check("driver", cuda.check_driver, "driver CUDA version runs torch's CUDA runtime", True),
+        Check(
+            "driver",
+            cuda.check_driver,
+            "driver CUDA version runs torch's CUDA runtime",
+            True,
+            depends_on=GPU_AND_TORCH,
+        ),
         Check(
             "arch",
             cuda.check_arch,
             "GPU compute capability in torch's arch list",
             True,
             probes=("torch",),
+            depends_on=GPU_AND_TORCH,
         ),
-        Check("bf16", cuda.check_bf16, "bf16 support of each GPU", True),
-        Check("vram", cuda.check_vram, "free GPU memory against the configured minimum", True),
+        Check("bf16", cuda.check_bf16, "bf16 support of each GPU", True, depends_on=GPU),
+        Check(
+            "vram",
+            cuda.check_vram,
+            "free GPU memory against the configured minimum",
+            True,
+            depends_on=GPU,
+        ),
         Check(
             "launcher",
             machine.check_launcher,
@@ -61,6 +79,7 @@ def builtin_checks() -> list[Check]:
             f"{name} kernel loads and runs",
             True,
             probes=(name,),
+            depends_on=GPU_AND_TORCH,
         )
         for name in KERNEL_PROBES
         if name != "nccl"
@@ -72,6 +91,7 @@ def builtin_checks() -> list[Check]:
             "NCCL all_reduce and P2P copy between the GPUs (opt-in)",
             True,
             probes=("nccl",),
+            depends_on=GPU_AND_TORCH,
         )
     )
     checks += [

@@ -56,7 +56,9 @@ class Check:
     ``probes`` names kernel probes the check reads, so they start early and run concurrently.
     ``isolated`` runs the function in a subprocess with ``timeout`` seconds (a hang or a crash
     then fails only this check); ``cacheable`` lets a passing isolated result be reused between
-    runs under the probe cache's fingerprint.
+    runs under the probe cache's fingerprint. ``depends_on`` names root causes (see
+    ``CheckContext.root_cause``) whose owner check reports them: while one holds, this check
+    skips with "see unsloth-env::OWNER" instead of failing with the same message again.
     """
 
     name: str
@@ -69,6 +71,7 @@ class Check:
     probes: tuple[str, ...] = ()
     source: str = "pytest-unsloth"
     disabled: str | None = None
+    depends_on: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         problem = _check_problem(self)
@@ -190,6 +193,8 @@ class CheckContext:
             self.machine_env = machine_environ(config)
         # Probe results folded over every kind of GPU (machine view only), by probe name.
         self.combined: dict[str, ProbeResult] = {}
+        self._causes: dict[str, tuple[str, str | None]] = {}
+        self._causes_lock = threading.Lock()
 
     @property
     def inventory(self) -> Inventory:
@@ -261,3 +266,22 @@ class CheckContext:
         result = probe_every_kind(self.probes, name, groups)
         self.combined[name] = result
         return result
+
+    def root_cause(self, name: str) -> tuple[str, str | None]:
+        """(owner check, what it finds) for a named root cause; the text is None when it holds.
+
+        Derived from the environment (NVML, the shared torch probe), not from the owner item's
+        outcome, so every xdist worker reaches the same verdict without talking to the others.
+        """
+        with self._causes_lock:
+            known = self._causes.get(name)
+            if known is not None:
+                return known
+            from pytest_unsloth.checks.cuda import ROOT_CAUSES
+
+            if name not in ROOT_CAUSES:
+                raise KeyError(f"unknown root cause {name!r}; known: {', '.join(ROOT_CAUSES)}")
+            owner, func = ROOT_CAUSES[name]
+            verdict = (owner, func(self))
+            self._causes[name] = verdict
+            return verdict

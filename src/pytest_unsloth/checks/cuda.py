@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from pytest_unsloth.checks.base import CheckContext, CheckFailed, CheckSkipped
@@ -11,6 +12,7 @@ from pytest_unsloth.probe import stderr_summary
 if TYPE_CHECKING:
     from pytest_unsloth.gpu import GpuDevice
     from pytest_unsloth.probe import ProbeResult
+    from pytest_unsloth.shadow import Shadow
 
 GIB = 1024**3
 
@@ -112,6 +114,14 @@ def check_cuda(ctx: CheckContext) -> str:
             "fails",
             _unavailable_fix(ctx, str(runtime), reinstall),
         )
+    stray = _stray(ctx, "torch")
+    if stray is not None:
+        raise CheckFailed(
+            f"the torch probe {res.message}: {stray.describe()}",
+            "a file or folder named torch earlier on the import path replaces the installed "
+            "torch in every script started from here",
+            stray.fix(),
+        )
     raise CheckFailed(
         f"the torch probe {res.message}"
         + (f"; stderr: {stderr_summary(res.stderr_tail)}" if res.stderr_tail else ""),
@@ -120,6 +130,14 @@ def check_cuda(ctx: CheckContext) -> str:
         "run `python -c 'import torch; torch.cuda.init()'` to see the full error; reinstall "
         f"torch for this driver: {reinstall}",
     )
+
+
+def _stray(ctx: CheckContext, name: str) -> Shadow | None:
+    """A stray module hiding the installed ``name`` (see pytest_unsloth.shadow), or None."""
+    from pytest_unsloth.shadow import find_shadow
+
+    dist = ctx.dist(name)
+    return find_shadow(dist) if dist is not None else None
 
 
 def _unavailable_fix(ctx: CheckContext, runtime: str, reinstall: str) -> str:
@@ -280,3 +298,38 @@ def check_vram(ctx: CheckContext) -> str:
         "CUDA_VISIBLE_DEVICES, or lower max_seq_length / num_generations / "
         "gpu_memory_utilization",
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# Root causes the cuda check owns: the checks that depend on them skip with "see
+# unsloth-env::cuda" instead of repeating its message.
+
+
+def no_visible_gpu(ctx: CheckContext) -> str | None:
+    """Why CUDA here sees no GPU at all (what the cuda check fails or skips with), or None."""
+    try:
+        visible_gpus(ctx)
+    except (CheckFailed, CheckSkipped) as exc:
+        return exc.found if isinstance(exc, CheckFailed) else str(exc)
+    return None
+
+
+def torch_cannot_use_gpu(ctx: CheckContext) -> str | None:
+    """Why torch cannot use the visible GPUs (the cuda check's failure), or None."""
+    if no_visible_gpu(ctx) is not None or ctx.dist("torch") is None:
+        return None
+    if ctx.probe("torch").status != "failed":
+        return None
+    try:
+        check_cuda(ctx)
+    except CheckFailed as exc:
+        return exc.found
+    except CheckSkipped:
+        return None
+    return None
+
+
+ROOT_CAUSES: dict[str, tuple[str, Callable[[CheckContext], str | None]]] = {
+    "gpu-visible": ("cuda", no_visible_gpu),
+    "torch-gpu": ("cuda", torch_cannot_use_gpu),
+}

@@ -102,6 +102,17 @@ def check_packages(ctx: CheckContext) -> str:
             "pip uninstall the stale copy (or remove it from PYTHONPATH/--target "
             "folders) so that one version of each package remains"
         )
+    from pytest_unsloth.shadow import find_shadows
+
+    strays = find_shadows(inv)
+    if strays:
+        problems.append(_join([s.describe() for s in strays]))
+        why.append(
+            "Python imports the first match on its path, so a file or folder named like a "
+            "package in the project folder or on PYTHONPATH replaces the package: imports fail "
+            "with AttributeError or ImportError that look like a broken install"
+        )
+        fixes.append("; ".join(s.fix() for s in strays))
     if problems:
         raise CheckFailed("; ".join(problems), "; ".join(why), "; ".join(fixes))
     versions = inv.versions()
@@ -118,12 +129,16 @@ def _violations(
     declared: dict[str, list[tuple[Dist, SpecifierSet]]] = {}
     violated: dict[str, list[tuple[Dist, SpecifierSet]]] = {}
     for dist in ctx.inventory.installed():
+        if dist.error:
+            continue  # unreadable metadata is the packages check's finding, not a pin problem
         for req in dist.requirements():
             target = canonical(req.name)
             if target not in stack or target == dist.key:
                 continue
             declared.setdefault(target, []).append((dist, req.specifier))
             installed = ctx.inventory.get(target)
+            if installed is not None and installed.error:
+                continue
             ok = (
                 installed is not None
                 and installed.version != ""
@@ -185,11 +200,15 @@ def check_user_pins(ctx: CheckContext) -> str:
     if not pins:
         raise CheckSkipped("no unsloth_pins configured")
     found, fixes = [], []
+    unreadable: list[str] = []
     for text in pins:
         req = Requirement(text)
         if req.marker is not None and not req.marker.evaluate({"extra": ""}):
             continue
         dist = ctx.inventory.get(req.name)
+        if dist is not None and dist.error:
+            unreadable.append(dist.name)  # the packages check reports the broken metadata
+            continue
         if dist is None:
             found.append(f"{req.name} is not installed (pinned {format_specifier(req.specifier)})")
             fixes.append(pip_install_line(req.name, req.specifier))
@@ -201,6 +220,11 @@ def check_user_pins(ctx: CheckContext) -> str:
             _join(found),
             f"{ctx.settings.source('pins')} declares the versions this project was validated with",
             " && ".join(fixes),
+        )
+    if unreadable:
+        return (
+            f"{len(pins) - len(unreadable)} pin(s) hold; not evaluated: {', '.join(unreadable)} "
+            "(unreadable metadata, see unsloth-env::packages)"
         )
     return f"{len(pins)} pin(s) hold"
 

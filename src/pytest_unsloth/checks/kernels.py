@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from pytest_unsloth.checks.base import CheckContext, CheckFailed, CheckSkipped
 from pytest_unsloth.probe import PROBE_DISTS, stderr_summary
+
+if TYPE_CHECKING:
+    from pytest_unsloth.shadow import Shadow
 
 # Why a broken kernel matters, and the usual repair, per probe.
 WHY: dict[str, tuple[str, str]] = {
@@ -48,6 +52,13 @@ WHY: dict[str, tuple[str, str]] = {
 }
 
 
+def _stray(ctx: CheckContext, dist_name: str) -> Shadow | None:
+    from pytest_unsloth.shadow import find_shadow
+
+    dist = ctx.dist(dist_name)
+    return find_shadow(dist) if dist is not None else None
+
+
 def make_kernel_check(name: str) -> Callable[[CheckContext], str]:
     """A check function reading the probe NAME."""
 
@@ -63,6 +74,13 @@ def make_kernel_check(name: str) -> Callable[[CheckContext], str]:
             raise CheckSkipped(res.message)
         why, fix = WHY[name]
         found = f"{name} probe {res.message}" if res.status == "failed" else res.message
+        stray = _stray(ctx, dist) or _stray(ctx, "torch")
+        if stray is not None and res.status == "failed":
+            raise CheckFailed(
+                f"{found}: {stray.describe()}",
+                "a file or folder named like the package earlier on the import path replaces it",
+                stray.fix(),
+            )
         note = stderr_summary(res.stderr_tail)
         if note and res.status == "failed" and note not in found:
             found += f" (stderr: {note})"

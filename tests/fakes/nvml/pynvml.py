@@ -18,7 +18,15 @@ Spec (every key optional)::
                "mig_capable": false,   # nvmlDeviceGetMigMode answers [0, 0] instead of NotSupported
                "mig": [{"name": "...", "uuid": "MIG-...", "total_gib": 9.8, "free_gib": 9.5,
                         "slot": 0}],   # present (even empty): MIG mode is on
-               "errors": {"nvmlDeviceGetMemoryInfo": "GpuIsLost"}}]}  # per-function failures
+               "errors": {"nvmlDeviceGetMemoryInfo": "GpuIsLost"},  # per-function failures
+               "returns": {"nvmlDeviceGetName": {"bytes": "NVIDIA L4"}}}],  # odd return values
+     "errors": {"nvmlDeviceGetCount": "py:RuntimeError: boom"},  # system-level failures
+     "returns": {"nvmlSystemGetDriverVersion": null}}
+
+An error is an ``NVMLError_<Name>`` suffix or ``py:ExceptionType: text`` for a Python exception
+of a builtin type (what a broken binding raises). A ``returns`` value replaces the function's
+result as is; ``{"bytes": "text"}`` stands for ``b"text"`` (old bindings return bytes).
+``PYTEST_UNSLOTH_FAKE_NVML_IMPORT_ERROR=OSError: text`` makes ``import pynvml`` itself raise.
 
 Machine-level keys (the topology check reads them; every one optional)::
 
@@ -42,7 +50,23 @@ import threading
 from typing import Any
 
 SPEC_ENV = "PYTEST_UNSLOTH_FAKE_NVML"
+IMPORT_ERROR_ENV = "PYTEST_UNSLOTH_FAKE_NVML_IMPORT_ERROR"
 _GIB = 1024**3
+
+
+def _python_error(text: str) -> BaseException:
+    """``"OSError: text"`` -> ``OSError("text")`` (builtin exception types only)."""
+    import builtins
+
+    kind, _, message = text.partition(":")
+    cls = getattr(builtins, kind.strip(), None)
+    if not (isinstance(cls, type) and issubclass(cls, BaseException)):
+        raise ValueError(f"fake NVML: {kind!r} is not a builtin exception type")
+    return cls(message.strip())
+
+
+if os.environ.get(IMPORT_ERROR_ENV):
+    raise _python_error(os.environ[IMPORT_ERROR_ENV])
 
 NVML_SUCCESS = 0
 NVML_ERROR_UNINITIALIZED = 1
@@ -149,11 +173,14 @@ NVMLError_NotFound: type[NVMLError]
 NVMLError_Uninitialized: type[NVMLError]
 
 
-def _error_by_name(name: str) -> NVMLError:
+def _error_by_name(name: str) -> BaseException:
+    if name.startswith("py:"):
+        return _python_error(name[3:])
     cls = getattr(sys.modules[__name__], "NVMLError_" + name, None)
     if cls is None:
         raise ValueError(f"fake NVML spec names an unknown error {name!r}")
-    return cls()  # type: ignore[no-any-return]
+    error: NVMLError = cls()
+    return error
 
 
 class c_nvmlMemory_t:
@@ -212,6 +239,30 @@ def _load() -> dict[str, Any]:
 
 def _count(name: str) -> None:
     CALLS[name] = CALLS.get(name, 0) + 1
+
+
+_NO_OVERRIDE = object()
+
+
+def _returned(value: Any) -> Any:
+    if isinstance(value, dict) and set(value) == {"bytes"}:
+        return str(value["bytes"]).encode()
+    return value
+
+
+def _system(func: str) -> Any:
+    """Raise the spec's top-level failure for ``func``, or return its override (or a marker)."""
+    spec = _load()
+    error = spec.get("errors", {}).get(func)
+    if error:
+        raise _error_by_name(error)
+    returns = spec.get("returns", {})
+    return _returned(returns[func]) if func in returns else _NO_OVERRIDE
+
+
+def _override(entry: dict[str, Any], func: str) -> Any:
+    returns = entry.get("returns", {})
+    return _returned(returns[func]) if func in returns else _NO_OVERRIDE
 
 
 def _require_init() -> dict[str, Any]:
@@ -285,6 +336,7 @@ def nvmlInit() -> None:
         raise NVMLError(NVML_ERROR_LIBRARY_NOT_FOUND)
     if spec.get("init_error"):
         raise _error_by_name(spec["init_error"])
+    _system("nvmlInit")
     with _lock:
         _refcount += 1
 
@@ -298,6 +350,8 @@ def nvmlShutdown() -> None:
     """Drop one reference; raise Uninitialized when none is held, as the library does."""
     global _refcount
     _count("nvmlShutdown")
+    if _system("nvmlShutdown") is not _NO_OVERRIDE:
+        return
     with _lock:
         if _refcount <= 0:
             raise NVMLError(NVML_ERROR_UNINITIALIZED)
@@ -307,13 +361,21 @@ def nvmlShutdown() -> None:
 def nvmlSystemGetDriverVersion() -> str:
     """Driver version string."""
     _count("nvmlSystemGetDriverVersion")
-    return str(_require_init().get("driver", "580.159.04"))
+    spec = _require_init()
+    override = _system("nvmlSystemGetDriverVersion")
+    if override is not _NO_OVERRIDE:
+        return override  # type: ignore[no-any-return]
+    return str(spec.get("driver", "580.159.04"))
 
 
 def nvmlSystemGetCudaDriverVersion() -> int:
     """The driver's CUDA version as an integer (13000 for 13.0)."""
     _count("nvmlSystemGetCudaDriverVersion")
-    return int(_require_init().get("cuda_driver", 13000))
+    spec = _require_init()
+    override = _system("nvmlSystemGetCudaDriverVersion")
+    if override is not _NO_OVERRIDE:
+        return override  # type: ignore[no-any-return]
+    return int(spec.get("cuda_driver", 13000))
 
 
 nvmlSystemGetCudaDriverVersion_v2 = nvmlSystemGetCudaDriverVersion
@@ -332,13 +394,20 @@ def nvmlSystemGetProcessName(pid: int) -> str:
 def nvmlDeviceGetCount() -> int:
     """Number of physical GPUs."""
     _count("nvmlDeviceGetCount")
-    return len(_require_init().get("gpus", []))
+    spec = _require_init()
+    override = _system("nvmlDeviceGetCount")
+    if override is not _NO_OVERRIDE:
+        return override  # type: ignore[no-any-return]
+    return len(spec.get("gpus", []))
 
 
 def nvmlDeviceGetHandleByIndex(index: int) -> c_nvmlDevice_t:
     """Handle of physical GPU ``index``."""
     _count("nvmlDeviceGetHandleByIndex")
-    _gpu(_require_init(), index)
+    gpu = _gpu(_require_init(), index)
+    error = gpu.get("errors", {}).get("nvmlDeviceGetHandleByIndex")
+    if error:
+        raise _error_by_name(error)
     return c_nvmlDevice_t(index)
 
 
@@ -365,6 +434,9 @@ def nvmlDeviceGetName(handle: c_nvmlDevice_t) -> str:
     _count("nvmlDeviceGetName")
     spec = _require_init()
     entry = _entry(spec, handle, "nvmlDeviceGetName")
+    override = _override(entry, "nvmlDeviceGetName")
+    if override is not _NO_OVERRIDE:
+        return override  # type: ignore[no-any-return]
     if handle.mig_slot is not None and "name" not in entry:
         parent = _gpu(spec, handle.gpu).get("name", "NVIDIA A100-SXM4-80GB")
         return f"{parent} MIG 1g.10gb"
@@ -375,6 +447,9 @@ def nvmlDeviceGetUUID(handle: c_nvmlDevice_t) -> str:
     """``GPU-...`` or ``MIG-...``."""
     _count("nvmlDeviceGetUUID")
     entry = _entry(_require_init(), handle, "nvmlDeviceGetUUID")
+    override = _override(entry, "nvmlDeviceGetUUID")
+    if override is not _NO_OVERRIDE:
+        return override  # type: ignore[no-any-return]
     return str(entry.get("uuid", _default_uuid(handle.gpu, handle.mig_slot)))
 
 
@@ -391,6 +466,9 @@ def nvmlDeviceGetMemoryInfo(handle: c_nvmlDevice_t, version: int | None = None) 
     """Total/free/used bytes; used defaults to total - free."""
     _count("nvmlDeviceGetMemoryInfo")
     entry = _entry(_require_init(), handle, "nvmlDeviceGetMemoryInfo")
+    override = _override(entry, "nvmlDeviceGetMemoryInfo")
+    if override is not _NO_OVERRIDE:
+        return override  # type: ignore[no-any-return]
     total = _bytes(entry, "total", 80 * _GIB) or 0
     free = _bytes(entry, "free", total)
     free = total if free is None else free
@@ -400,6 +478,9 @@ def nvmlDeviceGetMemoryInfo(handle: c_nvmlDevice_t, version: int | None = None) 
 
 def _procs(handle: c_nvmlDevice_t, key: str, func: str) -> list[nvmlFriendlyObject]:
     entry = _entry(_require_init(), handle, func)
+    override = _override(entry, func)
+    if override is not _NO_OVERRIDE:
+        return override  # type: ignore[no-any-return]
     out = []
     for p in entry.get(key, []):
         used = _bytes(p, "used", None)
