@@ -217,12 +217,12 @@ def _run_or_reuse(
         return run_subprocess(argv, chk.name, timeout)
     key = f"check-{chk.name}-{_file_stamp(file)}"
     with cache.lock(key):
-        cached = cache.lookup(key)
-        if cached is not None:
-            return cached
-        res = run_subprocess(argv, key, timeout)
-        cache.store(res)
-        return res
+        res = cache.lookup(key)
+        if res is None:
+            res = run_subprocess(argv, key, timeout)
+            cache.store(res)
+    cache.warn_pending()
+    return res
 
 
 def run_isolated(

@@ -350,9 +350,14 @@ def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON so that a concurrent reader sees the old file or the new one, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(data, fh)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def read_json(path: Path) -> Any:
@@ -423,6 +428,23 @@ class ProbeStore:
             self.cache.store(result)
             return result
 
+    def _produce_shared(self, name: str, run_dir: Path) -> ProbeResult:
+        """Produce NAME once for all xdist workers; an unusable run folder only costs sharing."""
+        target = run_dir / f"{name}.json"
+        with contextlib.ExitStack() as stack:
+            try:
+                stack.enter_context(file_lock(run_dir / f"{name}.lock"))
+            except OSError:
+                return self._produce(name)
+            shared = read_json(target)
+            if isinstance(shared, dict):
+                with contextlib.suppress(TypeError):
+                    return dataclasses.replace(ProbeResult.from_json(shared), origin="shared")
+            result = self._produce(name)
+            with contextlib.suppress(OSError):
+                write_json_atomic(target, result.to_json())
+            return result
+
     def _worker(self, name: str) -> None:
         try:
             if self.run_dir is None:
@@ -430,14 +452,7 @@ class ProbeStore:
             else:
                 # Another xdist worker may hold the lock and be running this probe: wait for it
                 # and reuse its result instead of probing twice.
-                target = self.run_dir / f"{name}.json"
-                with file_lock(self.run_dir / f"{name}.lock"):
-                    shared = read_json(target)
-                    if shared is not None:
-                        result = dataclasses.replace(ProbeResult.from_json(shared), origin="shared")
-                    else:
-                        result = self._produce(name)
-                        write_json_atomic(target, result.to_json())
+                result = self._produce_shared(name, self.run_dir)
         except Exception as exc:  # a bug here must fail one check, not the session
             result = ProbeResult(name, "failed", f"probe runner error: {exc!r}")
         with self._lock:
@@ -461,6 +476,8 @@ class ProbeStore:
         """The probe's result, starting it if needed and waiting for it."""
         self.start([name])
         self._events[name].wait()
+        if self.cache is not None:
+            self.cache.warn_pending()  # here, in the main thread, pytest records the warning
         return self._results[name]
 
     def results(self) -> dict[str, ProbeResult]:
