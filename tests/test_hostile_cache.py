@@ -8,6 +8,7 @@ a fake GPU and a fake ``vllm`` that logs every probe (see ``test_probe_cache.Env
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -136,3 +137,80 @@ def test_damaged_entry_is_dropped_and_rewritten(env: Env, damage, problem: str):
     assert rewritten["schema"] == 2 and rewritten["result"]["status"] == "passed"
     _, out = _run(env)  # and the rewritten entry is used again, without a warning
     assert env.probes == 2 and DROPPED not in out
+
+
+# ----------------------------------------------------------------------------------------------
+# No network from the pytest process: our own Hub calls stay offline even when the user's
+# environment does not say so (huggingface_hub read HF_HUB_OFFLINE at import).
+
+
+@pytest.fixture
+def no_network(monkeypatch: pytest.MonkeyPatch) -> list[tuple[object, ...]]:
+    """Make every name lookup and connection raise (and record it); the user is 'online'."""
+    import socket
+
+    import huggingface_hub.constants
+
+    attempts: list[tuple[object, ...]] = []
+
+    def refuse(*args: object, **kwargs: object) -> object:
+        attempts.append(args[:2])
+        raise OSError("network access in a test that must stay offline")
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket.socket, "connect", lambda self, *a: refuse(*a))
+    for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    return attempts
+
+
+def test_hub_offline_stops_the_lookup_and_restores_the_users_setting(no_network):
+    import huggingface_hub.constants
+    from transformers import AutoTokenizer
+
+    from pytest_unsloth.offline import hub_offline
+
+    with pytest.raises(OSError):  # the control: without our helper, the lookup happens
+        AutoTokenizer.from_pretrained("someorg/no-such-tokenizer", local_files_only=True)
+    assert no_network
+    no_network.clear()
+    with hub_offline(), pytest.raises(OSError):
+        AutoTokenizer.from_pretrained("someorg/no-such-tokenizer", local_files_only=True)
+    assert no_network == []
+    assert huggingface_hub.constants.HF_HUB_OFFLINE is False
+    assert "HF_HUB_OFFLINE" not in os.environ
+    with hub_offline(allow_download=True), pytest.raises(OSError):
+        AutoTokenizer.from_pretrained("someorg/no-such-tokenizer")
+    assert no_network  # --unsloth-allow-download: the Hub is asked
+
+
+def test_length_budget_reports_a_missing_tokenizer_without_a_lookup(
+    pytester: pytest.Pytester, no_network
+):
+    import huggingface_hub.constants
+
+    (pytester.path / "train.jsonl").write_text(
+        json.dumps({"prompt": [{"role": "user", "content": "hi"}]}) + "\n"
+    )
+    pytester.makeini(
+        "[pytest]\nunsloth_dataset = train.jsonl\nunsloth_tokenizer = no-such-tokenizer-folder\n"
+    )
+    start = time.monotonic()
+    result = pytester.runpytest("--unsloth-env", "--unsloth-checks=length-budget")
+    assert time.monotonic() - start < 60
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["found: cannot load the tokenizer 'no-such-tokenizer-folder'*"])
+    assert no_network == []
+    assert huggingface_hub.constants.HF_HUB_OFFLINE is False  # the user's setting is back
+
+
+def test_model_fixture_path_reports_a_missing_hub_model_without_a_lookup(no_network):
+    from pytest_unsloth.models import ModelLoadError, ModelRequest, load_4bit
+
+    with pytest.raises(
+        ModelLoadError, match="nor in the Hugging Face cache, and downloads are off"
+    ):
+        load_4bit(ModelRequest("someorg/no-such-model"))
+    assert no_network == []

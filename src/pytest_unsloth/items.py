@@ -116,7 +116,15 @@ class CheckItem(pytest.Item):
 
                 visible_gpus(ctx)
             run = chk.func if not chk.isolated else self._run_isolated
-            detail = run(ctx)
+            if chk.source.startswith("pytest-unsloth"):
+                from pytest_unsloth.offline import hub_offline
+
+                # Built-in checks load tokenizers and configs: never from the Hub unless
+                # allowed. Users' own checks keep the user's settings.
+                with hub_offline(ctx.settings.allow_download):
+                    detail = run(ctx)
+            else:
+                detail = run(ctx)
         except CheckFailed as exc:
             self._record(
                 "failed", start, message=exc.found, found=exc.found, why=exc.why, fix=exc.fix
