@@ -214,3 +214,58 @@ def test_model_fixture_path_reports_a_missing_hub_model_without_a_lookup(no_netw
     ):
         load_4bit(ModelRequest("someorg/no-such-model"))
     assert no_network == []
+
+
+# ----------------------------------------------------------------------------------------------
+# Nothing left behind in the temp folder: torch's import-time caches of our calls go to pytest's
+# cache folder, and the xdist run folder is removed by the controller.
+
+
+def test_grpo_config_and_model_fixtures_leave_the_temp_dir_empty(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+):
+    pytest.importorskip("trl")
+    pytest.importorskip("peft")
+    temp = tmp_path / "tmpdir"
+    temp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(temp))
+    for var in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    pytester.makeini(
+        "[pytest]\nunsloth_grpo_config =\n    num_generations = 2\n"
+        "    per_device_train_batch_size = 2\n"
+    )
+    pytester.makepyfile(
+        """
+        import os
+
+        def test_lora(peft_model):
+            assert peft_model is not None
+            # our calls' cache locations are not the user's: the variables are unset again
+            assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+        """
+    )
+    start = time.monotonic()
+    result = pytester.runpytest_subprocess(
+        "--unsloth-env", "--unsloth-checks=grpo-config", ".", timeout=300
+    )
+    assert time.monotonic() - start < 300
+    assert "INTERNALERROR" not in result.stdout.str()
+    result.assert_outcomes(passed=2)
+    assert sorted(p.name for p in temp.iterdir()) == []
+    caches = pytester.path / ".pytest_cache" / "d" / "unsloth-torch-caches"
+    assert (caches / "torchinductor").is_dir()
+
+
+def test_xdist_run_folder_is_removed_at_the_end(
+    env: Env, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+):
+    pytest.importorskip("xdist")
+    temp = tmp_path / "tmpdir"
+    temp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(temp))
+    env.pytester.makepyfile("def test_a(): pass\ndef test_b(): pass\n")
+    result = env.run("-n", "2", "-p", "no:randomly", ".")
+    result.assert_outcomes(passed=3)
+    assert env.probes == 1
+    assert sorted(p.name for p in temp.iterdir()) == []

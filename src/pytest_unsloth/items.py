@@ -118,10 +118,12 @@ class CheckItem(pytest.Item):
             run = chk.func if not chk.isolated else self._run_isolated
             if chk.source.startswith("pytest-unsloth"):
                 from pytest_unsloth.offline import hub_offline
+                from pytest_unsloth.scratch import torch_caches
 
                 # Built-in checks load tokenizers and configs: never from the Hub unless
-                # allowed. Users' own checks keep the user's settings.
-                with hub_offline(ctx.settings.allow_download):
+                # allowed, and torch's cache folders not in $TMPDIR. Users' own checks keep
+                # the user's settings.
+                with hub_offline(ctx.settings.allow_download), torch_caches(self.config):
                     detail = run(ctx)
             else:
                 detail = run(ctx)

@@ -494,7 +494,12 @@ def run_dir_for(config: pytest.Config) -> Path | None:
     workerinput = getattr(config, "workerinput", None)
     if not workerinput or "testrunuid" not in workerinput:
         return None
-    return Path(tempfile.gettempdir()) / f"pytest-unsloth-{workerinput['testrunuid']}"
+    return run_dir_path(str(workerinput["testrunuid"]))
+
+
+def run_dir_path(testrunuid: str) -> Path:
+    """The shared folder of the xdist run ``testrunuid`` (the controller removes it at the end)."""
+    return Path(tempfile.gettempdir()) / f"pytest-unsloth-{testrunuid}"
 
 
 def get_probe_store(config: pytest.Config) -> ProbeStore:
