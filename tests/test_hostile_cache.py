@@ -269,3 +269,42 @@ def test_xdist_run_folder_is_removed_at_the_end(
     result.assert_outcomes(passed=3)
     assert env.probes == 1
     assert sorted(p.name for p in temp.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------------------------
+# Isolated checks in nested conftest.py files: the child runs the function of THAT file, even
+# though every conftest module is named "conftest".
+
+NESTED = """
+import pytest_unsloth
+
+@pytest_unsloth.check("{name}", isolated=True, timeout=60)
+def team_check():
+    return "ran {name} from " + __file__
+"""
+
+
+def test_isolated_checks_in_nested_conftests_run_their_own_function(pytester: pytest.Pytester):
+    pytester.makeconftest(NESTED.format(name="root-check"))
+    for folder in ("alpha", "beta"):
+        (pytester.path / folder).mkdir()
+        (pytester.path / folder / "conftest.py").write_text(NESTED.format(name=f"{folder}-check"))
+        (pytester.path / folder / f"test_{folder}.py").write_text("def test_ok(): pass\n")
+    start = time.monotonic()
+    result = pytester.runpytest_subprocess(
+        "--unsloth-env",
+        "--unsloth-checks=root-check,alpha-check,beta-check",
+        "--unsloth-report=r.json",
+        "alpha",
+        "beta",
+        timeout=120,
+    )
+    assert time.monotonic() - start < 120
+    assert "INTERNALERROR" not in result.stdout.str()
+    result.assert_outcomes(passed=5)
+    report = json.loads((pytester.path / "r.json").read_text())
+    messages = {c["name"]: c["message"] for c in report["checks"]}
+    assert messages == {
+        name: f"ran {name} from {pytester.path / folder / 'conftest.py'}"
+        for name, folder in (("root-check", ""), ("alpha-check", "alpha"), ("beta-check", "beta"))
+    }

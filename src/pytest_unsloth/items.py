@@ -197,8 +197,12 @@ def make_items(session: pytest.Session, checks: list[Check]) -> list[CheckItem]:
 
 
 def _function_ref(func: Any) -> dict[str, str]:
-    module = sys.modules.get(getattr(func, "__module__", ""), None)
-    file = getattr(module, "__file__", None)
+    # The function's own globals name its file: two conftest.py files share the module name
+    # "conftest", and sys.modules holds only the last one imported.
+    file = getattr(func, "__globals__", {}).get("__file__")
+    if not file:
+        module = sys.modules.get(getattr(func, "__module__", ""), None)
+        file = getattr(module, "__file__", None)
     if not file:
         raise CheckError(
             f"isolated check function {func!r} has no importable module file; define it at "
