@@ -308,3 +308,35 @@ def test_isolated_checks_in_nested_conftests_run_their_own_function(pytester: py
         name: f"ran {name} from {pytester.path / folder / 'conftest.py'}"
         for name, folder in (("root-check", ""), ("alpha-check", "alpha"), ("beta-check", "beta"))
     }
+
+
+CACHED = """
+import pytest_unsloth
+
+@pytest_unsloth.check("team-cached", isolated=True, timeout=60, cacheable=True)
+def team_cached():
+    with open("runs.log", "a") as fh:
+        fh.write("ran\\n")
+    return "cached check ok"
+"""
+
+
+def test_cacheable_isolated_check_with_a_damaged_entry(pytester: pytest.Pytester):
+    pytester.makeconftest(CACHED)
+
+    def run() -> str:
+        result = pytester.runpytest_subprocess(
+            "--unsloth-env", "--unsloth-checks=team-cached", timeout=120
+        )
+        assert "INTERNALERROR" not in result.stdout.str()
+        result.assert_outcomes(passed=1)
+        return result.stdout.str()
+
+    run()
+    (entry,) = (pytester.path / ".pytest_cache" / "d" / "unsloth-probes").glob("check-team-*")
+    entry.write_text('{"schema": 2, "fingerprint": ')
+    out = run()
+    lines = _warning_lines(out, "pytest-unsloth: dropped a damaged probe-cache entry for 'check-")
+    assert len(lines) == 1 and "not valid JSON" in lines[0], out
+    run()
+    assert (pytester.path / "runs.log").read_text() == "ran\nran\n"  # rewritten, then reused

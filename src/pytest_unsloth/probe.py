@@ -187,6 +187,14 @@ def _collect(
     import selectors
 
     assert proc.stdout is not None and proc.stderr is not None
+    if os.name == "nt":  # pragma: no cover - no select() on Windows pipes: plain communicate
+        try:
+            out, err = proc.communicate(timeout=timeout)
+            return out, err, False, None
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            out, err = proc.communicate()
+            return out, err, True, None
     streams = {proc.stdout.fileno(): bytearray(), proc.stderr.fileno(): bytearray()}
     out_fd, err_fd = proc.stdout.fileno(), proc.stderr.fileno()
     inodes = [os.fstat(fd).st_ino for fd in streams]

@@ -237,7 +237,12 @@ class ProbeCache:
         except (OSError, CacheUnusable) as exc:
             self._give_up("cannot read the probe cache", exc)
             return None
-        if entry["fingerprint"] != self.fingerprint:
+        try:
+            current = self.fingerprint
+        except Exception as exc:  # a broken install is the checks' finding, not the cache's
+            self._give_up("cannot fingerprint the environment", exc)
+            return None
+        if entry["fingerprint"] != current:
             return None
         age = time.time() - float(entry["time"])
         result = entry["result"]
@@ -263,7 +268,7 @@ class ProbeCache:
                 write_json_atomic(path, entry)
             else:
                 path.unlink(missing_ok=True)
-        except (OSError, CacheUnusable, TypeError, ValueError) as exc:
+        except Exception as exc:  # the cache only saves time: never fail a probe for it
             self._give_up("cannot write the probe cache", exc)
 
 
