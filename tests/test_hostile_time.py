@@ -286,3 +286,30 @@ def test_isolated_checks_with_detached_grandchildren(pytester: pytest.Pytester, 
         ]
     )
     assert "PASSED unsloth-env::detach-pass" in result.stdout.str()
+
+
+def test_leftover_child_in_the_same_group_is_ended_not_reported_as_detached(
+    tmp_path: Path, pidfiles
+):
+    pid = pidfiles("same-group")
+    argv = _child(
+        tmp_path,
+        f"""
+        import subprocess
+        def body():
+            code = "import os, time; open({str(pid)!r}, 'w').write(str(os.getpid()))"
+            code += "; time.sleep(60)"
+            subprocess.Popen([sys.executable, "-c", code])
+            while not open({str(pid)!r}, "a+").tell():
+                time.sleep(0.01)
+            return emit("passed", "left a helper running")
+        run("x", {{"x": body}})
+        """,
+    )
+    took, res = _timed(argv, 30)
+    assert took < PIPE_GRACE_S + 5
+    assert (res.status, res.message) == ("passed", "left a helper running")
+    time.sleep(0.2)
+    # It was in the probe's group: ended with it (gone, or a zombie awaiting init's reaping).
+    stat = Path(f"/proc/{pid.read_text()}/stat")
+    assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"

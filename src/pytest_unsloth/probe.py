@@ -204,7 +204,7 @@ def _collect(
         sel.register(fd, selectors.EVENT_READ)
     deadline = time.monotonic() + timeout
     drain_until: float | None = None
-    timed_out = False
+    timed_out = group_killed = False
     try:
         while sel.get_map():
             now = time.monotonic()
@@ -212,12 +212,19 @@ def _collect(
                 if proc.poll() is not None:
                     drain_until = now + PIPE_GRACE_S
                 elif now >= deadline:
-                    timed_out = True
+                    timed_out = group_killed = True
                     _kill_group(proc)
                     proc.wait()
                     drain_until = time.monotonic() + PIPE_GRACE_S
             if drain_until is not None and now >= drain_until:
-                break
+                if group_killed:
+                    break
+                # The child is gone but its pipes are not: end what is left of its process
+                # group, then give the pipes a moment; whoever still holds them is detached.
+                group_killed = True
+                with contextlib.suppress(OSError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                drain_until = now + 0.2
             # Wake at least every 0.1 s to notice an exit whose pipes a descendant keeps open.
             limit = drain_until if drain_until is not None else deadline
             for key, _ in sel.select(max(0.0, min(0.1, limit - now))):
