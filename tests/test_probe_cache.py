@@ -137,7 +137,7 @@ def test_failed_probe_is_never_reused(
 
 def test_old_entry_is_reprobed(env: Env):
     env.run()
-    entry = env.pytester.path / ".pytest_cache" / "v" / "unsloth" / "probes" / "vllm"
+    entry = env.pytester.path / ".pytest_cache" / "d" / "unsloth-probes" / "vllm.json"
     data = json.loads(entry.read_text())
     data["time"] -= 25 * 3600  # default max age: 24 h
     entry.write_text(json.dumps(data))

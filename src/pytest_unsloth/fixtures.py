@@ -176,9 +176,12 @@ def _call(item: pytest.Item, action: Callable[[], T]) -> T:
     that one's traceback holds frames whose locals reference the model, and anything keeping
     the report's call info (pytester, some plugins) would keep the model alive.
     """
+    from pytest_unsloth.scratch import torch_caches
+
     problem = ""
     try:
-        return action()
+        with torch_caches(item.config):  # torch's import-time cache folders: not in $TMPDIR
+            return action()
     except (ModelLoadError, ModelCheckError) as exc:
         problem = str(exc)
     _fail(item, problem)

@@ -13,21 +13,36 @@ from typing import Any
 from pytest_unsloth.probes import emit, stage
 
 
+def _same_file(module: Any, file: Path) -> bool:
+    try:
+        return Path(module.__file__).resolve() == file.resolve()
+    except (AttributeError, TypeError, OSError):
+        return False
+
+
 def _load(spec: dict[str, Any]) -> Any:
+    """The check function, from the very file it was defined in (identified by path)."""
+    file = Path(spec["file"])
     module = sys.modules.get(spec["module"])
-    if module is None:
+    if module is not None and not _same_file(module, file):
+        module = None
+    if module is None and file.name != "conftest.py":
+        # conftest.py files share one module name; importing "conftest" by name would run
+        # whichever comes first on sys.path, so those are always loaded from their file.
         try:
             module = importlib.import_module(spec["module"])
         except ImportError:
-            # conftest.py files are not importable by name: load them from their file.
-            file = Path(spec["file"])
-            sys.path.insert(0, str(file.parent))
-            loader_spec = importlib.util.spec_from_file_location(spec["module"], file)
-            if loader_spec is None or loader_spec.loader is None:
-                raise ImportError(f"cannot import {file}") from None
-            module = importlib.util.module_from_spec(loader_spec)
-            sys.modules[spec["module"]] = module
-            loader_spec.loader.exec_module(module)
+            module = None
+        if module is not None and not _same_file(module, file):
+            module = None
+    if module is None:
+        sys.path.insert(0, str(file.parent))
+        loader_spec = importlib.util.spec_from_file_location(spec["module"], file)
+        if loader_spec is None or loader_spec.loader is None:
+            raise ImportError(f"cannot import {file}") from None
+        module = importlib.util.module_from_spec(loader_spec)
+        sys.modules[spec["module"]] = module
+        loader_spec.loader.exec_module(module)
     obj: Any = module
     for part in spec["qualname"].split("."):
         obj = getattr(obj, part)

@@ -124,7 +124,17 @@ class CheckItem(pytest.Item):
 
                 visible_gpus(ctx)
             run = chk.func if not chk.isolated else self._run_isolated
-            detail = run(ctx)
+            if chk.source.startswith("pytest-unsloth"):
+                from pytest_unsloth.offline import hub_offline
+                from pytest_unsloth.scratch import torch_caches
+
+                # Built-in checks load tokenizers and configs: never from the Hub unless
+                # allowed, and torch's cache folders not in $TMPDIR. Users' own checks keep
+                # the user's settings.
+                with hub_offline(ctx.settings.allow_download), torch_caches(self.config):
+                    detail = run(ctx)
+            else:
+                detail = run(ctx)
             problem = bad_return(detail)
             if problem:
                 # False or a dict would otherwise read as a pass: say what the check did.
@@ -210,8 +220,12 @@ def make_items(session: pytest.Session, checks: list[Check]) -> list[CheckItem]:
 
 
 def _function_ref(func: Any) -> dict[str, str]:
-    module = sys.modules.get(getattr(func, "__module__", ""), None)
-    file = getattr(module, "__file__", None)
+    # The function's own globals name its file: two conftest.py files share the module name
+    # "conftest", and sys.modules holds only the last one imported.
+    file = getattr(func, "__globals__", {}).get("__file__")
+    if not file:
+        module = sys.modules.get(getattr(func, "__module__", ""), None)
+        file = getattr(module, "__file__", None)
     if not file:
         raise CheckError(
             f"isolated check function {func!r} has no importable module file; define it at "
@@ -240,12 +254,12 @@ def _run_or_reuse(
         return run_subprocess(argv, chk.name, timeout)
     key = f"check-{chk.name}-{_file_stamp(file)}"
     with cache.lock(key):
-        cached = cache.lookup(key)
-        if cached is not None:
-            return cached
-        res = run_subprocess(argv, key, timeout)
-        cache.store(res)
-        return res
+        res = cache.lookup(key)
+        if res is None:
+            res = run_subprocess(argv, key, timeout)
+            cache.store(res)
+    cache.warn_pending()
+    return res
 
 
 def run_isolated(

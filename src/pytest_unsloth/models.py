@@ -349,6 +349,16 @@ def load_4bit(
     request: ModelRequest, *, tiny_cache_dir: str | os.PathLike[str] | None = None
 ) -> LoadedModel:
     """Load ``request`` in 4-bit with the chosen backend and verify the result."""
+    from pytest_unsloth.offline import hub_offline
+
+    # Our load must not reach the Hub unless downloads are allowed (issue 11).
+    with hub_offline(request.allow_download):
+        return _load_4bit(request, tiny_cache_dir=tiny_cache_dir)
+
+
+def _load_4bit(
+    request: ModelRequest, *, tiny_cache_dir: str | os.PathLike[str] | None = None
+) -> LoadedModel:
     if request.max_seq_length <= 0:
         raise ModelLoadError(f"max_seq_length must be positive, got {request.max_seq_length}")
     backend, reason = choose_backend(request.backend)

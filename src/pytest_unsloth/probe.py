@@ -160,7 +160,7 @@ def stderr_summary(tail: str) -> str:
     return lines[-1][:300]
 
 
-def _kill_group(proc: subprocess.Popen[str]) -> None:
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
     try:
         if hasattr(os, "killpg"):
             os.killpg(proc.pid, signal.SIGKILL)
@@ -170,10 +170,134 @@ def _kill_group(proc: subprocess.Popen[str]) -> None:
         proc.kill()
 
 
+# After the child has exited (or been killed), how long its pipes may stay open. A descendant
+# that left the process group (double fork + setsid) can hold them for ever; past this grace
+# period the parent stops reading and keeps what it has.
+PIPE_GRACE_S = 1.0
+
+
+def pipe_holders(inodes: Iterable[int]) -> list[int]:
+    """Pids of other processes holding a pipe with one of these inodes (Linux /proc; else [])."""
+    wanted = {f"pipe:[{i}]" for i in inodes}
+    me = os.getpid()
+    found: list[int] = []
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return found
+    for entry in entries:
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        try:
+            fds = os.listdir(f"/proc/{entry}/fd")
+        except OSError:
+            continue  # gone, or not ours to inspect
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{entry}/fd/{fd}")
+            except OSError:
+                continue
+            if target in wanted:
+                found.append(int(entry))
+                break
+    return sorted(found)
+
+
+def _collect(
+    proc: subprocess.Popen[bytes], timeout: float
+) -> tuple[bytes, bytes, bool, list[int] | None]:
+    """Read the child's stdout and stderr until both close, the child times out, or the grace
+    period after its exit runs out. Returns (stdout, stderr, timed_out, detached holders or
+    None when the pipes closed normally)."""
+    import selectors
+
+    assert proc.stdout is not None and proc.stderr is not None
+    if os.name == "nt":  # pragma: no cover - no select() on Windows pipes: plain communicate
+        try:
+            out, err = proc.communicate(timeout=timeout)
+            return out, err, False, None
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            out, err = proc.communicate()
+            return out, err, True, None
+    streams = {proc.stdout.fileno(): bytearray(), proc.stderr.fileno(): bytearray()}
+    out_fd, err_fd = proc.stdout.fileno(), proc.stderr.fileno()
+    inodes = [os.fstat(fd).st_ino for fd in streams]
+    sel = selectors.DefaultSelector()
+    for fd in streams:
+        os.set_blocking(fd, False)
+        sel.register(fd, selectors.EVENT_READ)
+    deadline = time.monotonic() + timeout
+    drain_until: float | None = None
+    timed_out = group_killed = False
+    try:
+        while sel.get_map():
+            now = time.monotonic()
+            if drain_until is None:
+                if proc.poll() is not None:
+                    drain_until = now + PIPE_GRACE_S
+                elif now >= deadline:
+                    timed_out = group_killed = True
+                    _kill_group(proc)
+                    proc.wait()
+                    drain_until = time.monotonic() + PIPE_GRACE_S
+            if drain_until is not None and now >= drain_until:
+                if group_killed:
+                    break
+                # The child is gone but its pipes are not: end what is left of its process
+                # group, then give the pipes a moment; whoever still holds them is detached.
+                group_killed = True
+                with contextlib.suppress(OSError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                drain_until = now + 0.2
+            # Wake at least every 0.1 s to notice an exit whose pipes a descendant keeps open.
+            limit = drain_until if drain_until is not None else deadline
+            for key, _ in sel.select(max(0.0, min(0.1, limit - now))):
+                fd = int(key.fd)
+                try:
+                    chunk = os.read(fd, 65536)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    chunk = b""
+                if chunk:
+                    streams[fd] += chunk
+                else:
+                    sel.unregister(fd)
+        holders = pipe_holders(inodes) if sel.get_map() else None
+    finally:
+        sel.close()
+        proc.stdout.close()
+        proc.stderr.close()
+    if proc.poll() is None:  # only reached when the pipes closed before the child exited
+        try:
+            proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            _kill_group(proc)
+            proc.wait()
+    return bytes(streams[out_fd]), bytes(streams[err_fd]), timed_out, holders
+
+
+def detached_note(holders: list[int] | None) -> str:
+    """The note for a result whose pipes a detached descendant kept open ('' when none did)."""
+    if holders is None:
+        return ""
+    who = f" (pid {', '.join(map(str, holders))})" if holders else ""
+    return (
+        f"; a detached process{who} kept its stdout/stderr open, so output was read for "
+        f"{PIPE_GRACE_S:g} s more and then left"
+    )
+
+
 def run_subprocess(
     argv: list[str], name: str, timeout: float, env: Mapping[str, str] | None = None
 ) -> ProbeResult:
-    """Run a child speaking the ``@@unsloth-probe`` protocol; turn what happened into a result."""
+    """Run a child speaking the ``@@unsloth-probe`` protocol; turn what happened into a result.
+
+    The time limit holds even when a descendant escapes the process group and keeps the pipes
+    open: the child's result is taken as soon as it exits (or is killed), plus a short grace.
+    """
     start = time.perf_counter()
     try:
         proc = subprocess.Popen(
@@ -181,39 +305,48 @@ def run_subprocess(
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            text=True,
-            errors="replace",
             env=dict(env) if env is not None else child_env(),
             start_new_session=True,  # so a timeout kills the probe's own children too
         )
     except OSError as exc:
         return ProbeResult(name, "failed", f"could not start {argv[0]}: {exc}")
-    timed_out = False
     try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        timed_out = True
+        raw_out, raw_err, timed_out, holders = _collect(proc, timeout)
+    except BaseException:
         _kill_group(proc)
-        out, err = proc.communicate()
+        proc.wait()
+        raise
+    out = raw_out.decode(errors="replace")
+    err = raw_err.decode(errors="replace")
+    note = detached_note(holders)
     duration = time.perf_counter() - start
     stage, result = _parse_output(out)
     tail = _tail(err)
     where = f" in stage '{stage}'" if stage else " before its first stage"
     if timed_out:
         return ProbeResult(
-            name, "failed", f"timed out after {timeout:g} s{where}", stage, {}, duration, tail
+            name,
+            "failed",
+            f"timed out after {timeout:g} s{where}{note}",
+            stage,
+            {},
+            duration,
+            tail,
         )
+    assert proc.returncode is not None
     if proc.returncode < 0:
         try:
             signame = signal.Signals(-proc.returncode).name
         except ValueError:
             signame = f"signal {-proc.returncode}"
-        return ProbeResult(name, "failed", f"died with {signame}{where}", stage, {}, duration, tail)
+        return ProbeResult(
+            name, "failed", f"died with {signame}{where}{note}", stage, {}, duration, tail
+        )
     if result is None:
         return ProbeResult(
             name,
             "failed",
-            f"exited with code {proc.returncode}{where} without a result",
+            f"exited with code {proc.returncode}{where} without a result{note}",
             stage,
             {},
             duration,
@@ -257,9 +390,14 @@ def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON so that a concurrent reader sees the old file or the new one, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(data, fh)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def read_json(path: Path) -> Any:
@@ -348,6 +486,24 @@ class ProbeStore:
             self.cache.store(result, key)
             return result
 
+    def _produce_shared(self, name: str, pin: Pin | None, run_dir: Path) -> ProbeResult:
+        """Produce NAME once for all xdist workers; an unusable run folder only costs sharing."""
+        key = name if pin is None else pin.key(name)
+        target = run_dir / f"{key}.json"
+        with contextlib.ExitStack() as stack:
+            try:
+                stack.enter_context(file_lock(run_dir / f"{key}.lock"))
+            except OSError:
+                return self._produce(name, pin)
+            shared = read_json(target)
+            if isinstance(shared, dict):
+                with contextlib.suppress(TypeError):
+                    return dataclasses.replace(ProbeResult.from_json(shared), origin="shared")
+            result = self._produce(name, pin)
+            with contextlib.suppress(OSError):
+                write_json_atomic(target, result.to_json())
+            return result
+
     def _worker(self, name: str, pin: Pin | None) -> None:
         key = name if pin is None else pin.key(name)
         try:
@@ -356,14 +512,7 @@ class ProbeStore:
             else:
                 # Another xdist worker may hold the lock and be running this probe: wait for it
                 # and reuse its result instead of probing twice.
-                target = self.run_dir / f"{key}.json"
-                with file_lock(self.run_dir / f"{key}.lock"):
-                    shared = read_json(target)
-                    if shared is not None:
-                        result = dataclasses.replace(ProbeResult.from_json(shared), origin="shared")
-                    else:
-                        result = self._produce(name, pin)
-                        write_json_atomic(target, result.to_json())
+                result = self._produce_shared(name, pin, self.run_dir)
         except Exception as exc:  # a bug here must fail one check, not the session
             result = ProbeResult(name, "failed", f"probe runner error: {exc!r}")
         with self._lock:
@@ -389,6 +538,8 @@ class ProbeStore:
         self.start([name], pin)
         key = name if pin is None else pin.key(name)
         self._events[key].wait()
+        if self.cache is not None:
+            self.cache.warn_pending()  # here, in the main thread, pytest records the warning
         return self._results[key]
 
     def results(self) -> dict[str, ProbeResult]:
@@ -405,7 +556,12 @@ def run_dir_for(config: pytest.Config) -> Path | None:
     workerinput = getattr(config, "workerinput", None)
     if not workerinput or "testrunuid" not in workerinput:
         return None
-    return Path(tempfile.gettempdir()) / f"pytest-unsloth-{workerinput['testrunuid']}"
+    return run_dir_path(str(workerinput["testrunuid"]))
+
+
+def run_dir_path(testrunuid: str) -> Path:
+    """The shared folder of the xdist run ``testrunuid`` (the controller removes it at the end)."""
+    return Path(tempfile.gettempdir()) / f"pytest-unsloth-{testrunuid}"
 
 
 def get_probe_store(config: pytest.Config) -> ProbeStore:

@@ -13,20 +13,22 @@ import hashlib
 import json
 import os
 import platform
+import re
 import sys
+import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
-    import pytest
+import pytest
 
+if TYPE_CHECKING:
     from pytest_unsloth.gpu import NvmlSnapshot
     from pytest_unsloth.probe import ProbeResult
     from pytest_unsloth.settings import Settings
 
-CACHE_PREFIX = "unsloth/probes/"
 # Variables that change what a probe child finds or does.
 ENV_VARS = (
     "CUDA_VISIBLE_DEVICES",
@@ -94,8 +96,57 @@ def fingerprint(inputs: Mapping[str, Any]) -> str:
     return hashlib.sha256(blob).hexdigest()[:32]
 
 
+# Bumped whenever the layout of an entry changes: an entry of another schema is dropped.
+SCHEMA = 2
+ENTRY_DIR = "unsloth-probes"
+LOCK_DIR = "unsloth-locks"
+
+
+class CacheUnusable(Exception):
+    """The cache folder cannot be created, read, written or locked."""
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def entry_problem(entry: object) -> str | None:
+    """Why a stored entry cannot be trusted (None when it can)."""
+    if not isinstance(entry, dict):
+        return f"not a JSON object but {type(entry).__name__}"
+    if entry.get("schema") != SCHEMA:
+        return f"schema {entry.get('schema')!r}, expected {SCHEMA}"
+    result = entry.get("result")
+    checks = {
+        "fingerprint": isinstance(entry.get("fingerprint"), str),
+        "time": _is_number(entry.get("time")),
+        "result": isinstance(result, dict),
+    }
+    if isinstance(result, dict):
+        checks.update(
+            {
+                "result.status": result.get("status") in ("passed", "failed", "skipped"),
+                "result.message": isinstance(result.get("message"), str),
+                "result.stage": result.get("stage") is None or isinstance(result["stage"], str),
+                "result.data": isinstance(result.get("data", {}), dict),
+                "result.duration": _is_number(result.get("duration", 0.0)),
+            }
+        )
+    bad = [key for key, ok in checks.items() if not ok]
+    return f"wrong type or value of {', '.join(bad)}" if bad else None
+
+
+def _file_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name) + ".json"
+
+
 class ProbeCache:
-    """Passing probe results in ``config.cache`` under ``unsloth/probes/NAME``."""
+    """Passing probe results in pytest's cache folder (``d/unsloth-probes/NAME.json``).
+
+    The cache only ever saves time: when it cannot be used (folder not creatable, not writable,
+    a lock that cannot be opened) probes run uncached and one warning says so; a damaged entry
+    is dropped and written again.
+    """
 
     def __init__(
         self, cache: pytest.Cache, settings: Settings, nvml: Callable[[], NvmlSnapshot]
@@ -105,6 +156,10 @@ class ProbeCache:
         self.reprobe = settings.reprobe
         self._nvml = nvml
         self._fingerprint: str | None = None
+        self.unusable: str | None = None  # why the cache is off for the rest of the session
+        self._guard = threading.Lock()
+        self._pending: list[str] = []
+        self._warned: set[str] = set()
 
     @property
     def fingerprint(self) -> str:
@@ -113,43 +168,115 @@ class ProbeCache:
             self._fingerprint = fingerprint(fingerprint_inputs(self._nvml()))
         return self._fingerprint
 
+    def _note(self, message: str) -> None:
+        with self._guard:
+            if message not in self._warned:
+                self._warned.add(message)
+                self._pending.append(message)
+
+    def _give_up(self, what: str, exc: BaseException) -> None:
+        with self._guard:
+            first = self.unusable is None
+            if first:
+                self.unusable = f"{what}: {exc}"
+        if first:
+            self._note(
+                f"pytest-unsloth: the probe cache cannot be used ({what}: {exc}); probes run "
+                "uncached this session. Fix: make the cache_dir writable, or run with "
+                "-p no:cacheprovider"
+            )
+
+    def warn_pending(self) -> None:
+        """Issue the cache's pending warnings (call from the main thread, inside a test)."""
+        with self._guard:
+            pending, self._pending = self._pending, []
+        for message in pending:
+            warnings.warn(pytest.PytestCacheWarning(message), stacklevel=2)
+
+    def _dir(self, name: str) -> Path:
+        try:
+            return self.cache.mkdir(name)
+        except OSError as exc:
+            raise CacheUnusable(f"cannot create the cache folder {name!r}: {exc}") from exc
+
     @contextlib.contextmanager
     def lock(self, name: str) -> Iterator[None]:
-        """Serialise probing NAME across processes sharing this cache (terminals, workers)."""
+        """Serialise probing NAME across processes sharing this cache (terminals, workers);
+        a lock that cannot be taken turns the cache off instead of failing the probe."""
         from pytest_unsloth.probe import file_lock
 
-        with file_lock(self.cache.mkdir("unsloth-locks") / f"{name}.lock"):
+        with contextlib.ExitStack() as stack:
+            if self.unusable is None:
+                try:
+                    folder = self._dir(LOCK_DIR)
+                    stack.enter_context(file_lock(folder / (_file_name(name)[:-5] + ".lock")))
+                except (OSError, CacheUnusable) as exc:
+                    self._give_up("cannot take the probe lock", exc)
             yield
+
+    def _entry_path(self, name: str) -> Path:
+        return self._dir(ENTRY_DIR) / _file_name(name)
 
     def lookup(self, name: str) -> ProbeResult | None:
         """A fresh passing result for this fingerprint, else None."""
         from pytest_unsloth.probe import ProbeResult
 
-        if self.reprobe or self.max_age <= 0:
+        if self.reprobe or self.max_age <= 0 or self.unusable is not None:
             return None
-        entry = self.cache.get(CACHE_PREFIX + name, None)
-        if not isinstance(entry, dict) or entry.get("fingerprint") != self.fingerprint:
+        try:
+            path = self._entry_path(name)
+            if not path.exists():
+                return None
+            try:
+                text = path.read_text(encoding="utf-8")
+                entry: Any = json.loads(text)
+            except (ValueError, UnicodeDecodeError) as exc:
+                problem: str | None = f"not valid JSON ({exc})"
+            else:
+                problem = entry_problem(entry)
+            if problem is not None:
+                path.unlink()
+                self._note(
+                    f"pytest-unsloth: dropped a damaged probe-cache entry for {name!r} "
+                    f"({problem}); probed again and rewritten"
+                )
+                return None
+        except (OSError, CacheUnusable) as exc:
+            self._give_up("cannot read the probe cache", exc)
             return None
-        age = time.time() - float(entry.get("time", 0))
-        result = entry.get("result") or {}
-        if result.get("status") != "passed" or not 0 <= age <= self.max_age:
+        try:
+            current = self.fingerprint
+        except Exception as exc:  # a broken install is the checks' finding, not the cache's
+            self._give_up("cannot fingerprint the environment", exc)
+            return None
+        if entry["fingerprint"] != current:
+            return None
+        age = time.time() - float(entry["time"])
+        result = entry["result"]
+        if result["status"] != "passed" or not 0 <= age <= self.max_age:
             return None
         return dataclasses.replace(ProbeResult.from_json(result), origin="cache", age_s=age)
 
     def store(self, result: ProbeResult, key: str | None = None) -> None:
         """Remember a passing result (under ``key``, default its name); forget a failure."""
-        key = result.name if key is None else key
-        if result.status == "passed":
-            self.cache.set(
-                CACHE_PREFIX + key,
-                {
+        from pytest_unsloth.probe import write_json_atomic
+
+        if self.unusable is not None or result.status == "skipped":
+            return
+        try:
+            path = self._entry_path(result.name if key is None else key)
+            if result.status == "passed":
+                entry = {
+                    "schema": SCHEMA,
                     "fingerprint": self.fingerprint,
                     "time": time.time(),
                     "result": result.to_json(),
-                },
-            )
-        elif result.status == "failed":
-            self.cache.set(CACHE_PREFIX + key, None)
+                }
+                write_json_atomic(path, entry)
+            else:
+                path.unlink(missing_ok=True)
+        except Exception as exc:  # the cache only saves time: never fail a probe for it
+            self._give_up("cannot write the probe cache", exc)
 
 
 def make_cache(

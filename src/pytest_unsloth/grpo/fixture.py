@@ -15,6 +15,8 @@ from typing import Any
 
 import pytest
 
+from pytest_unsloth.scratch import with_torch_caches
+
 __all__ = ["DEFAULT_PROMPTS", "GrpoTrainerFactory", "grpo_trainer"]
 
 # The default training rows: conversational prompts with an `answer` column, like GSM8K recipes.
@@ -68,6 +70,7 @@ class GrpoTrainerFactory:
 
         return "unsloth" if torch.cuda.is_available() else "transformers"
 
+    @with_torch_caches
     def __call__(
         self,
         reward_funcs: Sequence[Any] | Callable[..., Any],
