@@ -74,6 +74,7 @@ def fingerprint_inputs(
     """Everything a probe result depends on (what the fingerprint hashes)."""
     from pytest_unsloth import __version__
     from pytest_unsloth.meta import Inventory
+    from pytest_unsloth.scratch import set_by_us
 
     env = os.environ if environ is None else environ
     packages = {
@@ -86,7 +87,7 @@ def fingerprint_inputs(
         "driver": nvml.driver_version,
         "cuda_driver": nvml.cuda_driver_version,
         "gpus": [[g.uuid, g.name] for g in nvml.devices],
-        "env": {k: env.get(k) for k in ENV_VARS},
+        "env": {k: None if set_by_us(k, env.get(k)) else env.get(k) for k in ENV_VARS},
     }
 
 

@@ -49,6 +49,16 @@ def cache_root(config: pytest.Config) -> Path:
     return root
 
 
+# The values torch_caches set right now: the probe-cache fingerprint must not see them (a probe
+# thread reading os.environ during a check would otherwise get another fingerprint).
+OURS: dict[str, str] = {}
+
+
+def set_by_us(var: str, value: str | None) -> bool:
+    """Whether ``var=value`` in os.environ is torch_caches' own temporary setting."""
+    return value is not None and OURS.get(var) == value
+
+
 @contextlib.contextmanager
 def torch_caches(config: pytest.Config | None) -> Iterator[None]:
     """During the block, torch/triton caches the user did not place go under ``cache_root``."""
@@ -62,13 +72,14 @@ def torch_caches(config: pytest.Config | None) -> Iterator[None]:
             return
         root = cache_root(config)
         for var in unset:
-            os.environ[var] = str(root / var.split("_")[0].lower())
+            os.environ[var] = OURS[var] = str(root / var.split("_")[0].lower())
         try:
             yield
         finally:
             # torch writes the variable itself on first use: take ours back either way.
             for var in unset:
                 os.environ.pop(var, None)
+                OURS.pop(var, None)
 
 
 _RUN_UIDS = pytest.StashKey[set[str]]()
