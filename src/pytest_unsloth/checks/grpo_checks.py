@@ -252,7 +252,19 @@ def _load_tokenizer(ctx: CheckContext) -> Any:
             "unsloth_dataset"
         )
     path = _resolve(ctx, value)
+    hub_shaped = (
+        value.count("/") == 1 and not value.startswith((".", "/", "~")) and "\\" not in value
+    )
+    if not path.exists() and not hub_shaped:
+        raise CheckFailed(
+            found=f"{settings.source(key)} = {value!r}: no such folder ({path})",
+            why="the length budget is measured with the model's own tokenizer and chat "
+            "template, loaded from that folder",
+            fix="point unsloth_tokenizer at a local folder with tokenizer.json (relative to the "
+            "rootdir)",
+        )
     target = str(path) if path.exists() else value
+    stage(f"load the tokenizer {value}")
     try:
         from pytest_unsloth import tiny
 
@@ -262,6 +274,16 @@ def _load_tokenizer(ctx: CheckContext) -> Any:
 
         return AutoTokenizer.from_pretrained(target, local_files_only=not settings.allow_download)
     except Exception as exc:
+        if not path.exists() and not settings.allow_download:
+            # Offline: transformers' "couldn't connect to huggingface.co" would mislead.
+            raise CheckFailed(
+                found=f"{settings.source(key)} = {value!r}: no such folder ({path}), and no "
+                "Hub model of that id in the local Hugging Face cache",
+                why="the length budget is measured with the model's own tokenizer and chat "
+                "template; downloads are off, so the Hub is not asked",
+                fix="point unsloth_tokenizer at a local folder with tokenizer.json, or set "
+                "unsloth_allow_download = true to fetch this Hub id",
+            ) from None
         raise CheckFailed(
             found=f"cannot load the tokenizer {value!r} ({settings.source(key)}): "
             f"{type(exc).__name__}: {str(exc)[:300]}",
