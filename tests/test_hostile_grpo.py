@@ -633,3 +633,47 @@ def test_trl_trains_with_multitask_none_and_signal_based_rewards(
         out = trainer.train()
     assert out.global_step == 2
     assert "All reward functions returned None" not in caplog.text
+
+
+MULTITASK_MODULE = """
+import signal
+
+
+def math_reward(completions, task, **kwargs):
+    return [1.0 if t == "math" else None for t in task]
+
+
+def code_reward(completions, task, **kwargs):
+    return [0.5 if t == "code" else None for t in task]
+
+
+def signal_reward(completions, **kwargs):
+    def on_alarm(signum, frame):
+        raise TimeoutError
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    signal.alarm(5)
+    try:
+        return [float(len(c[0]["content"]) % 3) for c in completions]
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+"""
+
+
+@pytest.mark.slow
+def test_unsloth_env_accepts_multitask_none_and_signal_based_rewards(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makepyfile(multitask=MULTITASK_MODULE)
+    (pytester.path / "train.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in multitask_rows(12)), encoding="utf-8"
+    )
+    pytester.makeini(
+        "[pytest]\nunsloth_dataset = train.jsonl\nunsloth_reward_funcs = multitask:math_reward "
+        "multitask:code_reward multitask:signal_reward\n"
+    )
+    result = pytester.runpytest(*SELECT, "-v")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["*3 reward function(s) pass on 10 conversational completions*"])
+    assert "warning" not in result.stdout.str()

@@ -228,7 +228,14 @@ def _reward_funcs_body(ctx: CheckContext) -> str | None:
     failures = import_failures + [(names.get(n, n), p) for n, p in report.failures()]
     if failures:
         raise _fail(failures)
-    infos = sum(len(r.problems) for r in report.results)
+    warnings = [p.found for p in report.problems if p.severity == "warning"]
+    warnings += [
+        f"{names.get(r.name, r.name)}: {p.found}"
+        for r in report.results
+        for p in r.problems
+        if p.severity == "warning"
+    ]
+    infos = sum(1 for r in report.results for p in r.problems if p.severity == "info")
     shapes = sorted({s for r in report.results for s in r.shapes})
     return (
         f"{len(report.results)} reward function(s) pass on {report.num_completions} "
@@ -237,6 +244,7 @@ def _reward_funcs_body(ctx: CheckContext) -> str | None:
         + ("" if report.contract.source.startswith("read") else " (contract assumed)")
         + (f"; {infos} note(s)" if infos else "")
         + note
+        + "".join(f"; warning: {w}" for w in warnings)
     )
 
 
