@@ -204,8 +204,14 @@ def test_off_main_thread_the_limit_uses_a_helper_thread() -> None:
 # --- in-process: what the function returns or does to its inputs ------------------------------
 
 
+def mutate_then_raise(completions: list[Any], **kwargs: Any) -> list[float]:
+    completions.clear()
+    raise ValueError("gave up")
+
+
 def test_mutating_reward_is_reported_and_others_see_pristine_inputs() -> None:
-    report = check_reward_funcs([mutating_reward, sees_original], rows())
+    report = check_reward_funcs([mutating_reward, mutate_then_raise, sees_original], rows())
+    assert set(problems(report, "mutate_then_raise")) == {"mutates-inputs", "raised"}
     p = problems(report, "mutating_reward")["mutates-inputs"]
     assert p.severity == "warning"
     assert "completions" in p.found

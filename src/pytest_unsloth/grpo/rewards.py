@@ -938,29 +938,25 @@ def _clip(text: str, limit: int) -> str:
 
 
 _SHARED_INPUTS = ("trainer_state", "log_extra", "log_metric")
+_RAISED = object()  # marks a call that raised
 
 
-def _snapshot(kwargs: dict[str, Any]) -> dict[str, Any] | None:
-    """A deep copy of the inputs the function could change in place (None if uncopyable)."""
+def _fingerprint(kwargs: dict[str, Any]) -> dict[str, str] | None:
+    """repr() of each input the function could change in place (None when one cannot be)."""
     try:
-        return copy.deepcopy({k: v for k, v in kwargs.items() if k not in _SHARED_INPUTS})
+        return {k: repr(v) for k, v in kwargs.items() if k not in _SHARED_INPUTS}
     except Exception:
         return None
 
 
-def _mutations(kwargs: dict[str, Any], before: dict[str, Any] | None) -> list[str]:
-    """Names of the inputs that differ from their snapshot."""
-    if before is None:
-        return []
-    changed = []
-    for key, old in before.items():
-        try:
-            same = bool(kwargs.get(key) == old)
-        except Exception:  # arrays and tensors compare element-wise: cannot judge
-            continue
-        if not same:
-            changed.append(key)
-    return changed
+def _restore(batch: _Batch, pristine: _Batch) -> None:
+    """Undo in-place changes, in place, so every holder of these lists sees the originals."""
+    batch.prompts[:] = copy.deepcopy(pristine.prompts)
+    batch.completions[:] = copy.deepcopy(pristine.completions)
+    batch.completion_ids[:] = copy.deepcopy(pristine.completion_ids)
+    for key, values in pristine.columns.items():
+        if key in batch.columns:
+            batch.columns[key][:] = copy.deepcopy(values)
 
 
 def _check_one(
@@ -970,6 +966,7 @@ def _check_one(
     contract: RewardContract,
     columns: list[str] | None,
     timeout: float | None,
+    pristine: list[_Batch] | None = None,
 ) -> tuple[FuncResult, dict[Shape, list[float]]]:
     """Check one reward function against each batch shape; also return its rewards per shape."""
     name = _callable_name(func) if callable(func) else shorten(func)
@@ -989,13 +986,11 @@ def _check_one(
     per_shape: dict[Shape, list[Problem]] = {}
     rewards: dict[Shape, list[float]] = {}
     mutated: list[Problem] = []
-    for batch in batches:
+    for b, batch in enumerate(batches):
         for r in required:
             batch.columns.setdefault(r, [f"placeholder {r}"] * len(batch))
-        # Each call gets its own copy: a function that changes its inputs must not change what
-        # the next function (or the next call) sees.
-        kwargs = _kwargs_for(copy.deepcopy(batch), contract, accepted)
-        before = _snapshot(kwargs)
+        kwargs = _kwargs_for(batch, contract, accepted)
+        before = _fingerprint(kwargs)
         try:
             output = _call(func, kwargs, timeout)
         except RewardTimeout as exc:
@@ -1014,8 +1009,12 @@ def _check_one(
             per_shape[batch.shape] = [
                 _raised_problem(func, name, exc, batch, contract, accepted, timeout)
             ]
-            continue
-        changed = _mutations(kwargs, before)
+            output = _RAISED
+        after = _fingerprint(kwargs) if before is not None else None
+        changed = [k for k, v in (before or {}).items() if after is not None and after.get(k) != v]
+        if changed and pristine is not None:
+            # The next function (or shape) must see what TRL would have generated.
+            _restore(batch, pristine[b])
         if changed and not mutated:
             mutated.append(
                 Problem(
@@ -1030,6 +1029,8 @@ def _check_one(
                     severity="warning",
                 )
             )
+        if output is _RAISED:
+            continue
         problems, values = _to_rewards(output, len(batch))
         per_shape[batch.shape] = problems
         if values is not None:
@@ -1281,8 +1282,17 @@ def check_reward_funcs(
             _make_batch("conversational", None, num_prompts, num_generations),
             _make_batch("plain", None, num_prompts, num_generations),
         ]
+    pristine = [copy.deepcopy(b) for b in batches]
     checked = [
-        _check_one(i, f, [copy.deepcopy(b) for b in batches], contract, columns, timeout)
+        _check_one(
+            i,
+            f,
+            [dataclasses.replace(b, columns=dict(b.columns)) for b in batches],
+            contract,
+            columns,
+            timeout,
+            pristine,
+        )
         for i, f in enumerate(items)
     ]
     results = [r for r, _ in checked]
