@@ -14,7 +14,9 @@ import inspect
 import json
 import os
 import sys
+import threading
 import types
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,6 +26,8 @@ from pytest_unsloth.probes import stage
 
 if TYPE_CHECKING:
     from pytest_unsloth.grpo.problems import Problem
+    from pytest_unsloth.probe import ProbeResult
+    from pytest_unsloth.settings import Settings
 
 __all__ = ["dataset_check", "grpo_config_check", "length_budget_check", "reward_funcs_check"]
 
@@ -459,12 +463,88 @@ _OFFLINE = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
 _REWARD_STAGE = "call reward function "
 
 
+_CONFIGURED: dict[str, Callable[[Settings], bool]] = {
+    "reward-funcs": lambda s: bool(s.reward_funcs),
+    "length-budget": lambda s: bool(s.dataset),
+    "grpo-config": lambda s: bool(s.grpo_config),
+    "dataset": lambda s: bool(s.dataset),
+}
+
+
+class _ChildRuns:
+    """The GRPO check children of one session, started together so their imports overlap."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.events: dict[str, threading.Event] = {}
+        self.results: dict[str, ProbeResult] = {}
+
+    def start(self, name: str, ctx: CheckContext) -> None:
+        """Start the child of check ``name`` unless it is started already."""
+        with self.lock:
+            if name in self.events:
+                return
+            self.events[name] = threading.Event()
+
+        def run() -> None:
+            try:
+                result = _run_child(name, ctx)
+            except Exception as exc:  # a bug here must fail one check, not the session
+                from pytest_unsloth.probe import ProbeResult
+
+                result = ProbeResult(f"grpo-{name}", "error", f"{type(exc).__name__}: {exc}")
+            self.results[name] = result
+            self.events[name].set()
+
+        threading.Thread(target=run, name=f"unsloth-grpo-{name}", daemon=True).start()
+
+    def get(self, name: str, ctx: CheckContext) -> ProbeResult:
+        """The child's result, starting it if needed and waiting for it."""
+        self.start(name, ctx)
+        self.events[name].wait()
+        return self.results[name]
+
+
+_RUNS: weakref.WeakKeyDictionary[CheckContext, _ChildRuns] = weakref.WeakKeyDictionary()
+_RUNS_LOCK = threading.Lock()
+
+
+def _selected(ctx: CheckContext) -> list[str]:
+    """The configured GRPO checks this session runs, to start them together.
+
+    Not under xdist: a worker collects every item but runs only those it is sent.
+    """
+    config = ctx.config
+    if config is None or hasattr(config, "workerinput"):
+        return []
+    session = config.pluginmanager.get_plugin("session")
+    names = set()
+    for item in getattr(session, "items", None) or ():
+        check = getattr(item, "check", None)
+        if item.nodeid.startswith("unsloth-env::") and check is not None and not check.disabled:
+            names.add(item.name)
+    return [n for n in CHILD_BODIES if n in names and _CONFIGURED[n](ctx.settings)]
+
+
 def _in_child(name: str, ctx: CheckContext) -> str | None:
     """Run the check's body in a child interpreter with the check's time limit.
 
     The body runs the user's code; whatever that code does to its process (exit, segfault,
     endless loop, memory blow-up) fails this check with the stage it reached, not the session.
+    The first GRPO check to run starts the other selected ones too, so their imports overlap.
     """
+    with _RUNS_LOCK:
+        runs = _RUNS.get(ctx)
+        if runs is None:
+            runs = _RUNS[ctx] = _ChildRuns()
+            for other in _selected(ctx):
+                runs.start(other, ctx)
+    res = runs.get(name, ctx)
+    return _result(name, ctx, res)
+
+
+def _run_child(name: str, ctx: CheckContext) -> ProbeResult:
+    """Start ``python -m pytest_unsloth.grpo.child NAME`` and wait for its result."""
     from pytest_unsloth.grpo.child import encode_settings
     from pytest_unsloth.probe import child_env, run_subprocess
 
@@ -483,7 +563,11 @@ def _in_child(name: str, ctx: CheckContext) -> str | None:
         str(ctx.rootpath),
         encode_settings(ctx.settings),
     ]
-    res = run_subprocess(argv, f"grpo-{name}", ctx.settings.probe_timeout, env)
+    return run_subprocess(argv, f"grpo-{name}", ctx.settings.probe_timeout, env)
+
+
+def _result(name: str, ctx: CheckContext, res: ProbeResult) -> str | None:
+    """Turn the child's result into this check's pass, skip or three-line failure."""
     if res.status == "passed":
         return res.message or None
     if res.status == "skipped":
