@@ -558,8 +558,11 @@ def _call(func: Any, kwargs: dict[str, Any], timeout: float | None) -> Any:
     if _is_async(func):
         return _in_thread(lambda: asyncio.run(func(**kwargs)), timeout, "reward-check-async")
     if threading.current_thread() is threading.main_thread():
-        with _main_thread_call(timeout):
-            return func(**kwargs)
+        try:
+            with _main_thread_call(timeout):
+                return func(**kwargs)
+        except _AlarmTimeout:  # the timer fired just as the function returned
+            raise RewardTimeout(f"did not return within {timeout:g} s") from None
     return _in_thread(lambda: func(**kwargs), timeout, "reward-check")
 
 
