@@ -152,6 +152,124 @@ def _token_lengths(tokenizer: Any, prompts: list[Any], conversational: bool) -> 
     return _trl_lengths(tokenizer, prompts, conversational)
 
 
+_MEDIA = ("image", "image_url", "video", "audio")
+
+
+def _media_parts(prompt: Any) -> int:
+    """How many image/video/audio content parts the messages of one prompt carry."""
+    if not isinstance(prompt, list):
+        return 0
+    count = 0
+    for message in prompt:
+        content = message.get("content") if isinstance(message, Mapping) else None
+        if isinstance(content, list):
+            count += sum(
+                1 for part in content if isinstance(part, Mapping) and part.get("type") in _MEDIA
+            )
+    return count
+
+
+def _text_only(prompt: list[Any]) -> list[Any]:
+    """The prompt with each content-part list reduced to its text parts, joined."""
+    out = []
+    for message in prompt:
+        content = message.get("content") if isinstance(message, Mapping) else None
+        if isinstance(content, list):
+            text = "".join(
+                str(part.get("text", ""))
+                for part in content
+                if isinstance(part, Mapping) and part.get("type") == "text"
+            )
+            message = {**message, "content": text}
+        out.append(message)
+    return out
+
+
+def _first_failure(
+    tokenizer: Any, prompts: list[Any], rows: list[int], conversational: bool
+) -> tuple[int, BaseException] | None:
+    """The first row (of the first few hundred) whose prompt alone fails to tokenize."""
+    for row in rows[:300]:
+        try:
+            _trl_lengths(tokenizer, [prompts[row]], conversational)
+        except Exception as exc:
+            return row, exc
+    return None
+
+
+def _measure(
+    tokenizer: Any,
+    prompts: list[Any],
+    rows: list[int],
+    conversational: bool,
+    problems: list[Problem],
+) -> list[int] | None:
+    """Token lengths of ``rows``; a template or tokenizer error becomes a problem, never raised."""
+    batch = [prompts[i] for i in rows]
+    name = type(tokenizer).__name__
+    media = [i for i in rows if _media_parts(prompts[i])]
+    try:
+        lengths = _token_lengths(tokenizer, batch, conversational)
+    except Exception as exc:
+        error: BaseException = exc
+    else:
+        if media:
+            problems.append(
+                Problem(
+                    "media-parts",
+                    f"{len(media)} prompts carry image/video content parts; the chat template "
+                    f"of {name} rendered their placeholders, but the processor's expansion of "
+                    "each image into its image tokens is NOT counted",
+                    "a vision model's processor replaces each image placeholder with many "
+                    "tokens (often hundreds per image), so these prompts are longer than measured",
+                    "leave room for the image tokens in max_seq_length",
+                    severity="info",
+                )
+            )
+        return lengths
+    if conversational and media:
+        # A text-only chat template cannot render content-part lists ({"type": "image"}); the
+        # processor of a vision model renders them and adds its image tokens.
+        try:
+            lengths = _token_lengths(tokenizer, [_text_only(p) for p in batch], True)
+        except Exception as exc:
+            error = exc
+        else:
+            parts = sum(_media_parts(prompts[i]) for i in media)
+            problems.append(
+                Problem(
+                    "media-parts",
+                    f"{len(media)} prompts carry {parts} image/video content parts, which the "
+                    f"chat template of {name} cannot render ({type(error).__name__}: "
+                    f"{str(error)[:100]}); measured their text parts only, image tokens NOT "
+                    "counted",
+                    "a vision model's processor renders those parts and inserts its own image "
+                    "tokens (often hundreds per image), so these prompts are longer than "
+                    "measured; with this text-only tokenizer TRL's first step fails the same way",
+                    "point unsloth_tokenizer at the vision model's processor folder (its chat "
+                    "template renders image parts), and leave room for the image tokens",
+                    severity="warning",
+                )
+            )
+            return lengths
+    failure = _first_failure(tokenizer, prompts, rows, conversational)
+    row, culprit = failure if failure is not None else (rows[0], error)
+    how = "the chat template" if conversational else "the tokenizer"
+    problems.append(
+        Problem(
+            "template-error",
+            f"{how} of {name} raised {type(culprit).__name__}: {str(culprit)[:200]} on row "
+            f"{row} = "
+            f"{prompts[row]!r:.80}",
+            f"TRL tokenizes every prompt with {how} at its first step, so training fails the "
+            "same way; no length could be measured for these prompts",
+            "make the prompts match the template's format ({'role', 'content': str} messages), "
+            "or use the tokenizer whose chat template renders them",
+        )
+    )
+    return None
+
+
 def check_length_budget(
     tokenizer: Any,
     dataset: Iterable[Any],
@@ -161,7 +279,43 @@ def check_length_budget(
     vllm_max_model_length: int | None = None,
     config: Any = None,
 ) -> BudgetReport:
-    """Measure every templated prompt; report rows whose prompt + completion budget overflows."""
+    """Measure every templated prompt; report rows whose prompt + completion budget overflows.
+
+    Never raises: a template, tokenizer, dataset or config error is a problem of the report.
+    """
+    try:
+        return _check_length_budget(
+            tokenizer,
+            dataset,
+            max_seq_length=max_seq_length,
+            max_completion_length=max_completion_length,
+            vllm_max_model_length=vllm_max_model_length,
+            config=config,
+        )
+    except Exception as exc:
+        limit = max_seq_length if isinstance(max_seq_length, int) else 0
+        completion = max_completion_length if isinstance(max_completion_length, int) else 0
+        problem = Problem(
+            "measure-failed",
+            f"measuring the prompts failed: {type(exc).__name__}: {str(exc)[:300]}",
+            "GRPOTrainer reads and tokenizes the same prompts with the same tokenizer and "
+            "settings at its first step",
+            "check the arguments (max_seq_length, max_completion_length, the config), the "
+            "dataset rows and the tokenizer",
+        )
+        return BudgetReport(0, 0, 0, 0, limit, "max_seq_length", completion, (), (problem,))
+
+
+def _check_length_budget(
+    tokenizer: Any,
+    dataset: Iterable[Any],
+    *,
+    max_seq_length: int,
+    max_completion_length: int | None = None,
+    vllm_max_model_length: int | None = None,
+    config: Any = None,
+) -> BudgetReport:
+    """The measurement behind :func:`check_length_budget`."""
     problems: list[Problem] = []
     trl_version = installed_version("trl")
     if _config_get(config, "max_prompt_length") is not None or (
@@ -261,8 +415,13 @@ def check_length_budget(
     measured: dict[int, int] = {}
     for rows_of_kind, conversational in ((chats, True), (texts, False)):
         if rows_of_kind:
-            found = _token_lengths(tokenizer, [prompts[i] for i in rows_of_kind], conversational)
-            measured.update(zip(rows_of_kind, found, strict=True))
+            found = _measure(tokenizer, prompts, rows_of_kind, conversational, problems)
+            if found is not None:
+                measured.update(zip(rows_of_kind, found, strict=True))
+    if not measured:
+        return BudgetReport(
+            len(prompts), 0, 0, 0, limit, limit_name, max_completion_length, (), tuple(problems)
+        )
     order = sorted(measured)
     lengths = [measured[i] for i in order]
     ordered = sorted(lengths)

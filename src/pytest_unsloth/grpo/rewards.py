@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import contextlib
+import copy
 import dataclasses
 import functools
 import importlib.util
@@ -18,11 +20,12 @@ import inspect
 import math
 import os
 import pathlib
+import signal
 import sys
 import sysconfig
 import threading
 import traceback
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 from pytest_unsloth.grpo.problems import Problem, errors, installed_version, shorten
@@ -406,28 +409,6 @@ class _Recorder:
         self.calls.append((args, kwargs))
 
 
-def _run_coroutine(coro: Any) -> Any:
-    """Await a reward coroutine on a fresh event loop, in a thread if one is already running."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(coro)
-    box: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            box["value"] = asyncio.run(coro)
-        except BaseException as exc:  # re-raised in the caller's thread
-            box["error"] = exc
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join()
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
-
-
 _SKIP_DIRS = tuple(
     os.path.normcase(os.path.realpath(p))
     for p in {sysconfig.get_paths()[k] for k in ("stdlib", "purelib", "platlib")}
@@ -458,35 +439,131 @@ class RewardTimeout(Exception):
     """A reward function did not return within the check's timeout."""
 
 
-def _call_direct(func: Any, kwargs: dict[str, Any]) -> Any:
-    """Call as TRL does: by keyword, awaiting async functions."""
-    out = func(**kwargs)
-    if inspect.isawaitable(out):
-        out = _run_coroutine(out)
-    return out
+class _AlarmTimeout(BaseException):
+    """Raised by our SIGALRM handler; a BaseException, so ``except Exception`` in the user's
+    function cannot swallow it."""
 
 
-def _call(func: Any, kwargs: dict[str, Any], timeout: float | None) -> Any:
-    """Call with a time limit, so a hanging function (a network judge) cannot hang the check."""
-    if timeout is None:
-        return _call_direct(func, kwargs)
+class UserExit(Exception):
+    """A reward function raised SystemExit or KeyboardInterrupt itself (not a real Ctrl-C)."""
+
+    def __init__(self, original: BaseException) -> None:
+        super().__init__(f"{type(original).__name__}: {original}".rstrip(": "))
+        self.original = original
+        self.__traceback__ = original.__traceback__
+
+
+# Set by the --unsloth-env child process to announce each call as a stage, so a crash or a hang
+# that ends the child is reported with the function it happened in.
+stage_hook: Callable[[str], None] | None = None
+
+
+def _is_async(func: Any) -> bool:
+    """TRL's is_async_callable: an async function, a partial of one, or an async ``__call__``."""
+    while isinstance(func, functools.partial):
+        func = func.func
+    return inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(
+        getattr(func, "__call__", None)  # noqa: B004 - TRL inspects __call__ the same way
+    )
+
+
+def _in_thread(target: Callable[[], Any], timeout: float | None, name: str) -> Any:
+    """Run ``target`` in a daemon thread (abandoned, not waited for, when it overruns)."""
     box: dict[str, Any] = {}
 
-    def target() -> None:
+    def run() -> None:
         try:
-            box["value"] = _call_direct(func, kwargs)
+            box["value"] = target()
         except BaseException as exc:  # re-raised in the caller's thread with its traceback
             box["error"] = exc
 
-    # A daemon thread: a function that never returns is abandoned, not waited for at exit.
-    thread = threading.Thread(target=target, name="reward-check", daemon=True)
+    thread = threading.Thread(target=run, name=name, daemon=True)
     thread.start()
     thread.join(timeout)
     if thread.is_alive():
         raise RewardTimeout(f"did not return within {timeout:g} s")
     if "error" in box:
-        raise box["error"]
+        error = box["error"]
+        # Off the main thread these can only come from the function: a real Ctrl-C goes to the
+        # main thread.
+        if isinstance(error, SystemExit | KeyboardInterrupt):
+            raise UserExit(error)
+        raise error
     return box.get("value")
+
+
+def _can_use_alarm() -> bool:
+    """Whether SIGALRM is free for us: main thread, no handler installed, no timer pending."""
+    if not hasattr(signal, "setitimer"):  # pragma: no cover - Windows
+        return False
+    # pytest-timeout's signal method, or the user's own alarm, owns SIGALRM then: leave it be.
+    if signal.getsignal(signal.SIGALRM) not in (signal.SIG_DFL, signal.SIG_IGN, None):
+        return False
+    return signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+
+
+@contextlib.contextmanager
+def _main_thread_call(timeout: float | None) -> Iterator[None]:
+    """Bound a main-thread call with SIGALRM where that is safe, and tell a real Ctrl-C (the
+    SIGINT handler ran) from a KeyboardInterrupt the function raised itself."""
+    use_alarm = timeout is not None and _can_use_alarm()
+    old_alarm: Any = None
+    if use_alarm:
+
+        def on_alarm(signum: int, frame: Any) -> None:
+            raise _AlarmTimeout
+
+        old_alarm = signal.signal(signal.SIGALRM, on_alarm)
+        signal.setitimer(signal.ITIMER_REAL, timeout or 0.0)
+    real_sigint: list[bool] = []
+    old_int: Any = signal.getsignal(signal.SIGINT)
+    watch_int = old_int is signal.default_int_handler
+    if watch_int:
+
+        def on_int(signum: int, frame: Any) -> None:
+            real_sigint.append(True)
+            signal.default_int_handler(signum, frame)
+
+        signal.signal(signal.SIGINT, on_int)
+    try:
+        yield
+    except _AlarmTimeout:
+        raise RewardTimeout(f"did not return within {timeout:g} s") from None
+    except KeyboardInterrupt as exc:
+        # A real Ctrl-C must stop pytest; so must one we cannot tell apart (a custom handler).
+        if real_sigint or (not watch_int and callable(old_int)):
+            raise
+        raise UserExit(exc) from None
+    except SystemExit as exc:
+        raise UserExit(exc) from None
+    finally:
+        if use_alarm:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, old_alarm)
+        if watch_int:
+            signal.signal(signal.SIGINT, old_int)
+
+
+def _call(func: Any, kwargs: dict[str, Any], timeout: float | None) -> Any:
+    """Call as TRL does, with a time limit where one can be enforced.
+
+    TRL calls sync functions on the main thread (``signal.alarm``-based code such as
+    math_verify needs that) and awaits async ones on an event loop in a daemon thread. On the
+    main thread the limit is a SIGALRM timer, used only when no SIGALRM handler or timer is
+    already installed (pytest-timeout's, the user's): otherwise the call has no limit. Off the
+    main thread the call runs in a helper thread that is abandoned at the limit.
+    """
+    if stage_hook is not None:
+        stage_hook(f"call reward function {_callable_name(func)}")
+    if _is_async(func):
+        return _in_thread(lambda: asyncio.run(func(**kwargs)), timeout, "reward-check-async")
+    if threading.current_thread() is threading.main_thread():
+        try:
+            with _main_thread_call(timeout):
+                return func(**kwargs)
+        except _AlarmTimeout:  # the timer fired just as the function returned
+            raise RewardTimeout(f"did not return within {timeout:g} s") from None
+    return _in_thread(lambda: func(**kwargs), timeout, "reward-check")
 
 
 def _kwargs_for(
@@ -511,9 +588,29 @@ def _kwargs_for(
     return kwargs
 
 
-def _to_rewards(output: Any, n: int) -> tuple[list[Problem], list[Any]]:
-    """Apply TRL's post-processing to one function's output; return problems and the values."""
+def _to_rewards(output: Any, n: int) -> tuple[list[Problem], list[float] | None]:
+    """Apply TRL's post-processing to one function's output.
+
+    Returns the problems and, when TRL would accept the output, the rewards as floats with NaN
+    where the function returned None (as TRL stores them).
+    """
     problems: list[Problem] = []
+    if inspect.isawaitable(output):
+        close = getattr(output, "close", None)
+        if callable(close):
+            close()  # never awaited: silence "coroutine was never awaited"
+        problems.append(
+            Problem(
+                "not-a-list",
+                f"returned an awaitable ({type(output).__name__}) from a function that is not "
+                "async",
+                "TRL awaits only functions it recognises as async (async def, or an async "
+                "__call__); this one's result is iterated as it is, so the first step raises "
+                f"TypeError: '{type(output).__name__}' object is not iterable",
+                "declare the reward function itself with async def",
+            )
+        )
+        return problems, None
     if isinstance(output, str | bytes | Mapping) or not isinstance(output, Iterable):
         kind = type(output).__name__
         problems.append(
@@ -532,8 +629,9 @@ def _to_rewards(output: Any, n: int) -> tuple[list[Problem], list[Any]]:
                 f"[score(c) for c in completions] (len {n})",
             )
         )
-        return problems, []
-    values = [math.nan if v is None else v for v in output]
+        return problems, None
+    raw = list(output)
+    values = [math.nan if v is None else v for v in raw]
     if len(values) != n:
         nested = bool(values) and all(isinstance(v, list | tuple) for v in values)
         problems.append(
@@ -546,7 +644,7 @@ def _to_rewards(output: Any, n: int) -> tuple[list[Problem], list[Any]]:
                 "return exactly one reward per completion: [score(c) for c in completions]",
             )
         )
-        return problems, values
+        return problems, None
     bad = _non_numeric(values)
     if bad:
         i, v = bad[0]
@@ -561,19 +659,49 @@ def _to_rewards(output: Any, n: int) -> tuple[list[Problem], list[Any]]:
                 "return one float (or None when not applicable) per completion",
             )
         )
-        return problems, values
-    if n and all(isinstance(v, float) and math.isnan(v) for v in values):
+        return problems, None
+    floats = _as_floats(values)
+    nans = [i for i, (r, f) in enumerate(zip(raw, floats, strict=True)) if r is not None and f != f]
+    infs = [i for i, f in enumerate(floats) if math.isinf(f)]
+    if infs:
+        i = infs[0]
         problems.append(
             Problem(
-                "all-none",
-                f"returned None (or NaN) for all {n} completions",
-                "TRL treats None as 'not applicable' and ignores it; a function that never scores "
-                "adds no signal, and when every function does, TRL only logs a warning and the "
-                "step trains nothing (zero advantage, zero loss)",
-                "return a number for the completions this function applies to",
+                "inf-reward",
+                f"returned {len(infs)} infinite reward(s) of {n}, first: rewards[{i}] = "
+                f"{shorten(raw[i])}",
+                "TRL sums the rewards and subtracts the group mean: inf - inf is NaN, which it "
+                "then turns into a zero advantage (nan_to_num), so the whole group of "
+                "completions trains nothing, and the logged reward mean becomes inf",
+                "clip the reward to a finite range (e.g. min(max(r, -10.0), 10.0)); return None "
+                "for a completion the function cannot score",
             )
         )
-    return problems, values
+    if nans:
+        i = nans[0]
+        problems.append(
+            Problem(
+                "nan-reward",
+                f"returned NaN (not None) for {len(nans)} of {n} completions, first: rewards[{i}] "
+                f"= {shorten(raw[i])}",
+                "TRL stores None as NaN and cannot tell them apart: these completions count as "
+                "'not applicable' for this function, so a NaN from a failed computation (0/0, "
+                "an empty mean) silently drops the score instead of failing",
+                "return None on purpose for rows the function does not apply to, and a number "
+                "(e.g. 0.0) when scoring fails",
+                severity="warning",
+            )
+        )
+    return problems, floats
+
+
+def _as_floats(values: list[Any]) -> list[float]:
+    """The rewards as TRL's float32 tensor holds them (NaN for None)."""
+    try:
+        import torch
+    except ImportError:
+        return [float(v) for v in values]
+    return [float(x) for x in torch.tensor(values, dtype=torch.float32).tolist()]
 
 
 def _non_numeric(values: list[Any]) -> list[tuple[int, Any]]:
@@ -697,37 +825,141 @@ def _raised_problem(
     if len(batch) > 1:
         for i in range(min(len(batch), _CULPRIT_SEARCH)):
             try:
-                _call(func, _kwargs_for(batch.item(i), contract, accepted), timeout)
+                _call(func, _kwargs_for(copy.deepcopy(batch.item(i)), contract, accepted), timeout)
             except RewardTimeout:
                 break
             except Exception:
                 culprit = f" on completion #{i} = {shorten(batch.completions[i], 70)}"
                 break
-    n = len(batch)
-    hint = ""
-    if isinstance(exc, KeyError | IndexError | TypeError) and (
-        "indices" in str(exc)
-        or "subscriptable" in str(exc)
-        or isinstance(exc, KeyError | IndexError)
-    ):
-        hint = (
-            "; indexing errors like this one usually mean the code treats completions[i] as a "
-            "group of num_generations completions (and extends a result list), or expects the "
-            "other data shape"
-        )
+    original = exc.original if isinstance(exc, UserExit) else exc
+    why, fix = _advice(original, name, batch, contract)
     return Problem(
         "raised",
-        f"raised {type(exc).__name__}: {_clip(str(exc), 120)} at {_user_frame(exc)} "
+        f"raised {type(original).__name__}: {_clip(str(original), 120)} at {_user_frame(exc)} "
         f"({batch.shape} input{culprit})",
-        _FLAT_SHAPE.format(n=n) + hint,
-        "index one completion at a time: completions[i][0]['content'] (conversational) or "
-        "completions[i] (plain); return one float per completion; guard empty completions",
+        why,
+        fix,
+    )
+
+
+_NOT_CAUGHT = (
+    "TRL does not catch exceptions from reward functions: the first step that hits it stops"
+)
+_FLAT_FIX = (
+    "index one completion at a time: completions[i][0]['content'] (conversational) or "
+    "completions[i] (plain); return one float per completion; guard empty completions"
+)
+
+
+def _advice(
+    exc: BaseException, name: str, batch: _Batch, contract: RewardContract
+) -> tuple[str, str]:
+    """Why and fix lines that fit the exception the function raised."""
+    n = len(batch)
+    text = str(exc)
+    columns = [c for c in batch.columns if c not in contract.excluded_columns]
+    if isinstance(exc, SystemExit):
+        return (
+            "a reward function runs inside the training process: sys.exit() there (SystemExit, "
+            f"code {exc.code!r}) ends the whole GRPO run at the first step",
+            "return a reward (0.0, or None for 'not applicable') instead of exiting; raise an "
+            "exception only for a real bug",
+        )
+    if isinstance(exc, KeyboardInterrupt):
+        return (
+            "the function raised KeyboardInterrupt itself (no Ctrl-C was pressed); in training "
+            "that stops the run at the first step exactly like a Ctrl-C",
+            "remove the raise KeyboardInterrupt (or the call that raises it) from the reward code",
+        )
+    if isinstance(exc, KeyError) and exc.args and isinstance(exc.args[0], str):
+        key = exc.args[0]
+        if key in ("content", "role"):
+            return (
+                f"completions[i] is [{{'role': 'assistant', 'content': str}}] for "
+                f"conversational data and a str for plain data ({batch.shape} here); the key "
+                f"{key!r} is looked up on something else",
+                _FLAT_FIX,
+            )
+        return (
+            f"the function reads {key!r}, which TRL does not pass: keyword arguments are "
+            f"{', '.join(contract.keywords(columns))} (every dataset column by name)",
+            f"add a {key!r} column to the dataset (dataset.map), or read it with "
+            f"kwargs.get({key!r}) and return None for rows without it",
+        )
+    flat = (
+        isinstance(exc, KeyError | IndexError)
+        or (isinstance(exc, TypeError) and ("indices" in text or "subscriptable" in text))
+        or (isinstance(exc, AttributeError) and ("'str' object" in text or "'list' object" in text))
+    )
+    if flat:
+        return (
+            _FLAT_SHAPE.format(n=n) + "; indexing errors like this one usually mean the code "
+            "treats completions[i] as a group of num_generations completions, or expects the "
+            "other data shape",
+            _FLAT_FIX,
+        )
+    if isinstance(exc, TypeError) and any(w in text for w in ("argument", "keyword", "positional")):
+        return (
+            f"TRL calls {name}(prompts=..., completions=..., completion_ids=..., **columns, "
+            "trainer_state=..., log_extra=..., log_metric=...) by keyword, and the call inside "
+            "the function does not match what it is given",
+            "accept (prompts, completions, **kwargs), read dataset columns by name, and check "
+            "the arguments of the call named above",
+        )
+    if isinstance(exc, ImportError):
+        missing = getattr(exc, "name", None) or text
+        return (
+            f"the function imports {missing} when it is called, and that import fails here; "
+            "it fails the same way at the first training step",
+            f"install {missing} in the training environment, or import it at module level so "
+            "the import check reports it",
+        )
+    if isinstance(exc, ValueError | RuntimeError) and any(
+        w in text.lower() for w in ("shape", "size", "dimension", "broadcast")
+    ):
+        return (
+            f"a shape mismatch: prompts, completions and every column are flat lists of {n} "
+            "(one entry per completion); arrays or tensors built from them have that length",
+            "build exactly one score per completion, and compare arrays of the same length",
+        )
+    if isinstance(exc, MemoryError):
+        return (
+            "the function asked for more memory than the machine has; in training it shares "
+            "the machine with the model",
+            "score one completion at a time without large buffers",
+        )
+    return (
+        _NOT_CAUGHT + "; model outputs can be empty, unformatted or arbitrary text",
+        "guard the input that triggers it (shown above) and return 0.0 (or None) when a "
+        "completion cannot be scored",
     )
 
 
 def _clip(text: str, limit: int) -> str:
     """Cut ``text`` to ``limit`` characters."""
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+_SHARED_INPUTS = ("trainer_state", "log_extra", "log_metric")
+_RAISED = object()  # marks a call that raised
+
+
+def _fingerprint(kwargs: dict[str, Any]) -> dict[str, str] | None:
+    """repr() of each input the function could change in place (None when one cannot be)."""
+    try:
+        return {k: repr(v) for k, v in kwargs.items() if k not in _SHARED_INPUTS}
+    except Exception:
+        return None
+
+
+def _restore(batch: _Batch, pristine: _Batch) -> None:
+    """Undo in-place changes, in place, so every holder of these lists sees the originals."""
+    batch.prompts[:] = copy.deepcopy(pristine.prompts)
+    batch.completions[:] = copy.deepcopy(pristine.completions)
+    batch.completion_ids[:] = copy.deepcopy(pristine.completion_ids)
+    for key, values in pristine.columns.items():
+        if key in batch.columns:
+            batch.columns[key][:] = copy.deepcopy(values)
 
 
 def _check_one(
@@ -737,34 +969,31 @@ def _check_one(
     contract: RewardContract,
     columns: list[str] | None,
     timeout: float | None,
-) -> FuncResult:
-    """Check one reward function against each batch shape."""
+    pristine: list[_Batch] | None = None,
+) -> tuple[FuncResult, dict[Shape, list[float]]]:
+    """Check one reward function against each batch shape; also return its rewards per shape."""
     name = _callable_name(func) if callable(func) else shorten(func)
     if isinstance(func, str | os.PathLike):
-        return _check_string(index, os.fspath(func))
+        return _check_string(index, os.fspath(func)), {}
     if _is_module(func):
-        return FuncResult(index, name, "model", (), ())
+        return FuncResult(index, name, "model", (), ()), {}
     if not callable(func):
-        return FuncResult(
-            index,
-            name,
-            "fail",
-            (),
-            (
-                Problem(
-                    "not-callable",
-                    f"reward_funcs[{index}] is {type(func).__name__} {shorten(func)}",
-                    "TRL accepts functions, callable objects, reward models or model ids",
-                    "pass the reward function object",
-                ),
-            ),
+        problem = Problem(
+            "not-callable",
+            f"reward_funcs[{index}] is {type(func).__name__} {shorten(func)}",
+            "TRL accepts functions, callable objects, reward models or model ids",
+            "pass the reward function object",
         )
+        return FuncResult(index, name, "fail", (), (problem,)), {}
     sig_problems, accepted, required = _signature_problems(func, name, contract, columns)
     per_shape: dict[Shape, list[Problem]] = {}
-    for batch in batches:
+    rewards: dict[Shape, list[float]] = {}
+    mutated: list[Problem] = []
+    for b, batch in enumerate(batches):
         for r in required:
             batch.columns.setdefault(r, [f"placeholder {r}"] * len(batch))
         kwargs = _kwargs_for(batch, contract, accepted)
+        before = _fingerprint(kwargs)
         try:
             output = _call(func, kwargs, timeout)
         except RewardTimeout as exc:
@@ -779,13 +1008,37 @@ def _check_one(
                 )
             ]
             break  # the function may still be running; do not start it again
-        except Exception as exc:
+        except Exception as exc:  # UserExit (SystemExit, KeyboardInterrupt raised by it) too
             per_shape[batch.shape] = [
                 _raised_problem(func, name, exc, batch, contract, accepted, timeout)
             ]
+            output = _RAISED
+        after = _fingerprint(kwargs) if before is not None else None
+        changed = [k for k, v in (before or {}).items() if after is not None and after.get(k) != v]
+        if changed and pristine is not None:
+            # The next function (or shape) must see what TRL would have generated.
+            _restore(batch, pristine[b])
+        if changed and not mutated:
+            mutated.append(
+                Problem(
+                    "mutates-inputs",
+                    f"changes its input{'s' if len(changed) > 1 else ''} "
+                    f"{', '.join(changed)} in place",
+                    "TRL passes the same prompts, completions and column lists to every reward "
+                    "function in turn and logs the completions afterwards: the functions after "
+                    "this one score (and the logs show) the changed data",
+                    "work on copies: text = completion[0]['content'].strip() instead of "
+                    "assigning into completions, prompts or a column list",
+                    severity="warning",
+                )
+            )
+        if output is _RAISED:
             continue
-        per_shape[batch.shape] = _to_rewards(output, len(batch))[0]
-    problems = list(sig_problems)
+        problems, values = _to_rewards(output, len(batch))
+        per_shape[batch.shape] = problems
+        if values is not None:
+            rewards[batch.shape] = values
+    problems = list(sig_problems) + mutated
     shapes = tuple(s for s, ps in per_shape.items() if not errors(ps))
     raised_only = {s for s, ps in per_shape.items() if ps and all(p.code == "raised" for p in ps)}
     if len(batches) > 1 and shapes and raised_only:
@@ -801,6 +1054,8 @@ def _check_one(
                     severity="info",
                 )
             )
+        for s in shapes:
+            problems += [p for p in per_shape[s] if p not in problems]
     else:
         seen: set[tuple[str, str]] = set()
         for ps in per_shape.values():
@@ -810,7 +1065,8 @@ def _check_one(
                     seen.add(key)
                     problems.append(p)
     status: Status = "fail" if errors(problems) else "pass"
-    return FuncResult(index, name, status, shapes, tuple(problems))
+    usable = {s: v for s, v in rewards.items() if s in shapes}
+    return FuncResult(index, name, status, shapes, tuple(problems)), usable
 
 
 def _is_module(obj: object) -> bool:
@@ -861,6 +1117,118 @@ def _check_string(index: int, value: str) -> FuncResult:
     )
 
 
+# Rows read from a dataset to choose the checked ones from, and the most rows checked.
+_WINDOW = 256
+_MAX_ROWS = 16
+_MAX_CATEGORIES = 16
+
+
+def _select_rows(rows: list[dict[str, Any]], count: int) -> tuple[list[dict[str, Any]], str]:
+    """Pick ``count`` rows, plus one row for each value of every categorical column (a 'task'
+    column of a multi-task dataset), so each function meets the rows it applies to."""
+    if len(rows) <= count:
+        return rows, ""
+    categorical: list[str] = []
+    for column in dict.fromkeys(k for row in rows for k in row):
+        if column in ("prompt", "completion"):
+            continue
+        values = [row.get(column) for row in rows]
+        if not all(isinstance(v, str | int | bool) or v is None for v in values):
+            continue
+        distinct = set(values)
+        if 1 < len(distinct) <= _MAX_CATEGORIES and len(distinct) < len(values) / 2:
+            categorical.append(column)
+    chosen = set(range(count))
+    for column in categorical:
+        seen = {rows[i].get(column) for i in chosen}
+        for i, row in enumerate(rows):
+            if len(chosen) >= _MAX_ROWS:
+                break
+            if row.get(column) not in seen:
+                seen.add(row.get(column))
+                chosen.add(i)
+    note = (
+        f"rows covering every value of {', '.join(categorical)} in the first {len(rows)}"
+        if categorical
+        else ""
+    )
+    return [rows[i] for i in sorted(chosen)], note
+
+
+def _none_problems(
+    results: list[FuncResult],
+    rewards: list[dict[Shape, list[float]]],
+    batches: list[_Batch],
+) -> tuple[list[Problem], dict[int, Problem]]:
+    """Judge None (NaN) across all functions per completion, as TRL does.
+
+    Returns report-level problems and, per function index, an 'all-none' finding.
+    """
+    scoring = [i for i, r in enumerate(results) if r.status != "fail" or rewards[i]]
+    models = [i for i in scoring if results[i].status == "model"]
+    report: list[Problem] = []
+    per_func: dict[int, Problem] = {}
+    if not scoring or models:
+        return report, per_func  # nothing to judge, or a reward model scores every row
+    scored_any = False
+    unscored: list[tuple[_Batch, int]] = []
+    shown: dict[int, int] = {}
+    for batch in batches:
+        funcs = [i for i in scoring if batch.shape in rewards[i]]
+        if not funcs:
+            continue
+        for row in range(len(batch)):
+            if any(not math.isnan(rewards[i][batch.shape][row]) for i in funcs):
+                scored_any = True
+            else:
+                unscored.append((batch, row))
+        for i in funcs:
+            shown[i] = shown.get(i, 0) + len(batch)
+    never = [i for i in shown if all(math.isnan(v) for s, vs in rewards[i].items() for v in vs)]
+    why = (
+        "TRL stores None as NaN and skips it when summing the functions' rewards; a completion "
+        "that every function gives None is unscorable: TRL logs 'All reward functions returned "
+        "None' and gives it zero advantage, so it trains nothing"
+    )
+    if not scored_any:
+        for i in never:
+            per_func[i] = Problem(
+                "all-none",
+                f"returned None (or NaN) for all {shown[i]} completions, and no other function "
+                "scored them either",
+                why + "; when no completion is ever scored, no step trains anything",
+                "return a number for the completions this function applies to (check the "
+                "columns it reads)",
+            )
+        return report, per_func
+    for i in never:
+        per_func[i] = Problem(
+            "all-none",
+            f"returned None (or NaN) for all {shown[i]} completions it was shown; other "
+            "functions scored them",
+            "TRL treats None as 'not applicable' (multi-task reward functions do this on "
+            "purpose), so this is fine only if the function applies to rows not in this sample",
+            "check the column it reads decides applicability as intended; include rows it "
+            "applies to in the dataset",
+            severity="warning",
+        )
+    if unscored:
+        batch, row = unscored[0]
+        total = sum(len(b) for b in batches if any(b.shape in r for r in rewards))
+        report.append(
+            Problem(
+                "unscored-rows",
+                f"{len(unscored)} of {total} completions got None from every reward function, "
+                f"first: completion #{row} of prompt {shorten(batch.prompts[row], 70)}",
+                why,
+                "make sure at least one reward function scores every kind of row (a general "
+                "format reward, or the task's own function)",
+                severity="warning",
+            )
+        )
+    return report, per_func
+
+
 def check_reward_funcs(
     funcs: Sequence[Any] | Callable[..., Any] | str,
     dataset: Any = None,
@@ -869,7 +1237,13 @@ def check_reward_funcs(
     num_prompts: int = 4,
     timeout: float | None = 30.0,
 ) -> RewardReport:
-    """Call each reward function the way the installed TRL's GRPOTrainer does; report problems."""
+    """Call each reward function the way the installed TRL's GRPOTrainer does; report problems.
+
+    Sync functions run on the calling thread, as TRL runs them on the main thread; ``timeout``
+    is enforced there with SIGALRM only when nothing else uses SIGALRM (pytest-timeout's signal
+    method, the user's own alarm), otherwise the call is not time-limited. A SystemExit or
+    KeyboardInterrupt raised by a function is a finding; a real Ctrl-C still stops pytest.
+    """
     if num_generations < 1 or num_prompts < 1:
         raise ValueError(
             f"num_generations ({num_generations}) and num_prompts ({num_prompts}) must be >= 1"
@@ -881,7 +1255,7 @@ def check_reward_funcs(
     columns: list[str] | None = None
     shape: Shape | None = None
     if dataset is not None:
-        rows = _rows(dataset, num_prompts)
+        rows, _ = _select_rows(_rows(dataset, max(num_prompts, _WINDOW)), num_prompts)
         if not rows:
             report_problems.append(
                 Problem(
@@ -905,13 +1279,14 @@ def check_reward_funcs(
                 )
             shape = "conversational" if _is_conversational(rows[0].get("prompt")) else "plain"
     if rows is not None and shape is not None:
-        batches = [_make_batch(shape, rows, num_prompts, num_generations)]
+        batches = [_make_batch(shape, rows, len(rows), num_generations)]
     else:
         batches = [
             _make_batch("conversational", None, num_prompts, num_generations),
             _make_batch("plain", None, num_prompts, num_generations),
         ]
-    results = tuple(
+    pristine = [copy.deepcopy(b) for b in batches]
+    checked = [
         _check_one(
             i,
             f,
@@ -919,10 +1294,19 @@ def check_reward_funcs(
             contract,
             columns,
             timeout,
+            pristine,
         )
         for i, f in enumerate(items)
-    )
-    return RewardReport(results, tuple(report_problems), contract, shape, len(batches[0]))
+    ]
+    results = [r for r, _ in checked]
+    more, per_func = _none_problems(results, [v for _, v in checked], batches)
+    report_problems += more
+    for i, problem in per_func.items():
+        r = results[i]
+        problems = (*r.problems, problem)
+        status: Status = "fail" if errors(problems) else r.status
+        results[i] = dataclasses.replace(r, problems=problems, status=status)
+    return RewardReport(tuple(results), tuple(report_problems), contract, shape, len(batches[0]))
 
 
 def assert_reward_funcs(
