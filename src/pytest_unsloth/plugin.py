@@ -16,6 +16,7 @@ _PLUGIN_MODULES = (
     ("unsloth-markers", "pytest_unsloth.markers"),
     ("unsloth-fixtures", "pytest_unsloth.fixtures"),
     ("unsloth-grpo-fixture", "pytest_unsloth.grpo.fixture"),
+    ("unsloth-readable", "pytest_unsloth.readable"),
 )
 
 
