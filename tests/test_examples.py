@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from clitool import pytest_script
+
 EXAMPLES = Path(__file__).parents[1] / "examples"
 
 pytestmark = pytest.mark.slow
@@ -33,22 +35,8 @@ def _copy(name: str, dest: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def pytest_command(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """The plain ``pytest`` command the READMEs give, for this interpreter.
-
-    ``python -m pytest`` puts the current folder on sys.path and ``pytest`` does not, so only
-    the console script shows an example whose imports work by accident. The one next to
-    ``sys.executable`` is used when it exists; otherwise an identical launcher is written.
-    """
-    script = Path(sys.executable).parent / "pytest"
-    if script.is_file():
-        return str(script)
-    launcher = tmp_path_factory.mktemp("bin") / "pytest"
-    launcher.write_text(
-        f"#!{sys.executable}\nimport sys\nfrom pytest import console_main\n"
-        "sys.exit(console_main())\n"
-    )
-    launcher.chmod(0o755)
-    return str(launcher)
+    """The plain ``pytest`` command the READMEs give (not ``python -m pytest``)."""
+    return pytest_script(tmp_path_factory.mktemp("bin"))
 
 
 def _run(pytest_command: str, folder: Path, *args: str) -> subprocess.CompletedProcess[str]:
