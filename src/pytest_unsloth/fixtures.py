@@ -176,9 +176,12 @@ def _call(item: pytest.Item, action: Callable[[], T]) -> T:
     that one's traceback holds frames whose locals reference the model, and anything keeping
     the report's call info (pytester, some plugins) would keep the model alive.
     """
+    from pytest_unsloth.quiet import library_noise_silenced
+
     problem = ""
     try:
-        return action()
+        with library_noise_silenced():
+            return action()
     except (ModelLoadError, ModelCheckError) as exc:
         problem = str(exc)
     _fail(item, problem)
