@@ -50,7 +50,7 @@ def library_noise_silenced() -> Iterator[None]:
             warnings.filterwarnings("ignore", message, category)
         for name, pattern in LOG_LINES:
             logger = logging.getLogger(name)
-            log_filter = _DropMatching(pattern)
+            log_filter: logging.Filter = _DropMatching(pattern)
             logger.addFilter(log_filter)
             added.append((logger, log_filter))
         try:
