@@ -18,6 +18,11 @@ def test_adapters(peft_model):
     assert any(p.requires_grad for p in peft_model.parameters())
 
 
+def test_trainer_builds(grpo_trainer):
+    # Building is the plugin's call; trainer.train() is the user's (TRL's warnings there show).
+    grpo_trainer(reward_funcs=[lambda completions, **kw: [0.0] * len(completions)])
+
+
 def test_fails_to_show_captured_logs(loaded_4bit_model):
     raise AssertionError("deliberate: the captured log sections are printed")
 
@@ -50,7 +55,7 @@ def test_fixtures_raise_no_library_warnings_or_log_lines(pytester: pytest.Pytest
         "always::FutureWarning",
         timeout=400,
     )
-    result.assert_outcomes(passed=3, failed=1)
+    result.assert_outcomes(passed=4, failed=1)
     out = result.stdout.str()
     assert "kernels-community" not in out
     summary = out.split("warnings summary", 1)[1].split("-- Docs:", 1)[0]
@@ -76,10 +81,10 @@ def test_fixtures_pass_under_warnings_as_errors(pytester: pytest.Pytester) -> No
         "-W",
         "error::FutureWarning",
         "-k",
-        "test_model or test_adapters",
+        "test_model or test_adapters or test_trainer_builds",
         timeout=400,
     )
-    result.assert_outcomes(passed=2)
+    result.assert_outcomes(passed=3)
 
 
 def test_filters_last_only_while_the_plugins_code_runs(

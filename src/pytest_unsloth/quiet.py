@@ -24,6 +24,8 @@ WARNINGS: tuple[tuple[type[Warning], str], ...] = (
     # peft reads model.is_gradient_checkpointing, which transformers 5.23 renamed.
     (FutureWarning, r"`is_gradient_checkpointing` is deprecated"),
     (FutureWarning, r"`gradient_checkpointing_(enable|disable)` is deprecated"),
+    # GRPOConfig's own default sets TrainingArguments' old field name (TRL 1.16).
+    (FutureWarning, r"`gradient_checkpointing` is deprecated"),
 )
 
 # (logger, message regex): bitsandbytes logs the missing optional `kernels` package at import.

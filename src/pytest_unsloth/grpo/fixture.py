@@ -15,6 +15,8 @@ from typing import Any
 
 import pytest
 
+from pytest_unsloth.quiet import library_noise_silenced
+
 __all__ = ["DEFAULT_PROMPTS", "GrpoTrainerFactory", "grpo_trainer"]
 
 # The default training rows: conversational prompts with an `answer` column, like GSM8K recipes.
@@ -68,6 +70,8 @@ class GrpoTrainerFactory:
 
         return "unsloth" if torch.cuda.is_available() else "transformers"
 
+    # The library warnings our own construction causes stay out of the user's output.
+    @library_noise_silenced()
     def __call__(
         self,
         reward_funcs: Sequence[Any] | Callable[..., Any],
