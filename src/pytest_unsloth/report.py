@@ -152,14 +152,12 @@ _MIN_DETAIL = 30
 
 
 def fit_detail(rec: dict[str, Any], room: int, verbose: bool) -> list[str]:
-    """The detail column's lines: cut to ``room`` characters, or wrapped whole with ``-v``."""
-    import textwrap
-
+    """The detail column: cut to ``room`` characters, or whole (one line, for grep) with ``-v``."""
     room = max(room, _MIN_DETAIL)
     message = " ".join(str(rec.get("message", "")).split())
     origin = _probe_origin(rec)
     if verbose:
-        return textwrap.wrap(message + origin, room, break_on_hyphens=False) or [""]
+        return [message + origin]
     # The message is cut before the origin tag, which says whether the result is fresh.
     if room - len(origin) >= _MIN_DETAIL // 2:
         return [_one_line(message, room - len(origin)) + origin]
