@@ -176,11 +176,13 @@ def _call(item: pytest.Item, action: Callable[[], T]) -> T:
     that one's traceback holds frames whose locals reference the model, and anything keeping
     the report's call info (pytester, some plugins) would keep the model alive.
     """
+    from pytest_unsloth.quiet import library_noise_silenced
     from pytest_unsloth.scratch import torch_caches
 
     problem = ""
     try:
-        with torch_caches(item.config):  # torch's import-time cache folders: not in $TMPDIR
+        # torch's import-time cache folders not in $TMPDIR; our own calls' library noise hidden.
+        with torch_caches(item.config), library_noise_silenced():
             return action()
     except (ModelLoadError, ModelCheckError) as exc:
         problem = str(exc)

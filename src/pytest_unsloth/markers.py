@@ -36,6 +36,10 @@ if TYPE_CHECKING:
 
 MIB = 1024**2
 
+# What a kernel name in requires_kernel really asks for, where "a working NAME" would mislead:
+# the torch probe runs a tensor op on each GPU, so a working CPU torch does not satisfy it.
+KERNEL_NEEDS = {"torch": "torch running on a CUDA GPU (requires_kernel('torch') probes CUDA)"}
+
 # One line per marker, shaped like its signature; ``pytest --markers`` shows them.
 MARKER_HELP = {
     "requires_vram": (
@@ -49,8 +53,10 @@ MARKER_HELP = {
     ),
     "requires_kernel": (
         "requires_kernel(*names): skip unless every named kernel probe passes here (names: "
-        "bitsandbytes, triton, flash-attn, xformers, unsloth, vllm, torch, nccl); each probe runs "
-        "once per session in a subprocess, with the probe's own message as the skip reason. "
+        "bitsandbytes, triton, flash-attn, xformers, unsloth, vllm, torch, nccl); every probe "
+        "runs on the GPU, so 'torch' means torch runs a CUDA tensor op (a CPU-only machine "
+        "skips); each probe runs once per session in a subprocess, with the probe's own message "
+        "as the skip reason. "
         "--unsloth-strict-skips fails instead of skipping."
     ),
     "requires_gpu": (
@@ -493,7 +499,8 @@ class Evaluation:
             if res.status == "passed":
                 continue
             verb = "failed" if res.status == "failed" else "did not run"
-            return f"needs a working {name}; its probe {verb}: {res.message}"
+            need = KERNEL_NEEDS.get(name, f"a working {name}")
+            return f"needs {need}; its probe {verb}: {res.message}"
         return None
 
 

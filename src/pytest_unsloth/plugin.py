@@ -17,6 +17,7 @@ _PLUGIN_MODULES = (
     ("unsloth-fixtures", "pytest_unsloth.fixtures"),
     ("unsloth-grpo-fixture", "pytest_unsloth.grpo.fixture"),
     ("unsloth-scratch", "pytest_unsloth.scratch"),
+    ("unsloth-readable", "pytest_unsloth.readable"),
 )
 
 

@@ -98,18 +98,22 @@ class Reporter:
         tr = terminalreporter
         tr.write_sep("=", "unsloth environment")
         width = max(len(n) for n in self.records) + 2
+        verbose = self.config.get_verbosity() > 0
         for rec in _ordered(self.records):
             status = STATUS_WORD.get(rec["status"], rec["status"])
-            detail = _one_line(rec.get("message", ""))
-            origin = _probe_origin(rec)
             markup = (
                 {"red": True}
                 if rec["status"] in ("failed", "error")
                 else ({"yellow": True} if rec["status"] == "skipped" else {"green": True})
             )
+            lines = fit_detail(
+                rec, self.config.get_terminal_writer().fullwidth - width - 9, verbose
+            )
             tr.write(f"{rec['name']:<{width}}")
             tr.write(f"{status:<8}", **markup)
-            tr.line(f" {detail}{origin}")
+            tr.line(f" {lines[0]}")
+            for more in lines[1:]:
+                tr.line(f"{'':<{width + 9}}{more}")
         path = self.config.stash.get(REPORT_PATH_KEY, None)
         if path:
             tr.line(f"unsloth: JSON report written to {path}")
@@ -158,17 +162,37 @@ def _one_line(text: str, limit: int = 110) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+# The detail column never gets narrower than this, however narrow the terminal.
+_MIN_DETAIL = 30
+
+
+def fit_detail(rec: dict[str, Any], room: int, verbose: bool) -> list[str]:
+    """The detail column: cut to ``room`` characters, or whole (one line, for grep) with ``-v``."""
+    room = max(room, _MIN_DETAIL)
+    message = " ".join(str(rec.get("message", "")).split())
+    origin = _probe_origin(rec)
+    if verbose:
+        return [message + origin]
+    # The message is cut before the origin tag, which says whether the result is fresh.
+    if room - len(origin) >= _MIN_DETAIL // 2:
+        return [_one_line(message, room - len(origin)) + origin]
+    return [_one_line(message + origin, room)]
+
+
 def _probe_origin(rec: dict[str, Any]) -> str:
     probes = rec.get("probes") or []
     parts = []
     for p in probes:
         what = "ran in a subprocess" if p.get("kind") == "isolated" else "probed now"
-        if p.get("origin") == "cache" and p.get("age_s") is not None:
+        # A worker that reuses another worker's result keeps that result's age and duration:
+        # a cached result stays "from cache", and a result no one probed (a package that is
+        # not installed, no GPU: duration 0) gets no tag at all.
+        if p.get("origin") in ("cache", "shared") and p.get("age_s") is not None:
             parts.append(f"{p['name']} from cache, {_age(p['age_s'])} old")
         elif p.get("origin") == "run" and p.get("duration"):
             parts.append(f"{p['name']} {what}, {p['duration']:.1f} s")
-        elif p.get("origin") == "shared":
-            parts.append(f"{p['name']} probed by another xdist worker")
+        elif p.get("origin") == "shared" and p.get("duration"):
+            parts.append(f"{p['name']} probed by another xdist worker, {p['duration']:.1f} s")
     return f" [{'; '.join(parts)}]" if parts else ""
 
 
@@ -186,7 +210,8 @@ def build_json(
     """The JSON report (schema documented in README.md)."""
     from pytest_unsloth import __version__
 
-    counts: dict[str, int] = {}
+    # All four counts always, so a consumer can read summary["failed"] without a default.
+    counts: dict[str, int] = dict.fromkeys(("passed", "failed", "skipped", "error"), 0)
     for r in records:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
     return {

@@ -502,6 +502,13 @@ class Settings:
 SETTINGS_KEY = pytest.StashKey[Settings]()
 
 
+def _metavar(what: str) -> str:
+    """The help's placeholder: the last word of ``what``; an example value keeps its case."""
+    word = what.split()[-1]
+    # "16000MiB" is an example to copy, and MIB is not a unit; "seconds" is a name: SECONDS.
+    return word if any(c.isdigit() for c in word) else word.upper()
+
+
 def addoptions(parser: pytest.Parser) -> None:
     """Declare every CLI flag and ini key (called from pytest_addoption)."""
     group = parser.getgroup(GROUP, "unsloth: fine-tuning environment checks")
@@ -523,7 +530,7 @@ def addoptions(parser: pytest.Parser) -> None:
                     opt.cli,
                     default=None,
                     type=_argparse_type(opt.parse, opt.what),
-                    metavar=opt.what.split()[-1].upper(),
+                    metavar=_metavar(opt.what),
                     help=opt.help,
                 )
         if opt.ini:

@@ -79,7 +79,9 @@ def check_packages(ctx: CheckContext) -> str:
     if missing:
         problems.append("required but not installed: " + ", ".join(missing))
         why.append(f"{ctx.settings.source('require')} says the project needs them")
-        fixes.append("pip install " + " ".join(missing))
+        from pytest_unsloth.checks.install import install_keeping_torch
+
+        fixes.append(install_keeping_torch(ctx, missing, as_named=True))
     if broken:
         problems.append(_join([f"{d.name} at {d.location}: {d.error}" for d in broken]))
         why.append("a package with broken metadata is usually half-installed and fails to import")

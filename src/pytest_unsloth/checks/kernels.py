@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from pytest_unsloth.checks.base import CheckContext, CheckFailed, CheckSkipped
+from pytest_unsloth.checks.install import install_keeping_torch
 from pytest_unsloth.probe import PROBE_DISTS, stderr_summary
 
 if TYPE_CHECKING:
@@ -40,8 +41,8 @@ WHY: dict[str, tuple[str, str]] = {
     "unsloth": (
         "a training script's first line `import unsloth` fails the same way, after the job "
         "has already been scheduled",
-        "read the error above; reinstall with pip install --force-reinstall --no-deps unsloth "
-        "unsloth_zoo and then fix the pins the pins check reports",
+        "reinstall it without touching torch: pip install --force-reinstall --no-deps unsloth "
+        "unsloth_zoo, then fix what the pins check reports",
     ),
     "vllm": (
         "fast_inference=True / use_vllm=True start vLLM; a vLLM built for another torch fails "
@@ -73,6 +74,14 @@ def make_kernel_check(name: str) -> Callable[[CheckContext], str]:
         if res.status == "skipped" and not (required and ctx.dist(dist) is None):
             raise CheckSkipped(res.message)
         why, fix = WHY[name]
+        if ctx.dist(dist) is None:
+            # Required but missing: the fix is the install line, pinned to the installed torch.
+            raise CheckFailed(
+                f"{dist} is not installed ({ctx.settings.source('require')} requires it)",
+                why,
+                install_keeping_torch(ctx, [dist]) + " (naming the installed torch keeps pip "
+                "from replacing it with another build)",
+            )
         found = f"{name} probe {res.message}" if res.status == "failed" else res.message
         stray = _stray(ctx, dist) or _stray(ctx, "torch")
         if stray is not None and res.status == "failed":

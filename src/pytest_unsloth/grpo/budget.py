@@ -19,7 +19,7 @@ __all__ = ["BudgetReport", "check_length_budget", "prompt_of"]
 _CHUNK = 1024
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, repr=False)
 class BudgetReport(ReportText):
     """Prompt token lengths against the length limit."""
 

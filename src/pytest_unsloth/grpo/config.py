@@ -48,7 +48,7 @@ _REMOVED: dict[str, tuple[str, str, str]] = {
 }
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, repr=False)
 class ConfigReport(ReportText):
     """Findings about one GRPO configuration, plus the effective values used."""
 

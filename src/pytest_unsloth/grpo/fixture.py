@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from pytest_unsloth.quiet import library_noise_silenced
 from pytest_unsloth.scratch import with_torch_caches
 
 __all__ = ["DEFAULT_PROMPTS", "GrpoTrainerFactory", "grpo_trainer"]
@@ -71,6 +72,8 @@ class GrpoTrainerFactory:
         return "unsloth" if torch.cuda.is_available() else "transformers"
 
     @with_torch_caches
+    # The library warnings our own construction causes stay out of the user's output.
+    @library_noise_silenced()
     def __call__(
         self,
         reward_funcs: Sequence[Any] | Callable[..., Any],

@@ -11,6 +11,7 @@ from collections import Counter
 from typing import Any
 
 from pytest_unsloth.grpo.problems import Problem
+from pytest_unsloth.readable import ReadableRepr
 
 __all__ = ["SCHEMAS", "JsonlReport", "LineProblem", "check_jsonl"]
 
@@ -35,8 +36,8 @@ class LineProblem:
     message: str
 
 
-@dataclasses.dataclass(frozen=True)
-class JsonlReport:
+@dataclasses.dataclass(frozen=True, repr=False)
+class JsonlReport(ReadableRepr):
     """The result of :func:`check_jsonl`."""
 
     path: str

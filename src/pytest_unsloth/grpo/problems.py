@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+from pytest_unsloth.readable import ReadableRepr
+
 Severity = Literal["error", "warning", "info"]
 
 
@@ -23,7 +25,7 @@ class Problem:
         return f"{indent}found: {self.found}\n{indent}why:   {self.why}\n{indent}fix:   {self.fix}"
 
 
-class ReportText:
+class ReportText(ReadableRepr):
     """``format()`` and ``str()`` for reports that have ``summary()`` and ``problems``."""
 
     problems: tuple[Problem, ...]

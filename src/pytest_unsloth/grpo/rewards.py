@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 from pytest_unsloth.grpo.problems import Problem, errors, installed_version, shorten
+from pytest_unsloth.readable import ReadableRepr
 
 __all__ = [
     "FuncResult",
@@ -96,8 +97,8 @@ class RewardContract:
         return names
 
 
-@dataclasses.dataclass(frozen=True)
-class FuncResult:
+@dataclasses.dataclass(frozen=True, repr=False)
+class FuncResult(ReadableRepr):
     """What happened to one entry of ``reward_funcs``."""
 
     index: int
@@ -111,9 +112,19 @@ class FuncResult:
         """Whether nothing here makes training fail or train nothing."""
         return not errors(self.problems)
 
+    def format(self) -> str:
+        """Render this function's status and every finding as found / why / fix."""
+        lines = [f"{self.name}: {'ok' if self.ok else 'FAILED'} ({self.status})"]
+        for p in self.problems:
+            lines += [f"  [{p.severity}] {p.code}", p.format("    ")]
+        return "\n".join(lines)
 
-@dataclasses.dataclass(frozen=True)
-class RewardReport:
+    def __str__(self) -> str:
+        return self.format()
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class RewardReport(ReadableRepr):
     """The result of :func:`check_reward_funcs`: one :class:`FuncResult` per reward function."""
 
     results: tuple[FuncResult, ...]
