@@ -15,6 +15,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fatbinfake import elf as _elf
+from fatbinfake import entry as _entry
+from fatbinfake import fatbin as _fatbin
 from pytest_unsloth import archs
 from pytest_unsloth.archs import LibArchs, Target
 
@@ -128,40 +131,6 @@ def test_parse_capability_rejects_with_the_accepted_forms(text: str) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # Synthetic ELF files: the a-flag, PTX, several containers, garbage.
-
-
-def _entry(kind: int, arch: int, flags: int = 0x11, payload: bytes = b"\0" * 13) -> bytes:
-    padded = payload + b"\0" * (-len(payload) % 8)
-    head = struct.pack("<HHIQIIII", kind, 0x101, 64, len(padded), len(payload), 0, 0x10008, arch)
-    head += struct.pack("<IIQQQ", 0, 0, flags, 0, len(payload))
-    assert len(head) == 64
-    return head + padded
-
-
-def _fatbin(*entries: bytes) -> bytes:
-    body = b"".join(entries)
-    return struct.pack("<IHHQ", archs.FATBIN_MAGIC, 1, 16, len(body)) + body
-
-
-def _elf(sections: dict[str, bytes]) -> bytes:
-    """A minimal ELF64 LE file holding the given sections (plus the name table)."""
-    names = b"\0" + b"".join(n.encode() + b"\0" for n in [*sections, ".shstrtab"])
-    data = bytearray(b"\0" * 64)
-    layout = []
-    name_off = 1
-    for name, content in [*sections.items(), (".shstrtab", names)]:
-        layout.append((name_off, len(data), len(content)))
-        name_off += len(name) + 1
-        data += content + b"\0" * (-len(content) % 8)
-    shoff = len(data)
-    data += b"\0" * 64  # the null section
-    for n_off, off, size in layout:
-        data += struct.pack("<IIQQQQIIQQ", n_off, 1, 0, 0, off, size, 0, 0, 8, 0)
-    header = b"\x7fELF" + bytes([2, 1, 1]) + b"\0" * 9
-    header += struct.pack("<HHIQQQIHHHHHH", 3, 62, 1, 0, 0, shoff, 0, 64, 0, 0, 64,
-                          len(layout) + 1, len(layout))  # fmt: skip
-    data[:64] = header
-    return bytes(data)
 
 
 def test_reads_arch_specific_ptx_and_several_containers(tmp_path: Path) -> None:

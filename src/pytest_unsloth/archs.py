@@ -43,7 +43,7 @@ import os
 import re
 import struct
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -277,12 +277,30 @@ def distribution_libraries(name: str) -> list[Path]:
     except md.PackageNotFoundError:
         return []
     out = []
-    for f in dist.files or ():
-        if is_shared_library(f.name):
-            located = Path(str(dist.locate_file(f)))
+    for rel in _record_paths(dist):
+        if is_shared_library(rel):
+            located = Path(str(dist.locate_file(rel)))
             if located.is_file():
                 out.append(located)
-    return sorted(out)
+    return sorted(set(out))
+
+
+def _record_paths(dist: Any) -> list[str]:
+    """Paths a distribution's RECORD lists, tolerating blank or malformed rows.
+
+    ``Distribution.files`` raises TypeError on a blank RECORD line; a broken install must not
+    crash the check, so the rows are read here.
+    """
+    import csv
+
+    try:
+        text = dist.read_text("RECORD") or ""
+    except (OSError, UnicodeDecodeError):
+        return []
+    try:
+        return [row[0] for row in csv.reader(text.splitlines()) if row and row[0]]
+    except csv.Error:
+        return [line.split(",", 1)[0] for line in text.splitlines() if line.strip()]
 
 
 def expand(spec: str) -> list[Path]:
@@ -313,6 +331,78 @@ def loaded_variants(libs: Sequence[LibArchs], cuda: tuple[int, int] | None) -> l
     if not chosen:
         return list(libs)
     return [lib for lib in libs if cuda_variant(lib.path) is None or lib in chosen]
+
+
+def torch_cuda_version(environ: Mapping[str, str] | None = None) -> tuple[int, int] | None:
+    """The CUDA version bitsandbytes picks its library for, read without importing anything.
+
+    ``BNB_CUDA_VERSION`` (e.g. ``128``) overrides, as in bitsandbytes; else the ``+cuXYZ`` tag
+    of torch's version, else the ``cuda = '12.8'`` constant in ``torch/version.py``.
+    """
+    import importlib.metadata as md
+
+    env = os.environ if environ is None else environ
+    override = env.get("BNB_CUDA_VERSION", "").strip()
+    m = re.fullmatch(r"(\d+)(\d)", override)
+    if m:
+        return int(m.group(1)), int(m.group(2))
+    try:
+        dist = md.distribution("torch")
+    except md.PackageNotFoundError:
+        return None
+    m = re.search(r"\+cu(\d+)(\d)\b", dist.version)
+    if m:
+        return int(m.group(1)), int(m.group(2))
+    try:
+        text = Path(str(dist.locate_file("torch/version.py"))).read_text()
+    except OSError:
+        return None
+    m = re.search(r"^cuda\b[^=\n]*=\s*['\"](\d+)\.(\d+)", text, re.M)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def scan_distributions(names: Iterable[str]) -> dict[str, list[LibArchs]]:
+    """Distribution -> its shared libraries that carry CUDA code (or could not be read)."""
+    out: dict[str, list[LibArchs]] = {}
+    for name in names:
+        libs = [read_library(p) for p in distribution_libraries(name)]
+        kept = [lib for lib in libs if lib.has_cuda or lib.error]
+        if kept:
+            out[name] = kept
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Gap:
+    """A library that carries no code a GPU (or a target architecture) can run."""
+
+    dist: str
+    lib: LibArchs
+    capability: tuple[int, int]
+    target: str  # "cuda:0 NVIDIA H200" or "target sm_120 (ini unsloth_target_arch ...)"
+
+
+def find_gaps(
+    scanned: dict[str, list[LibArchs]],
+    targets: Sequence[tuple[str, tuple[int, int]]],
+    cuda: tuple[int, int] | None,
+) -> list[Gap]:
+    """Every (library, target) pair where the library has nothing that runs on the target.
+
+    Per-CUDA builds other than the one ``cuda`` loads are ignored; when ``cuda`` is unknown, a
+    distribution with per-CUDA builds counts as covered if any of its builds runs.
+    """
+    gaps = []
+    for dist, libs in scanned.items():
+        judged = [lib for lib in loaded_variants(libs, cuda) if lib.has_cuda]
+        for label, cap in targets:
+            missing = [lib for lib in judged if not lib.runs_on(cap)]
+            variants = [lib for lib in judged if cuda_variant(lib.path)]
+            if cuda is None and len(variants) > 1:
+                covered = any(lib.runs_on(cap) for lib in variants)
+                missing = [lib for lib in missing if not (covered and lib in variants)]
+            gaps += [Gap(dist, lib, cap, label) for lib in missing]
+    return gaps
 
 
 def _format_text(results: Sequence[LibArchs]) -> str:

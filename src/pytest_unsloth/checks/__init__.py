@@ -31,7 +31,7 @@ def builtin_checks() -> list[Check]:
         Check(
             "arch",
             cuda.check_arch,
-            "GPU compute capability in torch's arch list",
+            "every extension has code for each GPU / unsloth_target_arch",
             True,
             probes=("torch",),
         ),
