@@ -255,3 +255,77 @@ def pip_install_line(name: str, spec: SpecifierSet) -> str:
     """A copy-pasteable install command for one requirement."""
     text = format_specifier(spec)
     return f"pip install '{name}{text}'" if text else f"pip install '{name}'"
+
+
+# ----------------------------------------------------------------------------------------------
+# Fix lines that keep what works in place.
+
+# Packages built against one torch release (or pinned by it): an install line for anything else
+# pins their installed versions so pip finds builds for them or fails without changing them.
+KEEP_IN_PLACE: tuple[str, ...] = ("torch", "torchvision", "triton")
+
+
+def base_version(version: str) -> str:
+    """``2.11.0+cu130`` -> ``2.11.0`` (``==2.11.0`` matches every local build of it)."""
+    return version.split("+", 1)[0]
+
+
+def keep_pins(installed: Mapping[str, str], installing: Iterable[str]) -> list[str]:
+    """``torch==X`` etc. for each installed KEEP_IN_PLACE package not being installed itself."""
+    moving = {canonical(n) for n in installing}
+    have = {canonical(k): v for k, v in installed.items() if v}
+    return [
+        f"{name}=={base_version(have[name])}"
+        for name in KEEP_IN_PLACE
+        if name in have and name not in moving
+    ]
+
+
+def safe_install_line(
+    requirements: Iterable[tuple[str, SpecifierSet | None]], installed: Mapping[str, str]
+) -> tuple[str, str]:
+    """(command, note): ``pip install 'xformers>=0.0.27' 'torch==2.11.0'`` and why it pins.
+
+    The note is empty when nothing needed pinning (torch is not installed or is the target).
+    """
+    reqs = list(requirements)
+    words = [f"'{name}{format_specifier(spec) if spec else ''}'" for name, spec in reqs]
+    pins = keep_pins(installed, [n for n, _ in reqs])
+    line = "pip install " + " ".join(words + [f"'{p}'" for p in pins])
+    if not pins:
+        return line, ""
+    note = (
+        f"the line pins the installed {', '.join(pins)} so pip picks a build made for "
+        "them or fails without replacing them"
+    )
+    return line, note
+
+
+def keep_in_place(command: str, installed: Mapping[str, str]) -> tuple[str, str]:
+    """Append keep-pins to a plain ``pip install ...`` fix (from a data table), with the note."""
+    import shlex
+
+    if not command.startswith("pip install ") or "&&" in command or ";" in command:
+        return command, ""
+    try:
+        words = shlex.split(command)[2:]
+    except ValueError:
+        return command, ""
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    names = []
+    for w in words:
+        if w.startswith("-"):
+            continue
+        try:
+            names.append(Requirement(w).name)
+        except InvalidRequirement:
+            return command, ""
+    pins = keep_pins(installed, names)
+    if not pins:
+        return command, ""
+    note = (
+        f"the line pins the installed {', '.join(pins)} so pip picks a build made for "
+        "them or fails without replacing them"
+    )
+    return command + " " + " ".join(f"'{p}'" for p in pins), note

@@ -9,13 +9,15 @@ from typing import TYPE_CHECKING, Any
 
 from pytest_unsloth.checks.base import CheckContext, CheckFailed, CheckSkipped
 from pytest_unsloth.meta import (
+    KEEP_IN_PLACE,
     STACK,
     Dist,
     canonical,
     combined_specifier,
     format_specifier,
+    keep_in_place,
     obviously_empty,
-    pip_install_line,
+    safe_install_line,
 )
 
 if TYPE_CHECKING:
@@ -136,13 +138,75 @@ def _violations(
     return declared, violated
 
 
+def _rank(key: str) -> int:
+    """torch 0, what is built against it (torchvision, triton) 1, everything else 2."""
+    if key == "torch":
+        return 0
+    return 1 if key in KEEP_IN_PLACE else 2
+
+
+def movers_for(target: str, bad: list[tuple[Dist, SpecifierSet]]) -> list[Dist]:
+    """The dependents to reinstall rather than moving ``target`` (built for another torch...)."""
+    return [d for d, _ in bad if _rank(d.key) > _rank(target)]
+
+
+def _pins_fix(
+    ctx: CheckContext,
+    target: str,
+    installed: Dist | None,
+    declared: list[tuple[Dist, SpecifierSet]],
+    bad: list[tuple[Dist, SpecifierSet]],
+) -> tuple[str, str]:
+    """The fix line for one violated target, and a note on what it keeps in place.
+
+    torch is never moved to satisfy a dependent: the dependent (xformers, vLLM, torchvision...
+    built for one exact torch) is reinstalled for the installed torch instead. Where the
+    declared ranges cannot all hold, the packages that disagree with the installed version are
+    the ones to move first.
+    """
+    versions = ctx.inventory.versions()
+    combined = combined_specifier(s for _, s in declared)
+    movers = movers_for(target, bad)
+    keep_target = installed is not None and target in KEEP_IN_PLACE
+    if obviously_empty(combined) or (keep_target and movers):
+        who = ", ".join(f"{d.name} ({format_specifier(s)})" for d, s in declared)
+        line, note = safe_install_line([(d.name, None) for d in movers], versions)
+        if installed is not None and movers:
+            accept = [d.name for d, s in declared if d not in movers]
+            first = (
+                f"move {', '.join(d.name for d in movers)} first: "
+                f"{'they disagree' if len(movers) > 1 else 'it disagrees'} with the installed "
+                f"{installed.name} {installed.version}"
+                + (f", which {', '.join(accept)} accept{'s' if len(accept) == 1 else ''}"
+                   if accept else "")
+            )  # fmt: skip
+            head = f"no {target} version satisfies {who}; " if obviously_empty(combined) else ""
+            return f"{head}{first}: {line}", note
+        return (
+            f"no {target} version satisfies {who}: upgrade or downgrade one of those packages "
+            "so that their ranges overlap",
+            "",
+        )
+    name = installed.name if installed else target
+    return safe_install_line([(name, combined)], versions)
+
+
 def check_pins(ctx: CheckContext) -> str:
     """Every installed stack package's declared Requires-Dist on the stack holds."""
     declared, violated = _violations(ctx)
     if not violated:
         n = sum(len(v) for v in declared.values())
         return f"{n} declared requirement(s) between stack packages hold"
-    found, fixes, why = [], [], []
+    found, fixes, why, notes = [], [], [], []
+    # Dependents reinstalled for the installed torch/torchvision/triton: their other violated
+    # requirements are moot (the reinstall brings a release with matching ones).
+    moved = {
+        d.key
+        for target, bad in violated.items()
+        if target in KEEP_IN_PLACE and ctx.inventory.get(target) is not None
+        for d in movers_for(target, bad)
+    }
+    emitted: set[str] = set()
     for target, bad in violated.items():
         installed = ctx.inventory.get(target)
         have = (
@@ -154,16 +218,18 @@ def check_pins(ctx: CheckContext) -> str:
             f"{d.name} {d.version} requires {target}{format_specifier(s)}" for d, s in bad
         )
         found.append(f"{needs}; {have}")
-        combined = combined_specifier(s for _, s in declared[target])
-        if obviously_empty(combined):
-            who = ", ".join(f"{d.name} ({format_specifier(s)})" for d, s in declared[target])
-            fixes.append(
-                f"no {target} version satisfies {who}: upgrade or downgrade one of "
-                "those packages so that their ranges overlap"
-            )
-        else:
-            name = installed.name if installed else target
-            fixes.append(pip_install_line(name, combined))
+        fix, note = _pins_fix(ctx, target, installed, declared[target], bad)
+        own = movers_for(target, bad) if target in KEEP_IN_PLACE and installed else []
+        if own:
+            if all(d.key in emitted for d in own):
+                fix = ""  # the same reinstall is already on the line
+            emitted.update(d.key for d in own)
+        elif all(d.key in moved for d, _ in bad):
+            fix = ""  # reinstalling the dependents brings releases with matching requirements
+        if fix and fix not in fixes:
+            fixes.append(fix)
+        if note:
+            notes.append(note)
         if installed is None:
             why.append(f"{target} is imported by its dependents and they fail without it")
         else:
@@ -172,9 +238,7 @@ def check_pins(ctx: CheckContext) -> str:
                 "released and tested with; --no-deps installs skip this check, and the "
                 "mismatch shows up later as import errors or silent misbehaviour"
             )
-    raise CheckFailed(
-        _join(found), why[0] if len(why) == 1 else "; ".join(dict.fromkeys(why)), " && ".join(fixes)
-    )
+    raise CheckFailed(_join(found), "; ".join(dict.fromkeys(why + notes)), " && ".join(fixes))
 
 
 def check_user_pins(ctx: CheckContext) -> str:
@@ -184,7 +248,9 @@ def check_user_pins(ctx: CheckContext) -> str:
     pins = ctx.settings.pins
     if not pins:
         raise CheckSkipped("no unsloth_pins configured")
-    found, fixes = [], []
+    found: list[str] = []
+    fixes: list[tuple[str, str]] = []
+    versions = ctx.inventory.versions()
     for text in pins:
         req = Requirement(text)
         if req.marker is not None and not req.marker.evaluate({"extra": ""}):
@@ -192,15 +258,17 @@ def check_user_pins(ctx: CheckContext) -> str:
         dist = ctx.inventory.get(req.name)
         if dist is None:
             found.append(f"{req.name} is not installed (pinned {format_specifier(req.specifier)})")
-            fixes.append(pip_install_line(req.name, req.specifier))
+            fixes.append(safe_install_line([(req.name, req.specifier)], versions))
         elif req.specifier and not req.specifier.contains(dist.version, prereleases=True):
             found.append(f"{dist.name} {dist.version} does not satisfy the pin {text!r}")
-            fixes.append(pip_install_line(dist.name, req.specifier))
+            fixes.append(safe_install_line([(dist.name, req.specifier)], versions))
     if found:
+        notes = list(dict.fromkeys(n for _, n in fixes if n))
         raise CheckFailed(
             _join(found),
-            f"{ctx.settings.source('pins')} declares the versions this project was validated with",
-            " && ".join(fixes),
+            f"{ctx.settings.source('pins')} declares the versions this project was validated with"
+            + "".join(f"; {n}" for n in notes),
+            " && ".join(f for f, _ in fixes),
         )
     return f"{len(pins)} pin(s) hold"
 
@@ -246,7 +314,7 @@ def _torchvision_rule(ctx: CheckContext) -> tuple[str, str] | None:
             return (
                 f"torchvision {tv.version} was built for torch{format_specifier(req.specifier)}"
                 f", torch {torch.version} is installed",
-                pip_install_line("torch", req.specifier),
+                safe_install_line([("torchvision", None)], ctx.inventory.versions())[0],
             )
     try:
         t, v = Version(torch.version), Version(tv.version)
@@ -281,8 +349,11 @@ def check_known_bad(ctx: CheckContext) -> str:
             hits.append((row["found"].format(**versions), row["why"], row["fix"], row["source"]))
     if not hits:
         return f"none of {len(rows)} known-bad combinations matches"
+    versions = ctx.inventory.versions()
+    fixes = [keep_in_place(h[2], versions) for h in hits]
+    notes = list(dict.fromkeys(n for _, n in fixes if n))
     raise CheckFailed(
         _join([h[0] for h in hits]),
-        "; ".join(f"{h[1]} (source: {h[3]})" for h in hits),
-        " && ".join(dict.fromkeys(h[2] for h in hits)),
+        "; ".join(f"{h[1]} (source: {h[3]})" for h in hits) + "".join(f"; {n}" for n in notes),
+        " && ".join(dict.fromkeys(f for f, _ in fixes)),
     )
