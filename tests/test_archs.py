@@ -229,3 +229,21 @@ def test_cli_distribution_name(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert "libbitsandbytes_cuda" in out and "sm_90" in out
     assert "libbitsandbytes_cpu" not in out
+
+
+@pytest.mark.gpu
+def test_torch_cuda_library_matches_torch_arch_list() -> None:
+    """On the GPU machine: libtorch_cuda carries every sm_ in torch.cuda.get_arch_list(), and
+    code for each visible GPU."""
+    code = (
+        "import json, torch; print(json.dumps([torch.cuda.get_arch_list(), "
+        "[list(torch.cuda.get_device_capability(i)) for i in range(torch.cuda.device_count())]]))"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True
+    )
+    arch_list, caps = json.loads(run.stdout.strip().splitlines()[-1])
+    libs = [archs.read_library(p) for p in archs.distribution_libraries("torch")]
+    lib = next(x for x in libs if "libtorch_cuda" in x.path and x.has_cuda)
+    assert {a for a in arch_list if a.startswith("sm_")} <= set(lib.sm), (arch_list, lib)
+    assert caps and all(lib.runs_on((c[0], c[1])) for c in caps), (caps, lib)
