@@ -299,23 +299,20 @@ def _row_matches(ctx: CheckContext, row: dict[str, Any]) -> dict[str, str] | Non
     return versions
 
 
-def _torchvision_rule(ctx: CheckContext) -> tuple[str, str] | None:
-    """torchvision built for another torch: (found, fix) or None."""
+def _torchvision_rule(ctx: CheckContext, row: dict[str, Any]) -> tuple[str, str] | None:
+    """torchvision declaring torch==X with another torch installed: (found, fix) or None."""
+    return _exact_pin_rule(ctx, {**row, "package": "torchvision", "on": "torch"})
+
+
+def _torchvision_pairing_rule(ctx: CheckContext, row: dict[str, Any]) -> tuple[str, str] | None:
+    """torchvision without a torch pin that does not pair with the installed torch release."""
     from packaging.version import InvalidVersion, Version
 
     tv, torch = ctx.inventory.get("torchvision"), ctx.inventory.get("torch")
     if tv is None or torch is None or not tv.version or not torch.version:
         return None
-    # Prefer what torchvision's own metadata declares; the pins check reports that too.
-    for req in tv.requirements():
-        if canonical(req.name) == "torch" and req.specifier:
-            if req.specifier.contains(torch.version, prereleases=True):
-                return None
-            return (
-                f"torchvision {tv.version} was built for torch{format_specifier(req.specifier)}"
-                f", torch {torch.version} is installed",
-                safe_install_line([("torchvision", None)], ctx.inventory.versions())[0],
-            )
+    if any(canonical(r.name) == "torch" and r.specifier for r in tv.requirements()):
+        return None  # its own metadata decides (the torchvision-torch-mismatch row)
     try:
         t, v = Version(torch.version), Version(tv.version)
     except InvalidVersion:
@@ -331,7 +328,59 @@ def _torchvision_rule(ctx: CheckContext) -> tuple[str, str] | None:
     return None
 
 
-RULES = {"torchvision-torch": _torchvision_rule}
+def _exact_pin_rule(ctx: CheckContext, row: dict[str, Any]) -> tuple[str, str] | None:
+    """``package`` declares ``on==X`` (built for it) and another ``on`` is installed."""
+    from packaging.specifiers import SpecifierSet
+
+    pkg, on = ctx.inventory.get(row["package"]), ctx.inventory.get(row["on"])
+    if pkg is None or on is None or not pkg.version or not on.version:
+        return None
+    for req in pkg.requirements():
+        if canonical(req.name) != canonical(row["on"]):
+            continue
+        exact = [s for s in req.specifier if s.operator in ("==", "===")]
+        if not exact or req.specifier.contains(on.version, prereleases=True):
+            continue
+        spec = SpecifierSet(",".join(str(s) for s in exact))
+        versions = ctx.inventory.versions()
+        if _rank(pkg.key) > _rank(on.key):  # reinstall the dependent, keep torch in place
+            fix = safe_install_line([(pkg.name, None)], versions)[0]
+        else:  # torch pins triton: bring the triton torch was built with
+            fix = safe_install_line([(on.name, spec)], versions)[0]
+        return (
+            f"{pkg.name} {pkg.version} was built for {on.name}{format_specifier(spec)}, "
+            f"{on.name} {on.version} is installed",
+            fix,
+        )
+    return None
+
+
+def _flash_attn_rule(ctx: CheckContext, row: dict[str, Any]) -> tuple[str, str] | None:
+    """A prebuilt flash-attn wheel whose local version names another torch (``+cu12torch2.6``)."""
+    import re
+
+    fa, torch = ctx.inventory.get("flash-attn"), ctx.inventory.get("torch")
+    if fa is None or torch is None:
+        return None
+    m = re.search(r"torch(\d+)\.(\d+)", fa.version.partition("+")[2])
+    t = re.match(r"(\d+)\.(\d+)", torch.version)
+    if not m or not t or (m.group(1), m.group(2)) == (t.group(1), t.group(2)):
+        return None
+    built = f"{m.group(1)}.{m.group(2)}"
+    return (
+        f"flash-attn {fa.version} is a wheel built for torch {built}, torch {torch.version} is "
+        "installed",
+        "pip install --no-build-isolation --force-reinstall --no-deps flash-attn (builds against "
+        f"the installed torch), or the release wheel named torch{t.group(1)}.{t.group(2)}",
+    )
+
+
+RULES = {
+    "torchvision-torch": _torchvision_rule,
+    "torchvision-pairing": _torchvision_pairing_rule,
+    "exact-pin": _exact_pin_rule,
+    "flash-attn-local": _flash_attn_rule,
+}
 
 
 def check_known_bad(ctx: CheckContext) -> str:
@@ -340,7 +389,7 @@ def check_known_bad(ctx: CheckContext) -> str:
     hits: list[tuple[str, str, str, str]] = []
     for row in rows:
         if "rule" in row:
-            res = RULES[row["rule"]](ctx)
+            res = RULES[row["rule"]](ctx, row)
             if res is not None:
                 hits.append((res[0], row["why"], res[1], row["source"]))
             continue
