@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata as md
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -329,3 +329,43 @@ def keep_in_place(command: str, installed: Mapping[str, str]) -> tuple[str, str]
         "them or fails without replacing them"
     )
     return command + " " + " ".join(f"'{p}'" for p in pins), note
+
+
+# ----------------------------------------------------------------------------------------------
+# Requirements of extras whose own packages are installed.
+
+_EXTRA_NAME = re.compile(r"""extra\s*==\s*['"]([^'"]+)['"]""")
+# Extras for a package's own development: their pins describe its CI, not its users.
+_DEV_EXTRAS = re.compile(
+    r"^(dev|test|tests|testing|quality|docs?|all|benchmarks?|.*[-_](dev|test.*))$"
+)
+
+
+def active_extras(dist: Dist, is_installed: Callable[[str], bool]) -> list[tuple[Requirement, str]]:
+    """``(requirement, extra)`` of every extra whose packages are all installed.
+
+    trl's ``vllm`` extra pins ``vllm>=0.22.0,<=0.31.0``: once vLLM (and the extra's other
+    packages) is installed next to trl, that range applies even though nobody typed
+    ``pip install trl[vllm]``. Development extras (dev, test, quality, docs, all) are ignored.
+    """
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    groups: dict[str, list[Requirement]] = {}
+    for text in dist.requires:
+        names = _EXTRA_NAME.findall(text)
+        if not names:
+            continue
+        try:
+            req = Requirement(text)
+        except InvalidRequirement:
+            continue
+        for extra in dict.fromkeys(names):
+            if req.marker is not None and req.marker.evaluate({"extra": extra}):
+                groups.setdefault(extra, []).append(req)
+    out = []
+    for extra, reqs in groups.items():
+        if _DEV_EXTRAS.match(extra):
+            continue
+        if all(is_installed(r.name) for r in reqs):
+            out += [(r, extra) for r in reqs]
+    return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 from importlib import resources
@@ -12,6 +13,7 @@ from pytest_unsloth.meta import (
     KEEP_IN_PLACE,
     STACK,
     Dist,
+    active_extras,
     canonical,
     combined_specifier,
     format_specifier,
@@ -112,6 +114,12 @@ def check_packages(ctx: CheckContext) -> str:
     return ", ".join(f"{n} {v}" for n, v in versions.items())
 
 
+def _installed(name: str) -> bool:
+    from pytest_unsloth.meta import version_of
+
+    return version_of(name) is not None
+
+
 def _violations(
     ctx: CheckContext,
 ) -> tuple[dict[str, list[tuple[Dist, SpecifierSet]]], dict[str, list[tuple[Dist, SpecifierSet]]]]:
@@ -119,10 +127,15 @@ def _violations(
     stack = {canonical(n) for n in STACK}
     declared: dict[str, list[tuple[Dist, SpecifierSet]]] = {}
     violated: dict[str, list[tuple[Dist, SpecifierSet]]] = {}
-    for dist in ctx.inventory.installed():
-        for req in dist.requirements():
+    for owner in ctx.inventory.installed():
+        # Extras whose packages are installed count too: trl[vllm] pins vLLM's range.
+        reqs = [(r, owner) for r in owner.requirements()] + [
+            (r, dataclasses.replace(owner, name=f"{owner.name}[{extra}]"))
+            for r, extra in active_extras(owner, _installed)
+        ]
+        for req, dist in reqs:
             target = canonical(req.name)
-            if target not in stack or target == dist.key:
+            if target not in stack or target == owner.key:
                 continue
             declared.setdefault(target, []).append((dist, req.specifier))
             installed = ctx.inventory.get(target)
@@ -406,3 +419,49 @@ def check_known_bad(ctx: CheckContext) -> str:
         "; ".join(f"{h[1]} (source: {h[3]})" for h in hits) + "".join(f"; {n}" for n in notes),
         " && ".join(dict.fromkeys(f for f, _ in fixes)),
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# Supported windows kept in installed source (pytest_unsloth.windows).
+
+
+def check_windows(ctx: CheckContext) -> str:
+    """Installed versions sit inside the supported windows their dependents keep in code."""
+    from packaging.specifiers import SpecifierSet
+
+    from pytest_unsloth.windows import read_windows
+
+    windows = read_windows()
+    if not windows:
+        raise CheckSkipped("no installed package keeps a supported-version window in its source")
+    found, why, fixes, judged = [], [], [], []
+    versions = ctx.inventory.versions()
+    for w in windows:
+        dist = ctx.inventory.get(w.target)
+        if dist is None or not dist.version:
+            continue
+        judged.append(f"{w.target} {dist.version} in {w.owner}'s {w.low}..{w.high}")
+        if w.contains(dist.version):
+            continue
+        found.append(
+            f"{w.target} {dist.version} is outside the {w.target} versions {w.owner} "
+            f"{w.owner_version} supports ({w.low} to {w.high})"
+        )
+        why.append(
+            f"{w.path}:{w.line}: `{w.text}` ({w.owner} only warns at import; the run then "
+            "fails or misbehaves inside generation)"
+        )
+        line, note = safe_install_line([(dist.name, SpecifierSet(w.specifier))], versions)
+        fixes.append(line)
+        if note:
+            why.append(note)
+    if found:
+        raise CheckFailed(_join(found), "; ".join(why), " && ".join(fixes))
+    if not judged:
+        raise CheckSkipped(
+            "; ".join(f"{w.owner} supports {w.target}{w.specifier}" for w in windows)
+            + "; nothing to judge: "
+            + ", ".join(dict.fromkeys(w.target for w in windows))
+            + " not installed"
+        )
+    return "; ".join(judged)
