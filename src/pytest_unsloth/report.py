@@ -95,6 +95,12 @@ class Reporter:
             tr.write(f"{rec['name']:<{width}}")
             tr.write(f"{status:<8}", **markup)
             tr.line(f" {detail}{origin}")
+        if self.config.get_verbosity() > 0 and not hasattr(self.config, "workerinput"):
+            from pytest_unsloth.constraints import package_report, report_lines
+
+            tr.write_sep("-", "unsloth packages: version, required by, verdict")
+            for line in report_lines(package_report(get_context(self.config).inventory)):
+                tr.line(line, red=" outside " in f" {line} ")
         path = self.config.stash.get(REPORT_PATH_KEY, None)
         if path:
             tr.line(f"unsloth: JSON report written to {path}")
@@ -207,7 +213,15 @@ def build_json(
         },
         "summary": counts,
         "checks": records,
+        "compatibility": _compatibility(inv),
     }
+
+
+def _compatibility(inv: Inventory) -> dict[str, Any]:
+    """Per package: version, who requires it with which range, verdict (issue 14)."""
+    from pytest_unsloth.constraints import package_report
+
+    return package_report(inv)
 
 
 def markdown_summary(records: list[dict[str, Any]]) -> str:
