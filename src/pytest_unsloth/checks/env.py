@@ -182,10 +182,10 @@ def _pins_fix(
     movers = movers_for(target, bad)
     keep_target = installed is not None and target in KEEP_IN_PLACE
     if obviously_empty(combined) or (keep_target and movers):
-        who = ", ".join(f"{d.name} ({format_specifier(s)})" for d, s in declared)
+        who = ", ".join(f"{d.name} ({format_specifier(s)})" for d, s in declared if s)
         line, note = safe_install_line([(d.name, None) for d in movers], versions)
         if installed is not None and movers:
-            accept = [d.name for d, s in declared if d not in movers]
+            accept = [d.name for d, s in declared if d not in movers and s]
             first = (
                 f"move {', '.join(d.name for d in movers)} first: "
                 f"{'they disagree' if len(movers) > 1 else 'it disagrees'} with the installed "
