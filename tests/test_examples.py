@@ -105,6 +105,10 @@ def test_broken_env_examples_fail_as_documented(
     actual = proc.stdout.replace(f"{folder}/", "<example>/")
     assert found in actual.splitlines(), actual
     fix = next(line for line in expected.splitlines() if line.startswith("fix:"))
+    # Install lines pin the installed torch/torchvision/triton (issue 14): versions vary by host.
+    actual, pins = re.subn(r"( '(torch|torchvision|triton)==[^']+')+", " <keep-pins>", actual)
+    if not pins:
+        fix = fix.replace(" <keep-pins>", "")
     assert fix in actual.splitlines()
 
 

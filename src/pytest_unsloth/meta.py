@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata as md
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -274,3 +274,117 @@ def pip_install_line(name: str, spec: SpecifierSet) -> str:
     """A copy-pasteable install command for one requirement."""
     text = format_specifier(spec)
     return f"pip install '{name}{text}'" if text else f"pip install '{name}'"
+
+
+# ----------------------------------------------------------------------------------------------
+# Fix lines that keep what works in place.
+
+# Packages built against one torch release (or pinned by it): an install line for anything else
+# pins their installed versions so pip finds builds for them or fails without changing them.
+KEEP_IN_PLACE: tuple[str, ...] = ("torch", "torchvision", "triton")
+
+
+def base_version(version: str) -> str:
+    """``2.11.0+cu130`` -> ``2.11.0`` (``==2.11.0`` matches every local build of it)."""
+    return version.split("+", 1)[0]
+
+
+def keep_pins(installed: Mapping[str, str], installing: Iterable[str]) -> list[str]:
+    """``torch==X`` etc. for each installed KEEP_IN_PLACE package not being installed itself."""
+    moving = {canonical(n) for n in installing}
+    have = {canonical(k): v for k, v in installed.items() if v}
+    return [
+        f"{name}=={base_version(have[name])}"
+        for name in KEEP_IN_PLACE
+        if name in have and name not in moving
+    ]
+
+
+def safe_install_line(
+    requirements: Iterable[tuple[str, SpecifierSet | None]], installed: Mapping[str, str]
+) -> tuple[str, str]:
+    """(command, note): ``pip install 'xformers>=0.0.27' 'torch==2.11.0'`` and why it pins.
+
+    The note is empty when nothing needed pinning (torch is not installed or is the target).
+    """
+    reqs = list(requirements)
+    words = [f"'{name}{format_specifier(spec) if spec else ''}'" for name, spec in reqs]
+    pins = keep_pins(installed, [n for n, _ in reqs])
+    line = "pip install " + " ".join(words + [f"'{p}'" for p in pins])
+    if not pins:
+        return line, ""
+    note = (
+        f"the line pins the installed {', '.join(pins)} so pip picks a build made for "
+        "them or fails without replacing them"
+    )
+    return line, note
+
+
+def keep_in_place(command: str, installed: Mapping[str, str]) -> tuple[str, str]:
+    """Append keep-pins to a plain ``pip install ...`` fix (from a data table), with the note."""
+    import shlex
+
+    if not command.startswith("pip install ") or "&&" in command or ";" in command:
+        return command, ""
+    try:
+        words = shlex.split(command)[2:]
+    except ValueError:
+        return command, ""
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    names = []
+    for w in words:
+        if w.startswith("-"):
+            continue
+        try:
+            names.append(Requirement(w).name)
+        except InvalidRequirement:
+            return command, ""
+    pins = keep_pins(installed, names)
+    if not pins:
+        return command, ""
+    note = (
+        f"the line pins the installed {', '.join(pins)} so pip picks a build made for "
+        "them or fails without replacing them"
+    )
+    return command + " " + " ".join(f"'{p}'" for p in pins), note
+
+
+# ----------------------------------------------------------------------------------------------
+# Requirements of extras whose own packages are installed.
+
+_EXTRA_NAME = re.compile(r"""extra\s*==\s*['"]([^'"]+)['"]""")
+# Extras for a package's own development: their pins describe its CI, not its users.
+_DEV_EXTRAS = re.compile(
+    r"^(dev|test|tests|testing|quality|docs?|all|benchmarks?|.*[-_](dev|test.*))$"
+)
+
+
+def active_extras(dist: Dist, is_installed: Callable[[str], bool]) -> list[tuple[Requirement, str]]:
+    """``(requirement, extra)`` of every extra whose packages are all installed.
+
+    trl's ``vllm`` extra pins ``vllm>=0.22.0,<=0.31.0``: once vLLM (and the extra's other
+    packages) is installed next to trl, that range applies even though nobody typed
+    ``pip install trl[vllm]``. Development extras (dev, test, quality, docs, all) are ignored.
+    """
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    groups: dict[str, list[Requirement]] = {}
+    for text in dist.requires:
+        names = _EXTRA_NAME.findall(text)
+        if not names:
+            continue
+        try:
+            req = Requirement(text)
+        except InvalidRequirement:
+            continue
+        for extra in dict.fromkeys(names):
+            if req.marker is not None and req.marker.evaluate({"extra": extra}):
+                groups.setdefault(extra, []).append(req)
+    out = []
+    for extra, reqs in groups.items():
+        if _DEV_EXTRAS.match(extra):
+            continue
+        if all(is_installed(r.name) for r in reqs):
+            out += [(r, extra) for r in reqs]
+    return out

@@ -114,6 +114,12 @@ class Reporter:
             tr.line(f" {lines[0]}")
             for more in lines[1:]:
                 tr.line(f"{'':<{width + 9}}{more}")
+        if self.config.get_verbosity() > 0 and not hasattr(self.config, "workerinput"):
+            from pytest_unsloth.constraints import package_report, report_lines
+
+            tr.write_sep("-", "unsloth packages: version, required by, verdict")
+            for line in report_lines(package_report(get_context(self.config).inventory)):
+                tr.line(line, red=" outside " in f" {line} ")
         path = self.config.stash.get(REPORT_PATH_KEY, None)
         if path:
             tr.line(f"unsloth: JSON report written to {path}")
@@ -247,7 +253,15 @@ def build_json(
         },
         "summary": counts,
         "checks": records,
+        "compatibility": _compatibility(inv),
     }
+
+
+def _compatibility(inv: Inventory) -> dict[str, Any]:
+    """Per package: version, who requires it with which range, verdict (issue 14)."""
+    from pytest_unsloth.constraints import package_report
+
+    return package_report(inv)
 
 
 def markdown_summary(records: list[dict[str, Any]]) -> str:

@@ -449,6 +449,15 @@ OPTIONS: tuple[Option, ...] = (
         what="a positive number of seconds",
         default=60.0,
     ),
+    Option(
+        "target_arch",
+        "GPU architectures the compiled extensions must run on, checked without a GPU "
+        "(sm_90 sm_120 ...)",
+        ini="unsloth_target_arch",
+        cli="--unsloth-target-arch",
+        kind="args",
+        default=(),
+    ),
 )
 
 
@@ -490,6 +499,7 @@ class Settings:
     min_shm_gib: float = 1.0
     min_free_disk_gib: float = 10.0
     nccl_timeout: float = 60.0
+    target_arch: tuple[str, ...] = ()
     sources: Mapping[str, str] = dataclasses.field(
         default_factory=lambda: MappingProxyType({}), compare=False, repr=False
     )
@@ -861,6 +871,16 @@ def _validate(config: pytest.Config, settings: Settings) -> None:
                 f"pytest-unsloth: {settings.source('reward_funcs')}: {name!r} is not an import "
                 "path. Fix: write 'package.module:function', e.g. 'rewards:format_reward'."
             )
+    for arch in settings.target_arch:
+        from pytest_unsloth.archs import parse_capability
+
+        try:
+            parse_capability(arch)
+        except ValueError as exc:
+            raise pytest.UsageError(
+                f"pytest-unsloth: {settings.source('target_arch')}: {exc}. Fix: e.g. "
+                "unsloth_target_arch = sm_90 sm_120 (or --unsloth-target-arch=sm_120)."
+            ) from None
     if settings.lora_dropout >= 1:
         raise pytest.UsageError(
             f"pytest-unsloth: {settings.source('lora_dropout')} = {settings.lora_dropout}: "

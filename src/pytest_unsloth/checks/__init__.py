@@ -25,6 +25,7 @@ def builtin_checks() -> list[Check]:
         Check("pins", env.check_pins, "declared Requires-Dist between stack packages hold"),
         Check("known-bad", env.check_known_bad, "combinations known to break at run time"),
         Check("user-pins", env.check_user_pins, "the project's unsloth_pins"),
+        Check("windows", env.check_windows, "versions inside windows kept in installed source"),
         Check(
             "cuda",
             cuda.check_cuda,
@@ -42,7 +43,7 @@ def builtin_checks() -> list[Check]:
         Check(
             "arch",
             cuda.check_arch,
-            "GPU compute capability in torch's arch list",
+            "every extension has code for each GPU / unsloth_target_arch",
             True,
             probes=("torch",),
             depends_on=GPU_AND_TORCH,

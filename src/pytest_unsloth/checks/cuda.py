@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -10,6 +12,7 @@ from pytest_unsloth.checks.base import CheckContext, CheckFailed, CheckSkipped
 from pytest_unsloth.probe import stderr_summary
 
 if TYPE_CHECKING:
+    from pytest_unsloth.archs import Gap, LibArchs
     from pytest_unsloth.gpu import GpuDevice
     from pytest_unsloth.probe import ProbeResult
     from pytest_unsloth.shadow import Shadow
@@ -222,18 +225,125 @@ def _passed_torch(ctx: CheckContext) -> dict[str, Any]:
     return dict(res.data)
 
 
+ARCHS_CACHE_KEY = "unsloth/archs"
+
+
+def stack_archs(ctx: CheckContext) -> dict[str, list[LibArchs]]:
+    """CUDA code in every installed stack distribution's shared libraries (cached per fingerprint).
+
+    Reading is header-only and fast; the cache spares walking every RECORD on repeated runs.
+    """
+    from pytest_unsloth import archs
+
+    names = sorted({d.name for d in ctx.inventory.installed()})
+    cache = ctx.probes.cache if ctx.config is not None else None
+    if cache is not None and not cache.reprobe:
+        entry = cache.cache.get(ARCHS_CACHE_KEY, None)
+        if isinstance(entry, dict) and entry.get("fingerprint") == cache.fingerprint:
+            with contextlib.suppress(KeyError, TypeError, ValueError):
+                return {
+                    d: [archs.LibArchs.from_json(x) for x in libs]
+                    for d, libs in entry["libs"].items()
+                }
+    scanned = archs.scan_distributions(names)
+    if cache is not None:
+        cache.cache.set(
+            ARCHS_CACHE_KEY,
+            {
+                "fingerprint": cache.fingerprint,
+                "libs": {
+                    d: [{**lib.to_json(), "section": lib.section, "entries": lib.entries}
+                        for lib in libs]
+                    for d, libs in scanned.items()
+                },
+            },
+        )  # fmt: skip
+    return scanned
+
+
+def _arch_targets(ctx: CheckContext) -> list[tuple[str, tuple[int, int]]]:
+    from pytest_unsloth.archs import parse_capability
+
+    where = ctx.settings.source("target_arch")
+    return [(f"target {t} ({where})", parse_capability(t)) for t in ctx.settings.target_arch]
+
+
+def _gap_line(gap: Gap, versions: dict[str, str]) -> str:
+    from pytest_unsloth.archs import sm_name
+
+    lib = gap.lib
+    carries = f"cubins {' '.join(lib.sm) or 'none'}; PTX {' '.join(lib.ptx) or 'none'}"
+    return (
+        f"{os.path.basename(lib.path)} ({gap.dist} {versions.get(gap.dist, '?')}) has no code "
+        f"for {gap.target}, {sm_name(gap.capability)} (carries {carries})"
+    )
+
+
+def check_extension_archs(ctx: CheckContext, gpus: tuple[GpuDevice, ...]) -> str:
+    """Every compiled extension of the stack carries code for each GPU and each target arch."""
+    from pytest_unsloth import archs
+
+    targets = [(g.label, g.capability) for g in gpus] + _arch_targets(ctx)
+    scanned = stack_archs(ctx)
+    cuda = archs.torch_cuda_version()
+    gaps = archs.find_gaps(scanned, targets, cuda)
+    versions = {d.name: d.version for d in ctx.inventory.installed()}
+    if gaps:
+        lines = [_gap_line(g, versions) for g in gaps]
+        shown = "; ".join(lines[:3]) + (f"; and {len(lines) - 3} more" if len(lines) > 3 else "")
+        dists = sorted({g.dist for g in gaps})
+        sms = sorted({archs.sm_name(g.capability) for g in gaps})
+        bnb = (
+            "; bitsandbytes loads the library for torch's CUDA version "
+            f"({'.'.join(map(str, cuda)) if cuda else 'unknown'}; BNB_CUDA_VERSION overrides), "
+            "so a torch built for a newer CUDA may bring a build that has it"
+            if "bitsandbytes" in dists
+            else ""
+        )
+        raise CheckFailed(
+            shown,
+            "its kernels fail with 'no kernel image is available for execution on the device': "
+            "a cubin runs only on its own major architecture at an equal or higher minor, and "
+            "no PTX the driver could JIT-compile for this GPU is embedded",
+            f"install a build of {', '.join(dists)} that lists {' '.join(sms)} (run `python -m "
+            f"pytest_unsloth.archs {' '.join(dists)}` to see what each library carries){bnb}",
+        )
+    libs = sum(len([x for x in v if x.has_cuda]) for v in scanned.values())
+    if not libs:
+        return "no installed stack package carries CUDA device code"
+    covered = (
+        ", ".join(f"{label.split(' (')[0]} {archs.sm_name(cap)}" for label, cap in targets)
+        or "no GPU or target arch"
+    )
+    return f"{libs} CUDA libraries in {', '.join(sorted(scanned))} cover {covered}"
+
+
 def check_arch(ctx: CheckContext) -> str:
-    """Each visible GPU's compute capability is in torch's arch list (or PTX-compatible)."""
-    visible_gpus(ctx)
-    data = _passed_torch(ctx)
-    archs = data.get("arch_list") or []
+    """Every extension carries code for each visible GPU / target arch; torch's arch list too."""
+    has_targets = bool(ctx.settings.target_arch)
+    try:
+        gpus = visible_gpus(ctx)
+    except CheckSkipped:
+        if not has_targets:
+            raise
+        gpus = ()
+    libs_detail = check_extension_archs(ctx, gpus)
+    if not gpus:
+        return libs_detail
+    try:
+        data = _passed_torch(ctx)
+    except CheckSkipped:
+        if has_targets:
+            return libs_detail
+        raise
+    archs_list = data.get("arch_list") or []
     bad = [d for d in data.get("devices", []) if not d.get("arch_ok", True)]
     if bad:
         dev = bad[0]
         sm = "sm_{}{}".format(*dev["capability"])
         raise CheckFailed(
             f"{dev['name']} ({sm}) is not among torch {data.get('version')}'s compiled archs "
-            f"{' '.join(archs)}",
+            f"{' '.join(archs_list)}",
             "kernels for this GPU are missing: CUDA calls fail with 'no kernel image is "
             "available for execution on the device'",
             f"install a torch build that lists {sm} (newer CUDA builds add new GPUs: "
@@ -241,7 +351,7 @@ def check_arch(ctx: CheckContext) -> str:
             f"{cuda_tag(ctx)})",
         )
     caps = sorted({"sm_{}{}".format(*d["capability"]) for d in data.get("devices", [])})
-    return f"{', '.join(caps)} covered by torch's archs {' '.join(archs)}"
+    return f"{', '.join(caps)} covered by torch's archs {' '.join(archs_list)}; {libs_detail}"
 
 
 def _wants_fp16(ctx: CheckContext) -> bool:
