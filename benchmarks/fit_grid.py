@@ -28,63 +28,169 @@ from typing import Any
 
 # Real checkpoint shapes (from their config.json files); the estimator reads the same keys.
 CONFIGS: dict[str, dict[str, Any]] = {
-    "qwen2.5-0.5b": {"model_type": "qwen2", "hidden_size": 896, "intermediate_size": 4864,
-                     "num_hidden_layers": 24, "num_attention_heads": 14,
-                     "num_key_value_heads": 2, "vocab_size": 151936,
-                     "tie_word_embeddings": True},
-    "qwen2.5-1.5b": {"model_type": "qwen2", "hidden_size": 1536, "intermediate_size": 8960,
-                     "num_hidden_layers": 28, "num_attention_heads": 12,
-                     "num_key_value_heads": 2, "vocab_size": 151936,
-                     "tie_word_embeddings": True},
-    "qwen2.5-7b": {"model_type": "qwen2", "hidden_size": 3584, "intermediate_size": 18944,
-                   "num_hidden_layers": 28, "num_attention_heads": 28,
-                   "num_key_value_heads": 4, "vocab_size": 152064,
-                   "tie_word_embeddings": False},
-    "qwen3-4b": {"model_type": "qwen3", "hidden_size": 2560, "intermediate_size": 9728,
-                 "num_hidden_layers": 36, "num_attention_heads": 32, "num_key_value_heads": 8,
-                 "head_dim": 128, "vocab_size": 151936, "tie_word_embeddings": True},
-    "qwen3-8b": {"model_type": "qwen3", "hidden_size": 4096, "intermediate_size": 12288,
-                 "num_hidden_layers": 36, "num_attention_heads": 32, "num_key_value_heads": 8,
-                 "head_dim": 128, "vocab_size": 151936, "tie_word_embeddings": False},
-    "llama-3.2-1b": {"model_type": "llama", "hidden_size": 2048, "intermediate_size": 8192,
-                     "num_hidden_layers": 16, "num_attention_heads": 32,
-                     "num_key_value_heads": 8, "head_dim": 64, "vocab_size": 128256,
-                     "tie_word_embeddings": True},
-    "llama-3.2-3b": {"model_type": "llama", "hidden_size": 3072, "intermediate_size": 8192,
-                     "num_hidden_layers": 28, "num_attention_heads": 24,
-                     "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256,
-                     "tie_word_embeddings": True},
-    "llama-3.1-8b": {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336,
-                     "num_hidden_layers": 32, "num_attention_heads": 32,
-                     "num_key_value_heads": 8, "vocab_size": 128256,
-                     "tie_word_embeddings": False},
-    "mistral-7b": {"model_type": "mistral", "hidden_size": 4096, "intermediate_size": 14336,
-                   "num_hidden_layers": 32, "num_attention_heads": 32,
-                   "num_key_value_heads": 8, "vocab_size": 32768,
-                   "tie_word_embeddings": False, "sliding_window": None},
-    "gemma-2-2b": {"model_type": "gemma2", "hidden_size": 2304, "intermediate_size": 9216,
-                   "num_hidden_layers": 26, "num_attention_heads": 8, "num_key_value_heads": 4,
-                   "head_dim": 256, "vocab_size": 256000, "tie_word_embeddings": True,
-                   "query_pre_attn_scalar": 256, "sliding_window": 4096},
-    "gemma-3-1b": {"model_type": "gemma3_text", "hidden_size": 1152, "intermediate_size": 6912,
-                   "num_hidden_layers": 26, "num_attention_heads": 4, "num_key_value_heads": 1,
-                   "head_dim": 256, "vocab_size": 262144, "tie_word_embeddings": True,
-                   "query_pre_attn_scalar": 256, "sliding_window": 512},
-    "phi-3-mini": {"model_type": "phi3", "hidden_size": 3072, "intermediate_size": 8192,
-                   "num_hidden_layers": 32, "num_attention_heads": 32,
-                   "num_key_value_heads": 32, "vocab_size": 32064,
-                   "tie_word_embeddings": False},
-    "phi-4-mini": {"model_type": "phi3", "hidden_size": 3072, "intermediate_size": 8192,
-                   "num_hidden_layers": 32, "num_attention_heads": 24,
-                   "num_key_value_heads": 8, "vocab_size": 200064,
-                   "tie_word_embeddings": True, "partial_rotary_factor": 0.75},
+    "qwen2.5-0.5b": {
+        "model_type": "qwen2",
+        "hidden_size": 896,
+        "intermediate_size": 4864,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 14,
+        "num_key_value_heads": 2,
+        "vocab_size": 151936,
+        "tie_word_embeddings": True,
+    },
+    "qwen2.5-1.5b": {
+        "model_type": "qwen2",
+        "hidden_size": 1536,
+        "intermediate_size": 8960,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 12,
+        "num_key_value_heads": 2,
+        "vocab_size": 151936,
+        "tie_word_embeddings": True,
+    },
+    "qwen2.5-7b": {
+        "model_type": "qwen2",
+        "hidden_size": 3584,
+        "intermediate_size": 18944,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 28,
+        "num_key_value_heads": 4,
+        "vocab_size": 152064,
+        "tie_word_embeddings": False,
+    },
+    "qwen3-4b": {
+        "model_type": "qwen3",
+        "hidden_size": 2560,
+        "intermediate_size": 9728,
+        "num_hidden_layers": 36,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "vocab_size": 151936,
+        "tie_word_embeddings": True,
+    },
+    "qwen3-8b": {
+        "model_type": "qwen3",
+        "hidden_size": 4096,
+        "intermediate_size": 12288,
+        "num_hidden_layers": 36,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "vocab_size": 151936,
+        "tie_word_embeddings": False,
+    },
+    "llama-3.2-1b": {
+        "model_type": "llama",
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 64,
+        "vocab_size": 128256,
+        "tie_word_embeddings": True,
+    },
+    "llama-3.2-3b": {
+        "model_type": "llama",
+        "hidden_size": 3072,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 24,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "vocab_size": 128256,
+        "tie_word_embeddings": True,
+    },
+    "llama-3.1-8b": {
+        "model_type": "llama",
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "vocab_size": 128256,
+        "tie_word_embeddings": False,
+    },
+    "mistral-7b": {
+        "model_type": "mistral",
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "vocab_size": 32768,
+        "tie_word_embeddings": False,
+        "sliding_window": None,
+    },
+    "gemma-2-2b": {
+        "model_type": "gemma2",
+        "hidden_size": 2304,
+        "intermediate_size": 9216,
+        "num_hidden_layers": 26,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 4,
+        "head_dim": 256,
+        "vocab_size": 256000,
+        "tie_word_embeddings": True,
+        "query_pre_attn_scalar": 256,
+        "sliding_window": 4096,
+    },
+    "gemma-3-1b": {
+        "model_type": "gemma3_text",
+        "hidden_size": 1152,
+        "intermediate_size": 6912,
+        "num_hidden_layers": 26,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 1,
+        "head_dim": 256,
+        "vocab_size": 262144,
+        "tie_word_embeddings": True,
+        "query_pre_attn_scalar": 256,
+        "sliding_window": 512,
+    },
+    "phi-3-mini": {
+        "model_type": "phi3",
+        "hidden_size": 3072,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "vocab_size": 32064,
+        "tie_word_embeddings": False,
+    },
+    "phi-4-mini": {
+        "model_type": "phi3",
+        "hidden_size": 3072,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 24,
+        "num_key_value_heads": 8,
+        "vocab_size": 200064,
+        "tie_word_embeddings": True,
+        "partial_rotary_factor": 0.75,
+    },
     # CPU smoke test only.
-    "tiny-llama": {"model_type": "llama", "hidden_size": 128, "intermediate_size": 256,
-                   "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-                   "vocab_size": 1000, "tie_word_embeddings": False},
-    "tiny-qwen2": {"model_type": "qwen2", "hidden_size": 128, "intermediate_size": 256,
-                   "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-                   "vocab_size": 1000, "tie_word_embeddings": True},
+    "tiny-llama": {
+        "model_type": "llama",
+        "hidden_size": 128,
+        "intermediate_size": 256,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 1000,
+        "tie_word_embeddings": False,
+    },
+    "tiny-qwen2": {
+        "model_type": "qwen2",
+        "hidden_size": 128,
+        "intermediate_size": 256,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 1000,
+        "tie_word_embeddings": True,
+    },
 }
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -93,11 +199,21 @@ PHI_TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
 
 def P(model: str, task: str, quant: int, gc: str, stack: str = "hf", **kw: Any) -> dict[str, Any]:
     """One grid point with the defaults filled in."""
-    point: dict[str, Any] = {"model": model, "task": task, "load_in_4bit": quant == 4,
-                             "gradient_checkpointing": gc, "stack": stack, "lora_r": 16,
-                             "batch_size": 1, "seq_len": 512, "num_generations": 0,
-                             "max_completion_length": 0, "prompt_len": 0, "beta": 0.0,
-                             "optim": "adamw_torch"}
+    point: dict[str, Any] = {
+        "model": model,
+        "task": task,
+        "load_in_4bit": quant == 4,
+        "gradient_checkpointing": gc,
+        "stack": stack,
+        "lora_r": 16,
+        "batch_size": 1,
+        "seq_len": 512,
+        "num_generations": 0,
+        "max_completion_length": 0,
+        "prompt_len": 0,
+        "beta": 0.0,
+        "optim": "adamw_torch",
+    }
     point.update(kw)
     if task == "grpo":
         point["prompt_len"] = kw.get("prompt_len", 128)
@@ -110,12 +226,26 @@ GRID: list[dict[str, Any]] = [
     # unsloth points first: their import is slow, so they start while the rest run
     P("qwen2.5-0.5b", "sft", 4, "unsloth", "unsloth", batch_size=4, seq_len=1024),
     P("llama-3.2-1b", "sft", 4, "unsloth", "unsloth", batch_size=2, seq_len=2048),
-    P("qwen2.5-0.5b", "grpo", 4, "unsloth", "unsloth", num_generations=8,
-      max_completion_length=256),
+    P(
+        "qwen2.5-0.5b",
+        "grpo",
+        4,
+        "unsloth",
+        "unsloth",
+        num_generations=8,
+        max_completion_length=256,
+    ),
     P("llama-3.2-1b", "sft", 16, "true", "unsloth", batch_size=2, seq_len=1024),
     P("qwen2.5-0.5b", "sft", 16, "off", "unsloth", batch_size=2, seq_len=1024),
-    P("llama-3.2-1b", "grpo", 4, "unsloth", "unsloth", num_generations=4,
-      max_completion_length=512),
+    P(
+        "llama-3.2-1b",
+        "grpo",
+        4,
+        "unsloth",
+        "unsloth",
+        num_generations=4,
+        max_completion_length=512,
+    ),
     # plain transformers + peft, SFT
     P("qwen2.5-0.5b", "sft", 16, "off", batch_size=4, seq_len=1024),
     P("qwen2.5-0.5b", "sft", 4, "true", batch_size=4, seq_len=1024),
@@ -138,10 +268,8 @@ GRID: list[dict[str, Any]] = [
     # plain transformers + peft, GRPO
     P("qwen2.5-0.5b", "grpo", 4, "true", num_generations=8, max_completion_length=256),
     P("qwen2.5-0.5b", "grpo", 16, "off", num_generations=16, max_completion_length=128),
-    P("qwen2.5-1.5b", "grpo", 4, "true", num_generations=4, max_completion_length=512,
-      beta=0.04),
-    P("qwen2.5-0.5b", "grpo", 4, "true", num_generations=2, max_completion_length=2048,
-      steps=1),
+    P("qwen2.5-1.5b", "grpo", 4, "true", num_generations=4, max_completion_length=512, beta=0.04),
+    P("qwen2.5-0.5b", "grpo", 4, "true", num_generations=2, max_completion_length=2048, steps=1),
     P("llama-3.1-8b", "grpo", 4, "true", num_generations=4, max_completion_length=256),
     P("qwen3-4b", "grpo", 16, "off", num_generations=8, max_completion_length=256),
     P("gemma-3-1b", "grpo", 4, "true", num_generations=8, max_completion_length=128),
@@ -150,8 +278,16 @@ GRID: list[dict[str, Any]] = [
 TINY_GRID: list[dict[str, Any]] = [
     P("tiny-llama", "sft", 16, "off", batch_size=2, seq_len=64),
     P("tiny-qwen2", "sft", 16, "true", batch_size=2, seq_len=64),
-    P("tiny-qwen2", "grpo", 16, "true", num_generations=2, max_completion_length=8,
-      prompt_len=8, beta=0.04),
+    P(
+        "tiny-qwen2",
+        "grpo",
+        16,
+        "true",
+        num_generations=2,
+        max_completion_length=8,
+        prompt_len=8,
+        beta=0.04,
+    ),
 ]
 
 # Rough GiB each point needs, so the scheduler never oversubscribes the card when points overlap.
@@ -183,7 +319,7 @@ class NvmlSampler:
             self._nvml = pynvml
             self._handle = pynvml.nvmlDeviceGetHandleByIndex(0)
             self.ok = True
-        except Exception:  # noqa: BLE001 - no NVML means no context figure, not a failure
+        except Exception:
             return
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -200,7 +336,7 @@ class NvmlSampler:
             try:
                 self.last = self.read()
                 self.peak = max(self.peak, self.last)
-            except Exception:  # noqa: BLE001
+            except Exception:
                 pass
             time.sleep(0.01)
 
@@ -214,8 +350,7 @@ def build_hf_config(name: str) -> Any:
     raw = dict(CONFIGS[name])
     model_type = raw.pop("model_type")
     cls = transformers.AutoConfig.for_model(model_type).__class__
-    cfg = cls(**raw, max_position_embeddings=8192, pad_token_id=0, bos_token_id=1,
-              eos_token_id=2)
+    cfg = cls(**raw, max_position_embeddings=8192, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     cfg.use_cache = True
     return cfg
 
@@ -227,16 +362,24 @@ def quantize_linears(model: Any, device: str) -> None:
 
     layers = model.model.layers
     for layer in layers:
-        for parent_name, parent in list(layer.named_modules()):
+        for _parent_name, parent in list(layer.named_modules()):
             for child_name, child in list(parent.named_children()):
                 if isinstance(child, torch.nn.Linear):
-                    new = bnb.nn.Linear4bit(child.in_features, child.out_features,
-                                            bias=child.bias is not None,
-                                            compute_dtype=torch.bfloat16,
-                                            compress_statistics=True, quant_type="nf4",
-                                            device="meta")
-                    new.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False,
-                                                   compress_statistics=True, quant_type="nf4")
+                    new = bnb.nn.Linear4bit(
+                        child.in_features,
+                        child.out_features,
+                        bias=child.bias is not None,
+                        compute_dtype=torch.bfloat16,
+                        compress_statistics=True,
+                        quant_type="nf4",
+                        device="meta",
+                    )
+                    new.weight = bnb.nn.Params4bit(
+                        child.weight.data,
+                        requires_grad=False,
+                        compress_statistics=True,
+                        quant_type="nf4",
+                    )
                     if child.bias is not None:
                         new.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
                     new.weight = new.weight.to(device)
@@ -285,8 +428,14 @@ def add_lora_hf(model: Any, point: dict[str, Any]) -> Any:
     if point["gradient_checkpointing"] != "off":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    cfg = peft.LoraConfig(r=point["lora_r"], lora_alpha=point["lora_r"], target_modules=targets,
-                          lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
+    cfg = peft.LoraConfig(
+        r=point["lora_r"],
+        lora_alpha=point["lora_r"],
+        target_modules=targets,
+        lora_dropout=0.0,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
     return peft.get_peft_model(model, cfg)
 
 
@@ -294,13 +443,24 @@ def load_unsloth(point: dict[str, Any]) -> tuple[Any, Any]:
     from unsloth import FastLanguageModel
 
     path = point["checkpoint"]
-    model, tok = FastLanguageModel.from_pretrained(
-        path, max_seq_length=max(point["seq_len"], 256), load_in_4bit=point["load_in_4bit"],
-        dtype=None, fast_inference=False)
+    model, _tok = FastLanguageModel.from_pretrained(
+        path,
+        max_seq_length=max(point["seq_len"], 256),
+        load_in_4bit=point["load_in_4bit"],
+        dtype=None,
+        fast_inference=False,
+    )
     gc = {"unsloth": "unsloth", "true": True, "off": False}[point["gradient_checkpointing"]]
     model = FastLanguageModel.get_peft_model(
-        model, r=point["lora_r"], lora_alpha=point["lora_r"], target_modules=TARGETS,
-        lora_dropout=0.0, bias="none", use_gradient_checkpointing=gc, random_state=0)
+        model,
+        r=point["lora_r"],
+        lora_alpha=point["lora_r"],
+        target_modules=TARGETS,
+        lora_dropout=0.0,
+        bias="none",
+        use_gradient_checkpointing=gc,
+        random_state=0,
+    )
     return model, FastLanguageModel
 
 
@@ -341,11 +501,13 @@ def child(point: dict[str, Any], device: str) -> dict[str, Any]:
     def mark(phase: str) -> None:
         if cuda:
             torch.cuda.synchronize()
-            now = {"max_allocated": torch.cuda.max_memory_allocated(),
-                   "max_reserved": torch.cuda.max_memory_reserved(),
-                   "allocated": torch.cuda.memory_allocated(),
-                   "reserved": torch.cuda.memory_reserved(),
-                   "nvml_peak": sampler.peak if sampler else 0}
+            now = {
+                "max_allocated": torch.cuda.max_memory_allocated(),
+                "max_reserved": torch.cuda.max_memory_reserved(),
+                "allocated": torch.cuda.memory_allocated(),
+                "reserved": torch.cuda.memory_reserved(),
+                "nvml_peak": sampler.peak if sampler else 0,
+            }
             # the same phase repeats once per step: keep its worst step
             old = phases.get(phase, {})
             phases[phase] = {k: max(v, old.get(k, 0)) for k, v in now.items()}
@@ -371,8 +533,11 @@ def child(point: dict[str, Any], device: str) -> dict[str, Any]:
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     opt = make_optimizer(model, point)
     vocab = min(CONFIGS[point["model"]]["vocab_size"], 32000)
-    amp = torch.autocast(device, dtype=torch.bfloat16) if cuda else torch.autocast(
-        "cpu", enabled=False)
+    amp = (
+        torch.autocast(device, dtype=torch.bfloat16)
+        if cuda
+        else torch.autocast("cpu", enabled=False)
+    )
     steps = point.get("steps", 2)
     for _ in range(steps):
         if point["task"] == "sft":
@@ -383,15 +548,27 @@ def child(point: dict[str, Any], device: str) -> dict[str, Any]:
             loss.backward()
             mark("train")
         else:
-            g, lc, lp = point["num_generations"], point["max_completion_length"], point["prompt_len"]
+            g, lc, lp = (
+                point["num_generations"],
+                point["max_completion_length"],
+                point["prompt_len"],
+            )
             prompt = torch.randint(3, vocab, (1, lp), device=device).repeat(g, 1)
             if fast is not None:
                 fast.for_inference(model)
             model.eval()
             with torch.no_grad(), amp:
-                out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
-                                     max_new_tokens=lc, min_new_tokens=lc, do_sample=True,
-                                     temperature=1.0, top_k=0, top_p=1.0, pad_token_id=0)
+                out = model.generate(
+                    input_ids=prompt,
+                    attention_mask=torch.ones_like(prompt),
+                    max_new_tokens=lc,
+                    min_new_tokens=lc,
+                    do_sample=True,
+                    temperature=1.0,
+                    top_k=0,
+                    top_p=1.0,
+                    pad_token_id=0,
+                )
             # unsloth generates under inference_mode; TRL's step then re-reads the ids in
             # autograd, so take a plain copy as TRL's tensor bookkeeping does
             out = out.clone()
@@ -404,13 +581,15 @@ def child(point: dict[str, Any], device: str) -> dict[str, Any]:
             with amp:
                 if point["beta"] > 0:
                     with torch.no_grad(), model.disable_adapter():
-                        ref_logits = model(input_ids=out, attention_mask=mask,
-                                           logits_to_keep=lc + 1).logits[:, :-1]
+                        ref_logits = model(
+                            input_ids=out, attention_mask=mask, logits_to_keep=lc + 1
+                        ).logits[:, :-1]
                         ref_logps = selective_log_softmax(ref_logits, completion)
                         del ref_logits
                     mark("ref")
-                logits = model(input_ids=out, attention_mask=mask,
-                               logits_to_keep=lc + 1).logits[:, :-1]
+                logits = model(input_ids=out, attention_mask=mask, logits_to_keep=lc + 1).logits[
+                    :, :-1
+                ]
                 logps = selective_log_softmax(logits, completion)
                 adv = torch.randn(g, 1, device=device)
                 coef = torch.exp(logps - logps.detach())
@@ -424,8 +603,11 @@ def child(point: dict[str, Any], device: str) -> dict[str, Any]:
         opt.step()
         opt.zero_grad(set_to_none=True)
         mark("optim")
-    result: dict[str, Any] = {"trainable_params": n_trainable, "seconds": time.time() - t0,
-                              "phases": phases}
+    result: dict[str, Any] = {
+        "trainable_params": n_trainable,
+        "seconds": time.time() - t0,
+        "phases": phases,
+    }
     if cuda:
         import torch.cuda
 
@@ -436,12 +618,14 @@ def child(point: dict[str, Any], device: str) -> dict[str, Any]:
         steps_ = [v for k, v in phases.items() if k not in ("load", "lora")]
         result["peak_allocated"] = max(p["max_allocated"] for p in steps_)
         result["peak_reserved"] = max(p["max_reserved"] for p in steps_)
-        result["nvml_peak"] = max(p["nvml_peak"] for p in steps_) if sampler and sampler.ok else None
+        result["nvml_peak"] = (
+            max(p["nvml_peak"] for p in steps_) if sampler and sampler.ok else None
+        )
         if result["nvml_used_end"]:
             result["context_bytes"] = result["nvml_used_end"] - result["reserved_end"]
             result["peak_total"] = result["peak_reserved"] + result["context_bytes"]
         result["device_name"] = torch.cuda.get_device_name(0)
-        free, total = torch.cuda.mem_get_info()
+        _free, total = torch.cuda.mem_get_info()
         result["device_total"] = total
         if sampler:
             sampler.stop()
@@ -455,8 +639,16 @@ def versions() -> dict[str, str]:
     from importlib import metadata
 
     out = {"python": sys.version.split()[0]}
-    for dist in ("torch", "transformers", "peft", "trl", "bitsandbytes", "unsloth",
-                 "unsloth_zoo", "accelerate"):
+    for dist in (
+        "torch",
+        "transformers",
+        "peft",
+        "trl",
+        "bitsandbytes",
+        "unsloth",
+        "unsloth_zoo",
+        "accelerate",
+    ):
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
@@ -515,11 +707,16 @@ def main(argv: list[str] | None = None) -> int:
             path = os.path.join(ckpt_root, name)
             if not os.path.exists(os.path.join(path, "config.json")):
                 t = time.time()
-                r = subprocess.run([sys.executable, __file__, "--out", args.out,
-                                    "--make-checkpoint", name, path],
-                                   capture_output=True, text=True, timeout=300)
-                say(f"checkpoint {name} rc={r.returncode} {time.time() - t:.1f}s "
-                    f"{r.stderr[-400:] if r.returncode else ''}")
+                r = subprocess.run(
+                    [sys.executable, __file__, "--out", args.out, "--make-checkpoint", name, path],
+                    capture_output=True,
+                    text=True,
+                    timeout=300,
+                )
+                say(
+                    f"checkpoint {name} rc={r.returncode} {time.time() - t:.1f}s "
+                    f"{r.stderr[-400:] if r.returncode else ''}"
+                )
         ckpt_done.set()
 
     threading.Thread(target=prep, daemon=True).start()
@@ -533,8 +730,16 @@ def main(argv: list[str] | None = None) -> int:
             ckpt_done.wait()
             point = {**point, "checkpoint": os.path.join(ckpt_root, point["model"])}
         t = time.time()
-        cmd = [sys.executable, __file__, "--device", args.device, "--out", args.out,
-               "--child", json.dumps(point)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--device",
+            args.device,
+            "--out",
+            args.out,
+            "--child",
+            json.dumps(point),
+        ]
         try:
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
             rc, so, se = r.returncode, r.stdout, r.stderr
@@ -544,9 +749,15 @@ def main(argv: list[str] | None = None) -> int:
         for line in so.splitlines():
             if line.startswith("RESULT "):
                 res = json.loads(line[7:])
-        record = {"index": idx, **{k: v for k, v in point.items() if k != "checkpoint"},
-                  "config": CONFIGS[point["model"]], "device": args.device, "versions": vers,
-                  "ok": res is not None, "wall_s": round(time.time() - t, 1)}
+        record = {
+            "index": idx,
+            **{k: v for k, v in point.items() if k != "checkpoint"},
+            "config": CONFIGS[point["model"]],
+            "device": args.device,
+            "versions": vers,
+            "ok": res is not None,
+            "wall_s": round(time.time() - t, 1),
+        }
         if res:
             record.update(res)
         else:
@@ -555,10 +766,12 @@ def main(argv: list[str] | None = None) -> int:
             out.write(json.dumps(record) + "\n")
             out.flush()
         pk = record.get("peak_total") or record.get("peak_reserved")
-        say(f"#{idx} {point['model']} {point['task']} 4bit={point['load_in_4bit']} "
+        say(
+            f"#{idx} {point['model']} {point['task']} 4bit={point['load_in_4bit']} "
             f"gc={point['gradient_checkpointing']} {point['stack']} rc={rc} "
             f"peak={pk / 2**30 if pk else 0:.2f}GiB ctx={record.get('context_bytes')} "
-            f"{record['wall_s']}s" + ("" if res else " ERR " + record["error"][-600:]))
+            f"{record['wall_s']}s" + ("" if res else " ERR " + record["error"][-600:])
+        )
 
     threads = []
     while pending:

@@ -95,6 +95,7 @@ def test_items_have_the_unsloth_env_prefix(pytester: pytest.Pytester):
         "length-budget",
         "grpo-config",
         "dataset",
+        "fit",
     ):
         assert f"unsloth-env::{name}" in lines
 
@@ -113,7 +114,7 @@ def test_env_with_explicit_paths_runs_both(pytester: pytest.Pytester):
 
 def test_k_selects_checks(pytester: pytest.Pytester):
     result = pytester.runpytest("--unsloth-env", "-k", "known-bad or python")
-    result.assert_outcomes(passed=2, deselected=18)
+    result.assert_outcomes(passed=2, deselected=19)
 
 
 def test_selection_leaves_checks_out(pytester: pytest.Pytester):

@@ -396,6 +396,22 @@ OPTIONS: tuple[Option, ...] = (
         what="a number of hours",
         default=24.0,
     ),
+    Option(
+        "fit_target_gib",
+        "memory the fit check compares its estimate with when no GPU is visible (24GiB)",
+        ini="unsloth_fit_target",
+        cli="--unsloth-fit-target",
+        parse=_gib,
+        what="an amount of memory such as 24, 24GiB or 24000MiB",
+    ),
+    Option(
+        "fit_settings",
+        "extra settings for the fit estimate, one 'key = value' per line (task, stack, "
+        "load_in_4bit, optim, per_device_train_batch_size, ...)",
+        ini="unsloth_fit_settings",
+        kind="linelist",
+        default=MappingProxyType({}),
+    ),
 )
 
 
@@ -434,6 +450,10 @@ class Settings:
     )
     reprobe: bool = False
     probe_cache_max_age_hours: float = 24.0
+    fit_target_gib: float | None = None
+    fit_settings: Mapping[str, object] = dataclasses.field(
+        default_factory=lambda: MappingProxyType({})
+    )
     sources: Mapping[str, str] = dataclasses.field(
         default_factory=lambda: MappingProxyType({}), compare=False, repr=False
     )
@@ -504,8 +524,8 @@ def _parse_grpo_lines(config: pytest.Config, opt: Option, lines: list[str]) -> M
         key = key.strip()
         if not sep or not key.isidentifier():
             raise pytest.UsageError(
-                f"pytest-unsloth: {_ini_where(config, 'unsloth_grpo_config')}: line {line!r} is "
-                "not 'key = value'. Fix: write one GRPOConfig setting per line, e.g. "
+                f"pytest-unsloth: {_ini_where(config, opt.ini or '')}: line {line!r} is "
+                "not 'key = value'. Fix: write one setting per line, e.g. "
                 "'num_generations = 4'."
             )
         text = value.strip()
@@ -535,7 +555,7 @@ def resolve(config: pytest.Config) -> Settings:
             continue
         assert opt.ini is not None
         sources[opt.field] = _ini_where(config, opt.ini)
-        if opt.field == "grpo_config":
+        if opt.field in ("grpo_config", "fit_settings"):
             values[opt.field] = _parse_grpo_lines(config, opt, list(raw))
         elif opt.kind == "args":
             values[opt.field] = tuple(w for item in raw for w in _split_words(str(item)))
@@ -580,6 +600,16 @@ def _validate(config: pytest.Config, settings: Settings) -> None:
                 f"pytest-unsloth: {settings.source('reward_funcs')}: {name!r} is not an import "
                 "path. Fix: write 'package.module:function', e.g. 'rewards:format_reward'."
             )
+    if settings.fit_settings:
+        from pytest_unsloth.fit.estimate import normalize_settings
+
+        try:
+            normalize_settings(settings.fit_settings)
+        except ValueError as exc:
+            raise pytest.UsageError(
+                f"pytest-unsloth: {settings.source('fit_settings')}: {exc}. Fix: use the "
+                "names and values of python -m pytest_unsloth.fit --help."
+            ) from None
     if settings.lora_dropout >= 1:
         raise pytest.UsageError(
             f"pytest-unsloth: {settings.source('lora_dropout')} = {settings.lora_dropout}: "
