@@ -59,7 +59,7 @@ def fit_check(ctx: CheckContext) -> str | None:
             fix="fix the setting named above (unsloth_fit_settings / unsloth_grpo_config)",
         ) from None
     total = est.total_bytes
-    figure = f"needs ~{gib(total)} ({est.model_type}, {est.summary()})"
+    figure = f"~{gib(total)} ({est.model_type}: {est.summary(3)})"
 
     if est.vllm is not None and not est.vllm.fits_one_sequence:
         b = est.vllm
@@ -85,11 +85,11 @@ def fit_check(ctx: CheckContext) -> str | None:
             )
         ]
     if not targets:
-        return f"{figure}; no GPU visible and no unsloth_fit_target to compare with"
+        return f"{figure}; no GPU and no unsloth_fit_target to compare with"
     short = [(where, free) for where, free in targets if free < total]
     if not short:
         where, free = min(targets, key=lambda t: t[1])
-        return f"{figure}; fits {where} with {gib(free)} free"
+        return f"~{gib(total)} fits {where} ({gib(free)} free); {est.model_type}: {est.summary(3)}"
     where, free = min(short, key=lambda t: t[1])
     largest = what_fits(config_path, settings, free)
     raise CheckFailed(
