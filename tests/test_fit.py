@@ -428,7 +428,7 @@ def test_fit_check_fails_a_too_small_target_with_the_fix(pytester: pytest.Pytest
     result = pytester.runpytest("--unsloth-env", "--unsloth-checks=fit")
     result.assert_outcomes(failed=1)
     out = result.stdout.str()
-    assert "one training step needs ~" in out and "12.0 GiB free" in out
+    assert "one training step needs ~" in out and "more than the fit target 12 GiB" in out
     assert "biggest: logits" in out and "settings that fit now: num_generations <= " in out
     assert "Traceback" not in out
 

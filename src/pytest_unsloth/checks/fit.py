@@ -92,10 +92,20 @@ def fit_check(ctx: CheckContext) -> str | None:
         return f"~{gib(total)} fits {where} ({gib(free)} free); {est.model_type}: {est.summary(3)}"
     where, free = min(short, key=lambda t: t[1])
     largest = what_fits(config_path, settings, free)
+    has = f"more than {where}" if not gpus else f"{where} has {gib(free)} free"
+    s = est.settings
+    other = [
+        hint
+        for hint, done in (
+            ("4-bit weights", s["load_in_4bit"]),
+            ("gradient checkpointing", s["use_gradient_checkpointing"] != "false"),
+            ("8-bit AdamW", "8bit" in str(s["optim"])),
+        )
+        if not done
+    ] + ["a smaller model"]
     raise CheckFailed(
-        found=f"one training step needs ~{gib(total)}, {where} has {gib(free)} free; by part: "
-        f"{_breakdown(est)}; biggest: {est.biggest_part}",
+        found=f"one training step needs ~{gib(total)}, {has}; by part: {_breakdown(est)}; "
+        f"biggest: {est.biggest_part}",
         why="training stops with CUDA out of memory at the first step",
-        fix=f"settings that fit now: {describe_fits(largest, est)} (or 4-bit weights, "
-        "gradient checkpointing, a smaller model)",
+        fix=f"settings that fit now: {describe_fits(largest, est)} (or {', '.join(other)})",
     )
