@@ -527,3 +527,30 @@ def test_requires_fit_without_gpu_and_bad_arguments(pytester: pytest.Pytester):
     assert "needs ~" in out and "on an NVIDIA GPU, but" in out
     assert "unknown setting 'num_generation'" in out
     assert "requires_fit(model, *, device=None, **settings)" in out
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("index", [12, 14])
+def test_fresh_measurement_on_the_gpu_stays_in_band(tmp_path: Path, index: int):
+    # grid point 12: llama-3.2-1b bf16 SFT; 14: llama-3.1-8b 4-bit SFT, 4096 tokens
+    out = tmp_path / "grid.jsonl"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "fit_grid.py"),
+            "--only",
+            str(index),
+            "--out",
+            str(out),
+            "--jobs",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rec = json.loads(out.read_text().splitlines()[0])
+    assert rec["ok"], rec.get("error")
+    print(f"measured {rec['peak_total'] / GIB:.2f} GiB, estimate error {_err(rec):+.1%}")
+    assert abs(_err(rec)) <= BAND

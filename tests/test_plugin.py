@@ -152,7 +152,7 @@ def test_last_failed_reruns_the_failed_check(pytester: pytest.Pytester):
     pytester.makeini("[pytest]\nunsloth_require = no-such-package-xyz\n")
     pytester.runpytest("--unsloth-env")
     result = pytester.runpytest("--unsloth-env", "--lf")
-    result.assert_outcomes(failed=1, deselected=19)
+    result.assert_outcomes(failed=1, deselected=20)
 
 
 def test_xdist_runs_every_check_once(pytester: pytest.Pytester):
@@ -160,10 +160,10 @@ def test_xdist_runs_every_check_once(pytester: pytest.Pytester):
     result = pytester.runpytest_subprocess(
         "--unsloth-env", "-n", "2", "--unsloth-report=r.json", timeout=120
     )
-    result.assert_outcomes(passed=4, skipped=16)
+    result.assert_outcomes(passed=4, skipped=17)
     data = json.loads((pytester.path / "r.json").read_text())
     assert [c["name"] for c in data["checks"]][:3] == ["python", "packages", "pins"]
-    assert len(data["checks"]) == 20
+    assert len(data["checks"]) == 21
 
 
 def test_json_report_schema(pytester: pytest.Pytester):
