@@ -95,6 +95,7 @@ def test_items_have_the_unsloth_env_prefix(pytester: pytest.Pytester):
         "length-budget",
         "grpo-config",
         "dataset",
+        "fit",
     ):
         assert f"unsloth-env::{name}" in lines
 

@@ -8,6 +8,7 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from pytest_unsloth.checks.base import Check, CheckContext, CheckFailed, CheckSkipped
+    from pytest_unsloth.fit import MemoryEstimate, estimate_memory
     from pytest_unsloth.grpo import (
         assert_reward_funcs,
         check_grpo_config,
@@ -30,6 +31,8 @@ _LAZY: dict[str, str] = {
     "check_jsonl": "pytest_unsloth.grpo",
     "check_length_budget": "pytest_unsloth.grpo",
     "check_reward_funcs": "pytest_unsloth.grpo",
+    "MemoryEstimate": "pytest_unsloth.fit",
+    "estimate_memory": "pytest_unsloth.fit",
 }
 
 __all__ = [
@@ -37,6 +40,7 @@ __all__ = [
     "CheckContext",
     "CheckFailed",
     "CheckSkipped",
+    "MemoryEstimate",
     "__version__",
     "assert_reward_funcs",
     "check",
@@ -44,6 +48,7 @@ __all__ = [
     "check_jsonl",
     "check_length_budget",
     "check_reward_funcs",
+    "estimate_memory",
 ]
 
 

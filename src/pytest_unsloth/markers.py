@@ -64,6 +64,13 @@ MARKER_HELP = {
         "to CUDA, each with compute capability >= capability ((8, 0) or '8.0') when given. "
         "--unsloth-strict-skips fails instead of skipping."
     ),
+    "requires_fit": (
+        "requires_fit(model, *, device=None, **settings): skip unless the GPU (CUDA index "
+        "device, default 0) has the estimated peak memory of one training step free: model is a "
+        "config.json, a model folder or a cached Hub id; settings are python -m "
+        "pytest_unsloth.fit's (task='grpo', num_generations=8, load_in_4bit=True, ...). The skip "
+        "gives the estimate by part and the free memory. --unsloth-strict-skips fails instead."
+    ),
     "requires_bf16": (
         "requires_bf16: skip unless the test's GPU (cuda:0) computes in bfloat16 (compute "
         "capability 8.0 or newer). --unsloth-strict-skips fails instead of skipping."
@@ -107,11 +114,15 @@ def _sig_requires_gpu(count: object = 1, *, capability: object = None) -> None: 
 def _sig_requires_bf16() -> None: ...
 
 
+def _sig_requires_fit(model: object, *, device: object = None, **settings: object) -> None: ...
+
+
 _SIGNATURES: dict[str, Callable[..., None]] = {
     "requires_vram": _sig_requires_vram,
     "requires_kernel": _sig_requires_kernel,
     "requires_gpu": _sig_requires_gpu,
     "requires_bf16": _sig_requires_bf16,
+    "requires_fit": _sig_requires_fit,
 }
 
 
@@ -146,7 +157,19 @@ class Bf16Requirement:
     """``requires_bf16``."""
 
 
-Requirement = VramRequirement | KernelRequirement | GpuRequirement | Bf16Requirement
+@dataclasses.dataclass(frozen=True)
+class FitRequirement:
+    """``requires_fit`` after validation: the estimate, computed once per marker."""
+
+    model: str
+    device: int
+    total_bytes: int
+    summary: str
+
+
+Requirement = (
+    VramRequirement | KernelRequirement | GpuRequirement | Bf16Requirement | FitRequirement
+)
 
 
 def _signature_text(name: str) -> str:
@@ -277,12 +300,33 @@ def validate(mark: pytest.Mark) -> Requirement:
         )
     if mark.name == "requires_kernel":
         return KernelRequirement(_kernel_names(args["names"]))
+    if mark.name == "requires_fit":
+        return _fit_requirement(args["model"], args["device"], dict(args["settings"]))
     if mark.name == "requires_gpu":
         count = args["count"]
         if not isinstance(count, int) or isinstance(count, bool) or count < 1:
             raise MarkerUsageError(f"count={_short_repr(count)} is not a positive integer")
         return GpuRequirement(count=count, capability=_capability_arg(args["capability"]))
     return Bf16Requirement()
+
+
+def _fit_requirement(model: object, device: object, settings: dict[str, Any]) -> FitRequirement:
+    """Estimate once; a bad model path or setting is a marker usage error."""
+    from pytest_unsloth.fit import estimate_memory
+    from pytest_unsloth.fit.plan import find_config
+
+    if not isinstance(model, str) or not model:
+        raise MarkerUsageError(f"model={_short_repr(model)} is not a config path or model id")
+    try:
+        est = estimate_memory(find_config(model), **settings)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise MarkerUsageError(f"cannot estimate {model!r}: {exc}") from None
+    return FitRequirement(
+        model=model,
+        device=_device_arg(device),
+        total_bytes=est.total_bytes,
+        summary=est.summary(),
+    )
 
 
 def _kernel_names(names: Iterable[object]) -> tuple[str, ...]:
@@ -376,6 +420,8 @@ class Evaluation:
         self.static = static
         uuids: set[str] = set()
         for req in reqs:
+            if isinstance(req, FitRequirement) and req.device < len(static.visible):
+                uuids.add(static.visible[req.device].uuid)
             if isinstance(req, VramRequirement) and req.free:
                 if req.total_across:
                     uuids.update(d.uuid for d in static.visible)
@@ -405,6 +451,9 @@ class Evaluation:
             snap = self.read(gpu_reqs)
             problem = _visibility_problem(snap, self.pin)
             if problem is not None:
+                fits = [r for r in gpu_reqs if isinstance(r, FitRequirement)]
+                if fits:
+                    return f"{_fit_need(fits[0])} on an NVIDIA GPU, but {problem}"
                 return f"needs an NVIDIA GPU, but {problem}"
             for req in gpu_reqs:
                 reason = self._gpu_reason(req, snap)
@@ -419,6 +468,8 @@ class Evaluation:
         visible = snap.visible
         if isinstance(req, VramRequirement):
             return self._vram_reason(req, snap)
+        if isinstance(req, FitRequirement):
+            return self._fit_reason(req, snap)
         if isinstance(req, GpuRequirement):
             good = [d for d in visible if req.capability is None or d.capability >= req.capability]
             if len(good) >= req.count:
@@ -489,6 +540,19 @@ class Evaluation:
             f"needs {need_s} free on {dev.label}, has {have_s} free of {format_gib(total)}{extra}"
         )
 
+    def _fit_reason(self, req: FitRequirement, snap: NvmlSnapshot) -> str | None:
+        visible = snap.visible
+        if req.device >= len(visible):
+            return (
+                f"{_fit_need(req)} on cuda:{req.device}, but only {len(visible)} GPU(s) are visible"
+            )
+        dev = visible[req.device]
+        _total, free = self._memory(dev)
+        have = free + _torch_cached_bytes(req.device)
+        if have >= req.total_bytes:
+            return None
+        return f"{_fit_need(req)}, has {format_gib(have)} free on {dev.label}"
+
     def _kernel_reason(self, names: Sequence[str]) -> str | None:
         from pytest_unsloth.probe import get_probe_store
 
@@ -502,6 +566,10 @@ class Evaluation:
             need = KERNEL_NEEDS.get(name, f"a working {name}")
             return f"needs {need}; its probe {verb}: {res.message}"
         return None
+
+
+def _fit_need(req: FitRequirement) -> str:
+    return f"needs ~{req.total_bytes / GIB:.1f} GiB (estimate: {req.summary})"
 
 
 def _requirements(item: pytest.Item) -> list[tuple[pytest.Mark, Requirement]]:

@@ -458,6 +458,22 @@ OPTIONS: tuple[Option, ...] = (
         kind="args",
         default=(),
     ),
+    Option(
+        "fit_target_gib",
+        "memory the fit check compares its estimate with when no GPU is visible (24GiB)",
+        ini="unsloth_fit_target",
+        cli="--unsloth-fit-target",
+        parse=_gib,
+        what="an amount of memory such as 24, 24GiB or 24000MiB",
+    ),
+    Option(
+        "fit_settings",
+        "extra settings for the fit estimate, one 'key = value' per line (task, stack, "
+        "load_in_4bit, optim, per_device_train_batch_size, ...)",
+        ini="unsloth_fit_settings",
+        kind="linelist",
+        default=MappingProxyType({}),
+    ),
 )
 
 
@@ -500,6 +516,10 @@ class Settings:
     min_free_disk_gib: float = 10.0
     nccl_timeout: float = 60.0
     target_arch: tuple[str, ...] = ()
+    fit_target_gib: float | None = None
+    fit_settings: Mapping[str, object] = dataclasses.field(
+        default_factory=lambda: MappingProxyType({})
+    )
     sources: Mapping[str, str] = dataclasses.field(
         default_factory=lambda: MappingProxyType({}), compare=False, repr=False
     )
@@ -594,7 +614,7 @@ def _kind_of(value: object) -> str:
 
 
 def _what(opt: Option) -> str:
-    if opt.field == "grpo_config":
+    if opt.field in ("grpo_config", "fit_settings"):
         return "'key = value' lines (a TOML list of strings, or a table)"
     if opt.kind == "args":
         return "names separated by spaces or commas (or a TOML list of strings)"
@@ -751,8 +771,8 @@ def _grpo_value(text: str) -> object:
 def _parse_grpo(
     config: pytest.Config, opt: Option, raw: object, where: str
 ) -> Mapping[str, object]:
-    """``unsloth_grpo_config``: 'key = value' lines, or a TOML table of settings."""
-    fix = _fix_where(config, "unsloth_grpo_config", where)
+    """``unsloth_grpo_config`` / ``unsloth_fit_settings``: 'key = value' lines, or a TOML table."""
+    fix = _fix_where(config, opt.ini or "unsloth_grpo_config", where)
 
     def error(problem: str) -> pytest.UsageError:
         return pytest.UsageError(
@@ -796,7 +816,7 @@ def _parse_grpo(
 
 def _convert(config: pytest.Config, opt: Option, raw: object, where: str) -> Any:
     """One ini value to the field's type, or a usage error naming key, value, source and fix."""
-    if opt.field == "grpo_config":
+    if opt.field in ("grpo_config", "fit_settings"):
         return _parse_grpo(config, opt, raw, where)
     if opt.kind == "args":
         words = _strings(config, opt, raw, where)
@@ -880,6 +900,16 @@ def _validate(config: pytest.Config, settings: Settings) -> None:
             raise pytest.UsageError(
                 f"pytest-unsloth: {settings.source('target_arch')}: {exc}. Fix: e.g. "
                 "unsloth_target_arch = sm_90 sm_120 (or --unsloth-target-arch=sm_120)."
+            ) from None
+    if settings.fit_settings:
+        from pytest_unsloth.fit.estimate import normalize_settings
+
+        try:
+            normalize_settings(settings.fit_settings)
+        except ValueError as exc:
+            raise pytest.UsageError(
+                f"pytest-unsloth: {settings.source('fit_settings')}: {exc}. Fix: use the "
+                "names and values of python -m pytest_unsloth.fit --help."
             ) from None
     if settings.lora_dropout >= 1:
         raise pytest.UsageError(

@@ -16,7 +16,16 @@ GPU_AND_TORCH = ("gpu-visible", "torch-gpu")
 
 def builtin_checks() -> list[Check]:
     """Every built-in check in run order."""
-    from pytest_unsloth.checks import cuda, env, grpo_checks, kernels, machine, nccl, topology
+    from pytest_unsloth.checks import (
+        cuda,
+        env,
+        fit,
+        grpo_checks,
+        kernels,
+        machine,
+        nccl,
+        topology,
+    )
     from pytest_unsloth.probe import KERNEL_PROBES
 
     checks = [
@@ -110,6 +119,7 @@ def builtin_checks() -> list[Check]:
             "grpo-config", grpo_checks.grpo_config_check, "GRPO settings build a valid GRPOConfig"
         ),
         Check("dataset", grpo_checks.dataset_check, "dataset file is well-formed"),
+        Check("fit", fit.fit_check, "one training step fits free GPU memory (or the fit target)"),
     ]
     return checks
 

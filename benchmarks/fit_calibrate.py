@@ -1,0 +1,139 @@
+"""Fit the estimator's transient coefficients to tests/data/fit_grid.jsonl and print the errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import statistics
+import sys
+from typing import Any
+
+from pytest_unsloth.fit.estimate import (
+    COEFFICIENTS,
+    Coefficients,
+    accelerate_style,
+    estimate_memory,
+)
+
+DATA = pathlib.Path(__file__).parent.parent / "tests" / "data" / "fit_grid.jsonl"
+
+
+def settings_of(rec: dict[str, Any]) -> dict[str, Any]:
+    """The estimate_memory settings a grid record was measured with."""
+    s: dict[str, Any] = {
+        "task": rec["task"],
+        "stack": "unsloth" if rec["stack"] == "unsloth" else "transformers",
+        "load_in_4bit": rec["load_in_4bit"],
+        "lora_r": rec["lora_r"],
+        "optim": rec["optim"],
+        "use_gradient_checkpointing": rec["gradient_checkpointing"],
+        "per_device_train_batch_size": rec["batch_size"],
+    }
+    if rec["task"] == "grpo":
+        s.update(
+            num_generations=rec["num_generations"],
+            max_completion_length=rec["max_completion_length"],
+            max_prompt_length=rec["prompt_len"],
+            beta=rec["beta"],
+        )
+    else:
+        s["max_seq_length"] = rec["seq_len"]
+    return s
+
+
+def records() -> list[dict[str, Any]]:
+    return [r for r in map(json.loads, DATA.read_text().splitlines()) if r["ok"]]
+
+
+def errors(c: Coefficients, recs: list[dict[str, Any]]) -> list[float]:
+    return [
+        estimate_memory(r["config"], c, **settings_of(r)).total_bytes / r["peak_total"] - 1
+        for r in recs
+    ]
+
+
+FREE = [
+    "act_hidden",
+    "act_inter",
+    "act_q",
+    "ckpt_live_layers",
+    "unsloth_live_layers",
+    "unsloth_act_scale",
+    "logits_sft",
+    "logits_grpo",
+    "unsloth_logits_sft",
+    "unsloth_logits_grpo",
+    "allocator",
+    "act_eager_scores",
+    "ckpt_kept",
+]
+
+
+def fit() -> Coefficients:
+    import numpy as np
+    from scipy.optimize import least_squares
+
+    recs = records()
+    x0 = np.array([getattr(COEFFICIENTS, k) for k in FREE], dtype=float)
+
+    def resid(x: Any) -> Any:
+        c = dataclasses.replace(COEFFICIENTS, **dict(zip(FREE, map(float, x), strict=False)))
+        e = np.array(errors(c, recs))
+        return np.concatenate([e, 3 * np.maximum(np.abs(e) - 0.07, 0)])
+
+    # physical floors: RMSNorm keeps an fp32 copy of its input (>= 8 bytes x hidden per layer),
+    # checkpointing keeps at least the layer input, at least half a layer is live in backward
+    lo = {
+        "act_hidden": 8,
+        "act_inter": 4,
+        "act_q": 2,
+        "ckpt_kept": 1,
+        "ckpt_live_layers": 0.5,
+        "unsloth_live_layers": 0.5,
+        "logits_sft": 6,
+        "logits_grpo": 4,
+    }
+    lower = np.array([lo.get(k, 0) for k in FREE], dtype=float)
+    x0 = np.maximum(x0, lower + 1e-3)
+    sol = least_squares(resid, x0, bounds=(lower, np.inf))
+    return dataclasses.replace(COEFFICIENTS, **dict(zip(FREE, map(float, sol.x), strict=False)))
+
+
+def leave_one_out() -> None:
+    """Refit without each point and predict it: the error on a setting the fit never saw."""
+    global records
+    every = records()
+    held = []
+    for i, r in enumerate(every):
+        rest = every[:i] + every[i + 1 :]
+        records = lambda rest=rest: rest  # noqa: E731
+        c = fit()
+        held.append(errors(c, [r])[0])
+        print(f"#{r['index']:2d} held-out error {held[-1]:+.1%}", flush=True)
+    a = [abs(e) for e in held]
+    print(f"leave-one-out: median {statistics.median(a):.1%} worst {max(a):.1%}")
+
+
+def main() -> None:
+    if "--loo" in sys.argv:
+        leave_one_out()
+        return
+    recs = records()
+    c = fit() if "--fit" in sys.argv else COEFFICIENTS
+    if "--fit" in sys.argv:
+        print({k: round(getattr(c, k), 3) for k in FREE})
+    err = errors(c, recs)
+    for r, e in zip(recs, err, strict=False):
+        acc = accelerate_style(r["config"], **settings_of(r)) / r["peak_total"] - 1
+        print(
+            f"#{r['index']:2d} {r['model']:13s} {r['task']:4s} {r['stack']:7s} "
+            f"4bit={int(r['load_in_4bit'])} gc={r['gradient_checkpointing']:7s} "
+            f"meas {r['peak_total'] / 2**30:6.2f} GiB  err {e:+.1%}  accel {acc:+.1%}"
+        )
+    abs_err = [abs(e) for e in err]
+    print(f"median {statistics.median(abs_err):.1%} worst {max(abs_err):.1%}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""``unsloth-env::fit``: will one training step of the configured setup fit the GPU?
+
+Reads ``unsloth_model`` (config.json only: a folder, a file or a cached Hub id), the LoRA, length
+and GRPO settings the plugin already reads and ``unsloth_fit_settings``, estimates the peak
+(``pytest_unsloth.fit``, pure Python) and compares it with each visible GPU's free memory, or with
+``unsloth_fit_target`` when no GPU is visible. Runs in the pytest process: no torch import.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pytest_unsloth.checks.base import CheckContext, CheckFailed, CheckSkipped
+
+__all__ = ["fit_check"]
+
+
+def _breakdown(est: Any) -> str:
+    from pytest_unsloth.fit.plan import gib
+
+    return ", ".join(f"{k} {gib(v)}" for k, v in est.parts.items() if v > 0)
+
+
+def fit_check(ctx: CheckContext) -> str | None:
+    """Estimate the step's peak memory and compare it with free GPU memory or the fit target."""
+    from pytest_unsloth.fit.estimate import GIB, estimate_memory
+    from pytest_unsloth.fit.plan import (
+        describe_fits,
+        find_config,
+        gib,
+        settings_for_estimate,
+        what_fits,
+    )
+
+    st = ctx.settings
+    if not st.model:
+        raise CheckSkipped("no model configured: set unsloth_model (a folder or cached Hub id)")
+    try:
+        config_path = find_config(st.model)
+    except (FileNotFoundError, OSError) as exc:
+        raise CheckFailed(
+            found=f"no config.json for unsloth_model = {st.model!r} ({st.source('model')}): {exc}",
+            why="the estimate reads the model's shape from its config.json",
+            fix="point unsloth_model at a folder with config.json, or download the model first",
+        ) from None
+    settings = settings_for_estimate(st, st.fit_settings)
+    nv = ctx.nvml
+    gpus = [d for d in nv.visible] if nv.available else []
+    if gpus:
+        settings.setdefault("gpu_total_memory", min(d.free_bytes for d in gpus))
+    elif st.fit_target_gib is not None:
+        settings.setdefault("gpu_total_memory", int(st.fit_target_gib * GIB))
+    try:
+        est = estimate_memory(config_path, **settings)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckFailed(
+            found=f"cannot estimate {config_path}: {exc}",
+            why="the settings or the config.json do not describe a trainable causal LM",
+            fix="fix the setting named above (unsloth_fit_settings / unsloth_grpo_config)",
+        ) from None
+    total = est.total_bytes
+    figure = f"~{gib(total)} ({est.model_type}: {est.summary(3)})"
+
+    if est.vllm is not None and not est.vllm.fits_one_sequence:
+        b = est.vllm
+        found = (
+            f"vLLM's KV cache ({gib(b.kv_cache_bytes)} of the {gib(b.requested_bytes)} reserved) "
+            f"holds ~{b.kv_tokens} tokens, less than one sequence of {b.needed_tokens} tokens "
+            f"({gib(b.one_sequence_bytes)})"
+        )
+        raise CheckFailed(
+            found=found,
+            why="vLLM refuses to start, or unsloth shrinks max_seq_length and prompts get cut",
+            fix="raise gpu_memory_utilization, shorten prompt + completion, or use 4-bit weights",
+        )
+
+    targets: list[tuple[str, int]] = [
+        (f"cuda:{d.cuda_index} ({d.name})", d.free_bytes) for d in gpus
+    ]
+    if not targets and st.fit_target_gib is not None:
+        targets = [
+            (
+                f"the fit target {st.fit_target_gib:g} GiB ({st.source('fit_target_gib')})",
+                int(st.fit_target_gib * GIB),
+            )
+        ]
+    if not targets:
+        return f"{figure}; no GPU and no unsloth_fit_target to compare with"
+    short = [(where, free) for where, free in targets if free < total]
+    if not short:
+        where, free = min(targets, key=lambda t: t[1])
+        return f"~{gib(total)} fits {where} ({gib(free)} free); {est.model_type}: {est.summary(3)}"
+    where, free = min(short, key=lambda t: t[1])
+    largest = what_fits(config_path, settings, free)
+    has = f"more than {where}" if not gpus else f"{where} has {gib(free)} free"
+    s = est.settings
+    other = [
+        hint
+        for hint, done in (
+            ("4-bit weights", s["load_in_4bit"]),
+            ("gradient checkpointing", s["use_gradient_checkpointing"] != "false"),
+            ("8-bit AdamW", "8bit" in str(s["optim"])),
+        )
+        if not done
+    ] + ["a smaller model"]
+    raise CheckFailed(
+        found=f"one training step needs ~{gib(total)}, {has}; by part: {_breakdown(est)}; "
+        f"biggest: {est.biggest_part}",
+        why="training stops with CUDA out of memory at the first step",
+        fix=f"settings that fit now: {describe_fits(largest, est)} (or {', '.join(other)})",
+    )

@@ -1,0 +1,259 @@
+"""Read a causal LM's shape from its ``config.json``: sizes, linear layers, tied embeddings, MoE.
+
+Pure Python (no torch): a known family is read from its keys; an unknown one is counted on the
+meta device by :func:`count_on_meta`, which imports transformers (the fallback the issue allows).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+from collections.abc import Mapping
+from typing import Any
+
+# model_type -> (fused qkv/gate_up like Phi-3, q/k/v bias default, tie_word_embeddings default,
+# norms per layer). Defaults are the transformers config classes' own defaults.
+FAMILIES: dict[str, tuple[bool, bool, bool, int]] = {
+    "llama": (False, False, False, 2),
+    "mistral": (False, False, False, 2),
+    "mixtral": (False, False, False, 2),
+    "qwen2": (False, True, False, 2),
+    "qwen2_moe": (False, True, False, 2),
+    "qwen3": (False, False, False, 2),
+    "qwen3_moe": (False, False, False, 2),
+    "gemma": (False, False, True, 2),
+    "gemma2": (False, False, True, 4),
+    "gemma3": (False, False, True, 4),
+    "gemma3_text": (False, False, True, 4),
+    "phi3": (True, False, False, 2),
+    "granite": (False, False, True, 2),
+}
+
+# The LoRA target names users write (and unsloth/peft accept) mapped onto fused Phi-3 modules.
+FUSED_NAMES = {
+    "q_proj": "qkv_proj",
+    "k_proj": "qkv_proj",
+    "v_proj": "qkv_proj",
+    "gate_proj": "gate_up_proj",
+    "up_proj": "gate_up_proj",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Arch:
+    """The numbers the memory model needs, read from one config."""
+
+    model_type: str
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+    # (module name, in_features, out_features, count per layer) of every decoder linear layer
+    linears: tuple[tuple[str, int, int, int], ...]
+    norm_params: int
+    bias_params: int
+    experts: int = 0
+    experts_per_token: int = 0
+    sliding_window: int | None = None
+    attention: str = "sdpa"
+    known: bool = True
+    norms_per_layer: int = 2
+
+    @property
+    def q_dim(self) -> int:
+        """Width of the query projection output."""
+        return self.heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        """Width of one of the key/value projection outputs."""
+        return self.kv_heads * self.head_dim
+
+    @property
+    def linear_params(self) -> int:
+        """Parameters in the decoder's linear layers (what 4-bit/8-bit quantization touches)."""
+        return self.layers * sum(i * o * n for _, i, o, n in self.linears)
+
+    @property
+    def embed_params(self) -> int:
+        """Input embedding plus the lm_head when it is not tied to it."""
+        return self.vocab * self.hidden * (1 if self.tied else 2)
+
+    @property
+    def total_params(self) -> int:
+        """Every parameter of the model."""
+        return self.linear_params + self.embed_params + self.norm_params + self.bias_params
+
+
+def read_config(config_or_path: Mapping[str, Any] | str | os.PathLike[str]) -> dict[str, Any]:
+    """Return a config dict from a mapping, a config.json file or a model folder."""
+    if isinstance(config_or_path, Mapping):
+        return dict(config_or_path)
+    path = pathlib.Path(config_or_path)
+    if path.is_dir():
+        path = path / "config.json"
+    with open(path, encoding="utf-8") as fh:
+        data = json.load(fh)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: config.json is not a JSON object")
+    return data
+
+
+def _int(cfg: Mapping[str, Any], key: str, default: int | None = None) -> int:
+    value = cfg.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"config key {key!r} is {value!r}; a positive integer is needed")
+    return value
+
+
+def arch_from_config(config_or_path: Mapping[str, Any] | str | os.PathLike[str]) -> Arch:
+    """Read the architecture numbers; unknown families are counted on the meta device."""
+    cfg = read_config(config_or_path)
+    # multimodal wrappers (Gemma 3, Llama 4, ...) keep the language model in text_config
+    text = cfg.get("text_config")
+    if isinstance(text, Mapping) and "hidden_size" in text:
+        outer_tie = cfg.get("tie_word_embeddings")
+        cfg = {**text, **({"tie_word_embeddings": outer_tie} if outer_tie is not None else {})}
+        cfg.setdefault("model_type", "gemma3_text")
+    model_type = str(cfg.get("model_type", ""))
+    family = FAMILIES.get(model_type)
+    if family is None:
+        return count_on_meta(cfg)
+    fused, qkv_bias_default, tie_default, norms = family
+    h = _int(cfg, "hidden_size")
+    layers = _int(cfg, "num_hidden_layers")
+    heads = _int(cfg, "num_attention_heads")
+    kv = _int(cfg, "num_key_value_heads", heads)
+    head_dim = cfg.get("head_dim") or h // heads
+    vocab = _int(cfg, "vocab_size")
+    tied = bool(cfg.get("tie_word_embeddings", tie_default))
+    experts = int(cfg.get("num_local_experts") or cfg.get("num_experts") or 0)
+    if experts:
+        inter = int(cfg.get("moe_intermediate_size") or cfg["intermediate_size"])
+    else:
+        inter = _int(cfg, "intermediate_size")
+    q, kvd = heads * head_dim, kv * head_dim
+    if fused:
+        lin: list[tuple[str, int, int, int]] = [
+            ("qkv_proj", h, q + 2 * kvd, 1),
+            ("o_proj", q, h, 1),
+            ("gate_up_proj", h, 2 * inter, 1),
+            ("down_proj", inter, h, 1),
+        ]
+    else:
+        lin = [
+            ("q_proj", h, q, 1),
+            ("k_proj", h, kvd, 1),
+            ("v_proj", h, kvd, 1),
+            ("o_proj", q, h, 1),
+        ]
+        mlp_n = experts or 1
+        lin += [
+            ("gate_proj", h, inter, mlp_n),
+            ("up_proj", h, inter, mlp_n),
+            ("down_proj", inter, h, mlp_n),
+        ]
+        if experts:
+            lin.append(("router", h, experts, 1))
+            shared = int(cfg.get("shared_expert_intermediate_size") or 0)
+            if shared:
+                lin += [
+                    ("shared_expert.gate_proj", h, shared, 1),
+                    ("shared_expert.up_proj", h, shared, 1),
+                    ("shared_expert.down_proj", shared, h, 1),
+                ]
+    bias = bool(cfg.get("attention_bias", qkv_bias_default))
+    bias_params = layers * (q + 2 * kvd) if bias else 0
+    norm_params = layers * norms * h + h
+    if model_type.startswith("qwen3") or model_type == "gemma3_text" or model_type == "gemma3":
+        norm_params += layers * 2 * head_dim  # q_norm / k_norm
+    window = cfg.get("sliding_window")
+    attention = "eager" if model_type == "gemma2" else "sdpa"
+    return Arch(
+        model_type=model_type,
+        hidden=h,
+        intermediate=inter,
+        layers=layers,
+        heads=heads,
+        kv_heads=kv,
+        head_dim=int(head_dim),
+        vocab=vocab,
+        tied=tied,
+        linears=tuple(lin),
+        norm_params=norm_params,
+        bias_params=bias_params,
+        experts=experts,
+        experts_per_token=int(cfg.get("num_experts_per_tok") or 0),
+        sliding_window=int(window) if isinstance(window, int) else None,
+        attention=attention,
+        norms_per_layer=norms,
+    )
+
+
+def count_on_meta(cfg: Mapping[str, Any]) -> Arch:
+    """Build an unknown family on the meta device and read its linear layers (imports torch)."""
+    try:
+        import torch
+        import transformers
+    except ImportError as exc:  # pragma: no cover - the ML stack is what the plugin checks
+        raise ValueError(
+            f"model_type {cfg.get('model_type')!r} is not a known family and counting it "
+            f"needs transformers and torch: {exc}"
+        ) from exc
+    config = transformers.AutoConfig.for_model(**dict(cfg))
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)  # type: ignore[no-untyped-call]
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    h = int(text.hidden_size)
+    layers = int(text.num_hidden_layers)
+    heads = int(text.num_attention_heads)
+    kv = int(getattr(text, "num_key_value_heads", heads) or heads)
+    head_dim = int(getattr(text, "head_dim", None) or h // heads)
+    vocab = int(text.vocab_size)
+    emb = model.get_input_embeddings().weight
+    out = model.get_output_embeddings()
+    tied = out is not None and out.weight is emb
+    per_layer: dict[str, tuple[int, int, int]] = {}
+    linear_total = 0
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and mod is not out:
+            short = name.rsplit(".", 1)[-1]
+            i, o, n = per_layer.get(short, (mod.in_features, mod.out_features, 0))
+            per_layer[short] = (i, o, n + 1)
+            linear_total += mod.in_features * mod.out_features
+    lin = tuple((k, i, o, max(1, n // layers)) for k, (i, o, n) in per_layer.items())
+    total = sum(p.numel() for p in model.parameters())
+    emb_total = vocab * h * (1 if tied else 2)
+    inter = int(getattr(text, "intermediate_size", 4 * h) or 4 * h)
+    return Arch(
+        model_type=str(cfg.get("model_type", "")),
+        hidden=h,
+        intermediate=inter,
+        layers=layers,
+        heads=heads,
+        kv_heads=kv,
+        head_dim=head_dim,
+        vocab=vocab,
+        tied=tied,
+        linears=lin,
+        norm_params=max(0, total - linear_total - emb_total),
+        bias_params=0,
+        known=False,
+    )
+
+
+def lora_modules(
+    arch: Arch, targets: str | list[str] | tuple[str, ...] | None
+) -> list[tuple[str, int, int, int]]:
+    """The decoder linear layers a LoRA target list hits ("all-linear"/None: all but a router)."""
+    if targets is None or targets == "all-linear":
+        return [m for m in arch.linears if m[0] != "router"]
+    names = [targets] if isinstance(targets, str) else list(targets)
+    wanted = set(names) | {FUSED_NAMES[n] for n in names if n in FUSED_NAMES}
+    return [m for m in arch.linears if m[0] in wanted or m[0].rsplit(".", 1)[-1] in wanted]
