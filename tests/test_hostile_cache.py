@@ -198,7 +198,8 @@ def test_length_budget_reports_a_missing_tokenizer_without_a_lookup(
     result = pytester.runpytest("--unsloth-env", "--unsloth-checks=length-budget")
     assert time.monotonic() - start < 60
     result.assert_outcomes(failed=1)
-    result.stdout.fnmatch_lines(["found: cannot load the tokenizer 'no-such-tokenizer-folder'*"])
+    # The check runs in a child with the offline variables set; the folder is named as missing.
+    result.stdout.fnmatch_lines(["found: *'no-such-tokenizer-folder': no such folder (*"])
     assert no_network == []
     assert huggingface_hub.constants.HF_HUB_OFFLINE is False  # the user's setting is back
 

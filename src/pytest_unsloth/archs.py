@@ -274,7 +274,7 @@ def distribution_libraries(name: str) -> list[Path]:
 
     try:
         dist = md.distribution(name)
-    except md.PackageNotFoundError:
+    except Exception:  # not installed, or metadata that cannot be read
         return []
     out = []
     for rel in _record_paths(dist):
@@ -348,9 +348,10 @@ def torch_cuda_version(environ: Mapping[str, str] | None = None) -> tuple[int, i
         return int(m.group(1)), int(m.group(2))
     try:
         dist = md.distribution("torch")
-    except md.PackageNotFoundError:
+        version = str(dist.version or "")
+    except Exception:  # not installed, or metadata that cannot be read
         return None
-    m = re.search(r"\+cu(\d+)(\d)\b", dist.version)
+    m = re.search(r"\+cu(\d+)(\d)\b", version)
     if m:
         return int(m.group(1)), int(m.group(2))
     try:

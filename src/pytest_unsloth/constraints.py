@@ -20,11 +20,9 @@ from pytest_unsloth.meta import STACK, Inventory, active_extras, canonical, form
 
 
 def _installed(name: str) -> bool:
-    try:
-        md.version(name)
-    except md.PackageNotFoundError:
-        return False
-    return True
+    from pytest_unsloth.meta import version_of
+
+    return version_of(name) is not None  # never raises, even on unreadable metadata
 
 
 def package_report(inv: Inventory) -> dict[str, dict[str, Any]]:
@@ -97,9 +95,12 @@ def constraints_text(all_packages: bool = False) -> str:
     if all_packages:
         seen: dict[str, str] = {}
         for d in md.distributions():
-            name = d.metadata["Name"]
-            if name and canonical(name) not in seen:
-                seen[canonical(name)] = f"{name}=={d.version}"
+            try:  # a broken install must not stop the file being written
+                name, version = d.metadata["Name"], d.version
+            except Exception:
+                continue
+            if name and version and canonical(name) not in seen:
+                seen[canonical(name)] = f"{name}=={version}"
         pins = sorted(seen.values(), key=str.lower)
     else:
         pins = [f"{d.name}=={d.version}" for d in Inventory.read(STACK).installed() if d.version]

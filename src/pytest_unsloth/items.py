@@ -6,6 +6,7 @@ import dataclasses
 import json
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -313,5 +314,5 @@ def _settings_json(settings: Any) -> dict[str, Any]:
         if f.name == "sources":
             continue
         value = getattr(settings, f.name)
-        out[f.name] = dict(value) if f.name == "grpo_config" else value
+        out[f.name] = dict(value) if isinstance(value, Mapping) else value
     return json.loads(json.dumps(out, default=str))  # type: ignore[no-any-return]

@@ -118,7 +118,11 @@ class Reporter:
             from pytest_unsloth.constraints import package_report, report_lines
 
             tr.write_sep("-", "unsloth packages: version, required by, verdict")
-            for line in report_lines(package_report(get_context(self.config).inventory)):
+            try:
+                lines = report_lines(package_report(get_context(self.config).inventory))
+            except Exception as exc:  # the summary must survive any environment
+                lines = [f"(not available: {type(exc).__name__}: {exc})"]
+            for line in lines:
                 tr.line(line, red=" outside " in f" {line} ")
         path = self.config.stash.get(REPORT_PATH_KEY, None)
         if path:
@@ -261,7 +265,10 @@ def _compatibility(inv: Inventory) -> dict[str, Any]:
     """Per package: version, who requires it with which range, verdict (issue 14)."""
     from pytest_unsloth.constraints import package_report
 
-    return package_report(inv)
+    try:
+        return package_report(inv)
+    except Exception as exc:  # the report must be written whatever the environment holds
+        return {"error": f"{type(exc).__name__}: {exc}"}
 
 
 def markdown_summary(records: list[dict[str, Any]]) -> str:

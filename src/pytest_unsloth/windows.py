@@ -78,7 +78,8 @@ def read_windows() -> list[Window]:
     for owner, rel, function, target in SOURCE_WINDOWS:
         try:
             dist = md.distribution(owner)
-        except md.PackageNotFoundError:
+            version = dist.version
+        except Exception:  # not installed, or unreadable metadata (the packages check's finding)
             continue
         path = Path(str(dist.locate_file(rel)))
         try:
@@ -88,5 +89,5 @@ def read_windows() -> list[Window]:
         found = find_window(source, function)
         if found is not None:
             low, high, line, text = found
-            out.append(Window(owner, dist.version, target, low, high, str(path), line, text))
+            out.append(Window(owner, version, target, low, high, str(path), line, text))
     return out

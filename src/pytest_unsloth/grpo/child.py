@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,9 +28,13 @@ if TYPE_CHECKING:
 
 def encode_settings(settings: Settings) -> str:
     """The settings (sources included) as one argv-safe string."""
-    plain = dataclasses.replace(
-        settings, grpo_config=dict(settings.grpo_config), sources=dict(settings.sources)
-    )
+    # Read-only mappings (grpo_config, fit_settings, sources) do not pickle: plain dicts do.
+    mappings: dict[str, Any] = {
+        f.name: dict(value)
+        for f in dataclasses.fields(settings)
+        if isinstance(value := getattr(settings, f.name), Mapping)
+    }
+    plain = dataclasses.replace(settings, **mappings)
     return base64.b64encode(pickle.dumps(plain)).decode("ascii")
 
 
