@@ -9,7 +9,7 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 REPO=$PWD
-PLUG=(-p pytest_unsloth.plugin -p no:randomly)
+PLUG=(-p no:randomly)  # the plugin comes from the installed wheel (.gpu), as for users
 SUMMARY="$OUT/summary.txt"
 : > "$SUMMARY"
 
