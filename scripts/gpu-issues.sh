@@ -4,6 +4,7 @@
 # the wheelhouse (.whl) and this repo's wheel (.gpu) carried:
 #   STEPS="multi pinning" bash scripts/gpu-issues.sh      # call 1
 #   STEPS="env archs fit" bash scripts/gpu-issues.sh      # call 2
+#   STEPS="tests" bash scripts/gpu-issues.sh              # call 3: every GPU-marked test
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 STEPS=${STEPS:-"multi pinning env archs fit"}
@@ -38,6 +39,14 @@ if step fit; then  # issue 15: re-measure two grid points against the estimate
   UNSLOTH_TEST_GPU=1 timeout -k 5 150 python3 -m pytest -p no:randomly -p no:cacheprovider -q -rA \
     -m gpu tests/test_fit.py > "$OUT/fit.log" 2>&1
   echo "fit rc=$?" >> "$OUT/fit.log"
+fi
+if step tests; then  # every GPU-marked test, then issue 13's first-contact tests with a real GPU
+  UNSLOTH_TEST_GPU=1 timeout -k 5 330 python3 -m pytest -p no:randomly -p no:cacheprovider -rA \
+    -o faulthandler_timeout=300 -m gpu tests > "$OUT/gpu-tests.log" 2>&1
+  echo "gpu-tests rc=$?" >> "$OUT/gpu-tests.log"
+  UNSLOTH_TEST_GPU=1 timeout -k 5 150 python3 -m pytest -p no:randomly -p no:cacheprovider -rA \
+    tests/test_quiet.py tests/test_first_contact.py tests/test_readme.py > "$OUT/first-contact.log" 2>&1
+  echo "first-contact rc=$?" >> "$OUT/first-contact.log"
 fi
 # A device call brings back at most 8 files: pack everything into one archive.
 (cd "$OUT" && tar czf /tmp/logs.tgz . && find . -mindepth 1 -delete && mv /tmp/logs.tgz "$OUT/logs-$(date -u +%H%M%S).tgz")
