@@ -687,7 +687,8 @@ def _getini(config: pytest.Config, opt: Option, where: str, native: bool = False
     assert opt.ini is not None
     try:
         return config.getini(opt.ini)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, pytest.UsageError) as exc:
+        # pytest 9.2+ checks TOML types itself and raises UsageError; older ones TypeError.
         if native:
             return _MISSING
         raise pytest.UsageError(
