@@ -7,6 +7,7 @@ source shape TRL really ships) and trl 1.16.0's real ``vllm`` extra lines.
 from __future__ import annotations
 
 import importlib.metadata as md
+import importlib.util
 import shutil
 from pathlib import Path
 
@@ -16,6 +17,12 @@ from distfake import write_dist
 from pytest_unsloth.meta import Dist, active_extras
 from pytest_unsloth.windows import find_window, read_windows
 from test_env_scenarios import run_env
+
+needs_torch = pytest.mark.skipif(
+    importlib.util.find_spec("torch") is None,
+    reason="the fix line pins the installed torch: there is none in the minimal env",
+)
+
 
 TRL_VLLM_EXTRA = [
     'vllm<=0.31.0,>=0.22.0; extra == "vllm"',
@@ -57,6 +64,7 @@ def test_active_extras_need_every_package_of_the_extra() -> None:
     assert all(e != "vllm" for _, e in without_aiohttp)
 
 
+@needs_torch
 def test_trl_vllm_extra_is_enforced_when_vllm_is_installed(
     pytester: pytest.Pytester, site: Path
 ) -> None:

@@ -7,6 +7,7 @@ a fake GPU and a fake ``vllm`` that logs every probe (see ``test_probe_cache.Env
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import time
@@ -15,6 +16,12 @@ from pathlib import Path
 import pytest
 
 from test_probe_cache import Env
+
+needs_hub = pytest.mark.skipif(
+    importlib.util.find_spec("huggingface_hub") is None,
+    reason="needs huggingface_hub (the ML stack; not the minimal env)",
+)
+
 
 pytestmark = pytest.mark.slow
 
@@ -166,6 +173,7 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> list[tuple[object, ...]]:
     return attempts
 
 
+@needs_hub
 def test_hub_offline_stops_the_lookup_and_restores_the_users_setting(no_network):
     import huggingface_hub.constants
     from transformers import AutoTokenizer
@@ -183,6 +191,7 @@ def test_hub_offline_stops_the_lookup_and_restores_the_users_setting(no_network)
         assert huggingface_hub.constants.HF_HUB_OFFLINE is False  # allowed: nothing changes
 
 
+@needs_hub
 def test_length_budget_reports_a_missing_tokenizer_without_a_lookup(
     pytester: pytest.Pytester, no_network
 ):
@@ -204,6 +213,7 @@ def test_length_budget_reports_a_missing_tokenizer_without_a_lookup(
     assert huggingface_hub.constants.HF_HUB_OFFLINE is False  # the user's setting is back
 
 
+@needs_hub
 def test_model_fixture_path_reports_a_missing_hub_model_without_a_lookup(no_network):
     from pytest_unsloth.models import ModelLoadError, ModelRequest, load_4bit
 

@@ -26,6 +26,12 @@ import pytest
 from pytest_unsloth.grpo.budget import check_length_budget
 from pytest_unsloth.grpo.rewards import RewardReport, check_reward_funcs
 
+needs_transformers = pytest.mark.skipif(
+    find_spec("transformers") is None or find_spec("tokenizers") is None,
+    reason="the length budget needs transformers and tokenizers (not the minimal env)",
+)
+
+
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
 
@@ -577,6 +583,7 @@ def test_missing_function_lists_only_functions_defined_in_the_module(
 
 
 @pytest.mark.slow
+@needs_transformers
 def test_missing_tokenizer_folder_says_missing(pytester: pytest.Pytester) -> None:
     (pytester.path / "train.jsonl").write_text(json.dumps({"prompt": "hi"}) + "\n")
     for value, found in (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import sys
@@ -19,12 +20,18 @@ from pytest_unsloth.probe import ProbeResult, ProbeStore
 from pytest_unsloth.probes import nccl
 from pytest_unsloth.settings import Settings
 
+needs_torch = pytest.mark.skipif(
+    importlib.util.find_spec("torch") is None,
+    reason="the nccl check skips first when torch is not installed (the minimal env)",
+)
+
 H200 = {"name": "NVIDIA H200", "capability": [9, 0], "total_gib": 139.8, "free_gib": 139.0}
 
 # A stand-in rank: speaks the rank protocol; what it does is decided by FAKE_RANK_MODE and the
 # NCCL_* variables the runner sets, so retries can be observed without GPUs.
 FAKE_RANK = """
 import json, os, sys, time
+
 mode = os.environ.get("FAKE_RANK_MODE", "pass")
 rank = int(os.environ["RANK"])
 open(os.path.join(os.environ["FAKE_RANK_DIR"], f"pid-{rank}-{os.getpid()}"), "w").close()
@@ -180,11 +187,13 @@ def _ctx(tmp_path: Path, result: ProbeResult) -> CheckContext:
     return ctx
 
 
+@needs_torch
 def test_check_passes_with_the_probe_detail(tmp_path: Path) -> None:
     res = ProbeResult("nccl", "passed", "nccl 2.27.5 across 2 ranks: ... 340.1 GB/s")
     assert nccl_check.check_nccl(_ctx(tmp_path, res)) == res.message
 
 
+@needs_torch
 def test_check_fails_when_a_direct_peer_copy_lost_data(tmp_path: Path) -> None:
     data = {"peer_copy": {"0->1": "corrupt (peer access)"}}
     res = ProbeResult("nccl", "passed", "nccl 2.27.5 across 2 ranks: ...", data=data)
@@ -196,6 +205,7 @@ def test_check_fails_when_a_direct_peer_copy_lost_data(tmp_path: Path) -> None:
     assert "NCCL_P2P_DISABLE=1" in exc.value.fix and "DMAR" in exc.value.fix
 
 
+@needs_torch
 def test_check_names_the_variable_in_the_fix(tmp_path: Path) -> None:
     payload = nccl.summarize(
         [
@@ -215,6 +225,7 @@ def test_check_names_the_variable_in_the_fix(tmp_path: Path) -> None:
     assert f.fix.startswith("export NCCL_P2P_DISABLE=1 before launching training")
 
 
+@needs_torch
 def test_check_failure_without_a_way_out_points_at_the_log(tmp_path: Path) -> None:
     attempt = nccl.Attempt(
         "as configured",
@@ -233,6 +244,7 @@ def test_check_failure_without_a_way_out_points_at_the_log(tmp_path: Path) -> No
     assert "NCCL_SOCKET_IFNAME" in exc.value.fix
 
 
+@needs_torch
 def test_check_skips_with_the_probes_reason(tmp_path: Path) -> None:
     res = ProbeResult("nccl", "skipped", "needs 2 visible GPUs, 1 visible")
     with pytest.raises(CheckSkipped, match="needs 2 visible GPUs, 1 visible"):
@@ -268,6 +280,7 @@ def test_nccl_item_is_opt_in(
     result.stdout.fnmatch_lines(["*unsloth-env::nccl: disabled: opt-in: *--unsloth-checks nccl*"])
 
 
+@needs_torch
 def test_nccl_selected_runs_the_probe_and_fails_on_a_cpu_torch(
     fake_nvml: Callable[..., Any], pytester: pytest.Pytester
 ) -> None:
@@ -279,6 +292,7 @@ def test_nccl_selected_runs_the_probe_and_fails_on_a_cpu_torch(
     result.stdout.fnmatch_lines(["found: torch * has no NCCL backend (CPU build or Windows)"])
 
 
+@needs_torch
 def test_requires_kernel_nccl(fake_nvml: Callable[..., Any], pytester: pytest.Pytester) -> None:
     fake_nvml(gpus=[H200])
     pytester.makepyfile(
