@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
@@ -45,7 +46,9 @@ def test_install_line_pins_the_installed_torch(
     site = tmp_path / "site"
     write_dist(site, "torch", "2.11.0+cu130")
     monkeypatch.syspath_prepend(str(site))
-    monkeypatch.setenv("PYTHONPATH", str(site))
+    # Prepended, not replaced: where the plugin itself comes from PYTHONPATH (the GPU machine's
+    # carried wheels), the child must still find it.
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]))
     result = pytester.runpytest_subprocess(
         "--unsloth-env", "--unsloth-checks=xformers", "--unsloth-require=xformers", timeout=120
     )

@@ -9,11 +9,13 @@ next to the blocks; here the plugin's tiny offline model stands in for it.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -77,15 +79,22 @@ def test_the_project_files_are_the_ones_the_readme_promises() -> None:
 def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fresh folder holding the README's files plus a stand-in for ``models/base``."""
     for module in ("torch", "transformers", "trl", "peft", "bitsandbytes"):
-        pytest.importorskip(module)
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(f"{module} is not installed")
     root = tmp_path_factory.mktemp("readme-project")
     for rel, content in project_files(README.read_text()).items():
         path = root / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(content)
-    from pytest_unsloth import tiny
-
-    shutil.copytree(tiny.build("llama", seed=0), root / "models" / "base")
+    # Built in a child: importing torch here could make it a second import in this process
+    # (pytester's in-process runs drop modules they imported), which torch refuses.
+    cache = tmp_path_factory.mktemp("tiny-models")
+    code = f"from pytest_unsloth import tiny; print(tiny.build('llama', cache_dir={str(cache)!r}))"
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True
+    )
+    built = proc.stdout.strip().splitlines()[-1]
+    shutil.copytree(built, root / "models" / "base")
     return root
 
 
