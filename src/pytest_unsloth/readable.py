@@ -69,7 +69,10 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> Generator[None, object, o
     except AssertionError as exc:
         tb = _innermost(exc.__traceback__)
         if tb is not None and len(exc.args) == 1 and isinstance(exc.args[0], str):
-            expanded = expand_message(exc.args[0], dict(tb.tb_frame.f_locals))
+            try:
+                expanded = expand_message(exc.args[0], dict(tb.tb_frame.f_locals))
+            except Exception:  # a nicer message is never worth hiding the user's failure
+                expanded = exc.args[0]
             if expanded != exc.args[0]:
                 exc.args = (expanded,)
         raise
