@@ -17,6 +17,8 @@ from pytest_unsloth.fit.estimate import (
 )
 
 DATA = pathlib.Path(__file__).parent.parent / "tests" / "data" / "fit_grid.jsonl"
+# Measured after the coefficients were fitted: never used by --fit, reported on their own.
+HELD_OUT = DATA.with_name("fit_heldout.jsonl")
 
 
 def settings_of(rec: dict[str, Any]) -> dict[str, Any]:
@@ -42,8 +44,28 @@ def settings_of(rec: dict[str, Any]) -> dict[str, Any]:
     return s
 
 
-def records() -> list[dict[str, Any]]:
-    return [r for r in map(json.loads, DATA.read_text().splitlines()) if r["ok"]]
+def records(path: pathlib.Path = DATA) -> list[dict[str, Any]]:
+    return [r for r in map(json.loads, path.read_text().splitlines()) if r["ok"]]
+
+
+def markdown_rows(recs: list[dict[str, Any]], c: Coefficients) -> list[str]:
+    """README table rows: the setting, the measured peak, the estimate and both errors."""
+    rows = []
+    for r in recs:
+        est = estimate_memory(r["config"], c, **settings_of(r)).total_bytes
+        acc = accelerate_style(r["config"], **settings_of(r)) / r["peak_total"] - 1
+        task = r["task"]
+        if task == "grpo":
+            task += f" G={r['num_generations']} C={r['max_completion_length']}"
+            task += f" beta={r['beta']}" if r["beta"] else ""
+        stack = "unsloth" if r["stack"] == "unsloth" else "transformers+peft"
+        rows.append(
+            f"| {r['index']} | {r['model']} | {task} | {stack} | "
+            f"{'4-bit' if r['load_in_4bit'] else 'bf16'} | {r['gradient_checkpointing']} | "
+            f"{r['batch_size']} x {r['seq_len']} | {r['peak_total'] / 2**30:.2f} GiB | "
+            f"{est / 2**30:.2f} GiB | {est / r['peak_total'] - 1:+.1%} | {acc:+.0%} |"
+        )
+    return rows
 
 
 def errors(c: Coefficients, recs: list[dict[str, Any]]) -> list[float]:
@@ -119,7 +141,11 @@ def main() -> None:
     if "--loo" in sys.argv:
         leave_one_out()
         return
-    recs = records()
+    if "--table" in sys.argv:
+        path = HELD_OUT if "--held-out" in sys.argv else DATA
+        print("\n".join(markdown_rows(records(path), COEFFICIENTS)))
+        return
+    recs = records(HELD_OUT if "--held-out" in sys.argv else DATA)
     c = fit() if "--fit" in sys.argv else COEFFICIENTS
     if "--fit" in sys.argv:
         print({k: round(getattr(c, k), 3) for k in FREE})

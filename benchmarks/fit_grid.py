@@ -273,7 +273,20 @@ GRID: list[dict[str, Any]] = [
     P("llama-3.1-8b", "grpo", 4, "true", num_generations=4, max_completion_length=256),
     P("qwen3-4b", "grpo", 16, "off", num_generations=8, max_completion_length=256),
     P("gemma-3-1b", "grpo", 4, "true", num_generations=8, max_completion_length=128),
+    # Held out (2026-11-30, second session): measured after the coefficients were fitted, to
+    # validate them on settings they never saw, long completions (1024 / 2048) included.
+    P("qwen2.5-0.5b", "grpo", 16, "true", num_generations=4, max_completion_length=2048, steps=1),
+    P("qwen2.5-1.5b", "grpo", 16, "off", num_generations=8, max_completion_length=1024, steps=1),
+    P("llama-3.2-1b", "grpo", 16, "true", num_generations=16, max_completion_length=512, beta=0.04),
+    P("phi-3-mini", "grpo", 4, "true", num_generations=4, max_completion_length=1024, steps=1),
+    P("mistral-7b", "grpo", 16, "true", num_generations=8, max_completion_length=256, steps=1),
+    P("qwen3-4b", "sft", 4, "true", batch_size=4, seq_len=2048),
+    P("gemma-2-2b", "sft", 16, "off", batch_size=2, seq_len=1024),
+    P("llama-3.2-3b", "sft", 16, "off", batch_size=1, seq_len=4096, optim="adamw_8bit"),
+    P("qwen2.5-7b", "grpo", 4, "true", num_generations=8, max_completion_length=512, steps=1),
 ]
+# The first 31 points calibrated the coefficients; these indices never did.
+HELD_OUT = range(31, len(GRID))
 
 TINY_GRID: list[dict[str, Any]] = [
     P("tiny-llama", "sft", 16, "off", batch_size=2, seq_len=64),
@@ -296,6 +309,32 @@ BIG = {"qwen2.5-7b", "llama-3.1-8b", "mistral-7b", "qwen3-8b"}
 
 def budget_gib(point: dict[str, Any]) -> float:
     """A generous guess of one point's peak, for scheduling only."""
+    try:  # the estimator when it is importable (it is on the GPU machine), with a margin
+        sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+        from pytest_unsloth.fit import estimate_memory
+
+        settings: dict[str, Any] = {
+            "task": point["task"],
+            "stack": "unsloth" if point["stack"] == "unsloth" else "transformers",
+            "load_in_4bit": point["load_in_4bit"],
+            "lora_r": point["lora_r"],
+            "optim": point["optim"],
+            "use_gradient_checkpointing": point["gradient_checkpointing"],
+            "per_device_train_batch_size": point["batch_size"],
+        }
+        if point["task"] == "grpo":
+            settings.update(
+                num_generations=point["num_generations"],
+                max_completion_length=point["max_completion_length"],
+                max_prompt_length=point["prompt_len"],
+                beta=point["beta"],
+            )
+        else:
+            settings["max_seq_length"] = point["seq_len"]
+        est = estimate_memory(CONFIGS[point["model"]], **settings).total_bytes / 2**30
+        return min(130.0, max(25.0, est * 1.3))
+    except Exception:
+        pass
     if point["model"] in BIG:
         return 60.0 if not point["load_in_4bit"] else 30.0
     return 25.0
@@ -683,8 +722,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     grid = TINY_GRID if args.tiny else GRID
-    if args.only:
-        grid = [grid[int(i)] for i in args.only.split(",")]
+    # Points keep their index in the grid, also with --only, so records can be compared.
+    chosen = [int(i) for i in args.only.split(",")] if args.only else range(len(grid))
     vers = versions()
     start = time.time()
     log = open(args.log or args.out + ".log", "a")  # noqa: SIM115
@@ -699,7 +738,7 @@ def main(argv: list[str] | None = None) -> int:
 
     say(f"versions {json.dumps(vers)}")
     ckpt_root = os.environ.get("FIT_CKPT", "/tmp/fit_ckpt")
-    needs = sorted({p["model"] for p in grid if p["stack"] == "unsloth"})
+    needs = sorted({grid[i]["model"] for i in chosen if grid[i]["stack"] == "unsloth"})
     ckpt_done = threading.Event()
 
     def prep() -> None:
@@ -720,7 +759,7 @@ def main(argv: list[str] | None = None) -> int:
         ckpt_done.set()
 
     threading.Thread(target=prep, daemon=True).start()
-    pending = list(enumerate(grid))
+    pending = [(i, grid[i]) for i in chosen]
     running_gib = [0.0]
     cond = threading.Condition()
     out = open(args.out, "a")  # noqa: SIM115

@@ -75,6 +75,49 @@ def test_estimate_within_band_of_measured_peak(rec: dict[str, Any]):
     assert abs(err) <= BAND, f"estimate off by {err:+.1%} on grid point {rec['index']}"
 
 
+HELD_OUT = [
+    json.loads(line) for line in (GRID.with_name("fit_heldout.jsonl")).read_text().splitlines()
+]
+# generate's KV cache grows by torch.cat and the caching allocator keeps the outgrown blocks:
+# not modelled yet (README, "Held out").
+KNOWN_MISSES = {33: "+18.5 %: generate's reserved pool", 34: "-56 %: generate's reserved pool"}
+
+
+@pytest.mark.parametrize(
+    "rec",
+    [
+        pytest.param(
+            r,
+            marks=[pytest.mark.xfail(strict=True, reason=KNOWN_MISSES[r["index"]])]
+            if r["index"] in KNOWN_MISSES
+            else [],
+            id=f"{r['index']}-{r['model']}",
+        )
+        for r in HELD_OUT
+    ],
+)
+def test_held_out_point_within_band(rec: dict[str, Any]):
+    err = _err(rec)
+    assert abs(err) <= BAND, f"estimate off by {err:+.1%} on held-out point {rec['index']}"
+
+
+def test_held_out_points_are_new_settings_with_long_completions():
+    seen = {json.dumps(settings_of(r) | {"m": r["model"]}, sort_keys=True) for r in MEASURED}
+    assert len(HELD_OUT) == 10 and all(r["ok"] and r["index"] >= 27 for r in HELD_OUT)
+    for rec in HELD_OUT:
+        assert json.dumps(settings_of(rec) | {"m": rec["model"]}, sort_keys=True) not in seen
+    assert {1024, 2048} <= {r["max_completion_length"] for r in HELD_OUT}
+    assert statistics.median(abs(_err(r)) for r in HELD_OUT) < 0.05
+
+
+def test_gemma2_logit_softcap_counts_unless_the_config_turns_it_off():
+    cfg = dict(CONFIGS["gemma-2-2b"])
+    capped = estimate_memory(cfg, stack="transformers", max_seq_length=1024).parts["logits"]
+    cfg["final_logit_softcapping"] = None
+    plain = estimate_memory(cfg, stack="transformers", max_seq_length=1024).parts["logits"]
+    assert capped > plain > 0
+
+
 def test_grid_error_summary_beats_accelerate_style():
     errs = [abs(_err(r)) for r in MEASURED]
     acc = [

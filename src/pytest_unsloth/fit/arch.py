@@ -64,6 +64,7 @@ class Arch:
     attention: str = "sdpa"
     known: bool = True
     norms_per_layer: int = 2
+    logit_softcap: bool = False
 
     @property
     def q_dim(self) -> int:
@@ -175,6 +176,9 @@ def arch_from_config(config_or_path: Mapping[str, Any] | str | os.PathLike[str])
         norm_params += layers * 2 * head_dim  # q_norm / k_norm
     window = cfg.get("sliding_window")
     attention = "eager" if model_type == "gemma2" else "sdpa"
+    # Gemma 2 caps its logits (divide, tanh, multiply: more vocab-sized buffers); transformers'
+    # Gemma2Config defaults final_logit_softcapping to 30.0, so a config without the key has it.
+    softcap = cfg.get("final_logit_softcapping", 30.0 if model_type == "gemma2" else None)
     return Arch(
         model_type=model_type,
         hidden=h,
@@ -193,6 +197,7 @@ def arch_from_config(config_or_path: Mapping[str, Any] | str | os.PathLike[str])
         sliding_window=int(window) if isinstance(window, int) else None,
         attention=attention,
         norms_per_layer=norms,
+        logit_softcap=softcap is not None,
     )
 
 

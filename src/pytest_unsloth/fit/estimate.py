@@ -72,7 +72,11 @@ class Coefficients:
     act_q: float = 5.38
     act_kv: float = 4.0
     act_inter: float = 6.45
-    act_eager_scores: float = 170.0  # eager attention: heads x seq per token per layer
+    # eager attention: bytes per score (heads x seq per token per layer): the bf16 scores, the
+    # soft-capped copy and the fp32 softmax. Was fitted to 170 on gemma-2 points with
+    # checkpointing, where it stood in for the logit cap below; a held-out gemma-2 point without
+    # checkpointing then came out 4x over (2026-11-30), so it is set from the buffers instead.
+    act_eager_scores: float = 8.0
     # checkpointing: the per-layer input kept (2 bytes x hidden) times this, plus this many
     # layers' worth of full activations alive during one layer's recompute and backward
     ckpt_kept: float = 1.36
@@ -86,6 +90,7 @@ class Coefficients:
     unsloth_logits_sft: float = 0.21
     unsloth_logits_grpo: float = 5.29
     logits_ref: float = 10.0
+    logits_softcap: float = 3.0  # final_logit_softcapping's extra buffers per logit
     # reserved beyond allocated, as a share of the step's transient
     allocator: float = 0.25
     # CUDA context + cuBLAS/cuDNN workspaces, as NVML shows beyond torch's reserved memory
@@ -327,6 +332,8 @@ def training_transient(
         coeff = c.unsloth_logits_sft if unsloth else c.logits_sft
     else:
         coeff = c.unsloth_logits_grpo if unsloth else c.logits_grpo
+    if arch.logit_softcap and not unsloth:
+        coeff += c.logits_softcap
     return act, logit_rows * arch.vocab * coeff
 
 
