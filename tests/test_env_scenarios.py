@@ -199,12 +199,12 @@ def test_known_bad_trl_without_grpo(pytester: pytest.Pytester, site: Path):
     assert "pip install 'trl>=0.14'" in run.text["known-bad"]
 
 
-def test_known_bad_unsloth_grpo_needs_trl_020(pytester: pytest.Pytester, site: Path):
-    write_dist(site, "unsloth", "2026.10.9")
-    write_dist(site, "trl", "0.19.1")
+def test_known_bad_unsloth_trl_floor(pytester: pytest.Pytester, site: Path):
+    write_dist(site, "unsloth", "2025.10.9")
+    write_dist(site, "trl", "0.18.1")
     run = run_env(pytester, "--unsloth-checks=known-bad")
     assert run.failed() == {"known-bad"}
-    assert "unsloth 2026.10.9 with trl 0.19.1" in run.text["known-bad"]
+    assert "unsloth 2025.10.9 with trl 0.18.1" in run.text["known-bad"]
 
 
 def test_known_bad_torchvision_declared_for_another_torch(pytester: pytest.Pytester, site: Path):

@@ -33,9 +33,9 @@ SCENARIOS: dict[str, tuple[Dists, str]] = {
         "unsloth 2026.10.9 with bitsandbytes 0.48.0",
     ),
     "trl-without-grpo": ([("trl", "0.13.0", [])], "trl 0.13.0 has no GRPOTrainer"),
-    "unsloth-grpo-trl-below-0.20": (
-        [("unsloth", "2026.10.9", []), ("trl", "0.19.1", [])],
-        "unsloth 2026.10.9 with trl 0.19.1",
+    "unsloth-2025.10.9-trl-below-0.18.2": (
+        [("torch", "2.11.0", []), ("unsloth", "2026.10.9", []), ("trl", "0.17.0", [])],
+        "unsloth 2026.10.9 with trl 0.17.0",
     ),
     "torchvision-torch-mismatch": (
         [("torch", "2.13.0+cpu", []), ("torchvision", "0.24.1", ["torch==2.9.1"])],
@@ -135,7 +135,6 @@ def test_table_has_at_least_20_rows_each_with_a_url_and_a_scenario() -> None:
 _ORIGINAL_ROWS = {
     "unsloth-bitsandbytes-0.46.0",
     "unsloth-bitsandbytes-0.48.0",
-    "unsloth-grpo-trl-below-0.20",
 }
 
 
@@ -170,3 +169,34 @@ def test_rows_stay_quiet_on_a_matching_stack(pytester: pytest.Pytester, site: Pa
     write_dist(site, "numpy", "2.1.1")
     run = run_env(pytester, "--unsloth-checks=known-bad")
     assert run.outcomes == {"known-bad": "passed"}, run.text
+
+
+# Combinations no row may match (each comment says why they are fine).
+QUIET: dict[str, Dists] = {
+    # unsloth 2026.10.9 declares trl>=0.18.2,!=0.19.0,<=1.15.0: 0.19.1 is inside it.
+    "unsloth-2026.10.9-trl-0.19.1": [("unsloth", "2026.10.9", []), ("trl", "0.19.1", [])],
+    # The floor arrived in 2025.10.9; 2025.10.8 still declared trl>=0.7.9 (minus exclusions).
+    "unsloth-2025.10.8-trl-0.17.0": [("unsloth", "2025.10.8", []), ("trl", "0.17.0", [])],
+}
+
+
+@pytest.mark.parametrize("case", sorted(QUIET))
+def test_row_stays_quiet_where_upstream_allows_it(
+    pytester: pytest.Pytester, site: Path, case: str
+) -> None:
+    """Versions inside what the upstream release itself declares trigger no row."""
+    for name, version, requires in QUIET[case]:
+        write_dist(site, name, version, requires)
+    run = run_env(pytester, "--unsloth-checks=known-bad")
+    assert run.outcomes == {"known-bad": "passed"}, run.text
+
+
+def test_unsloth_trl_floor_fix_names_the_installed_unsloth(
+    pytester: pytest.Pytester, site: Path
+) -> None:
+    """The fix keeps pip inside unsloth's own windows and keeps torch where it is."""
+    for name, version, requires in SCENARIOS["unsloth-2025.10.9-trl-below-0.18.2"][0]:
+        write_dist(site, name, version, requires)
+    run = run_env(pytester, "--unsloth-checks=known-bad")
+    fix = run.text["known-bad"].split("fix:", 1)[1]
+    assert "pip install 'trl>=0.18.2,!=0.19.0' 'unsloth==2026.10.9' 'torch==2.11.0'" in fix

@@ -434,7 +434,8 @@ def check_known_bad(ctx: CheckContext) -> str:
             continue
         versions = _row_matches(ctx, row)
         if versions is not None:
-            hits.append((row["found"].format(**versions), row["why"], row["fix"], row["source"]))
+            found, fix = row["found"].format(**versions), row["fix"].format(**versions)
+            hits.append((found, row["why"], fix, row["source"]))
     if not hits:
         return f"none of {len(rows)} known-bad combinations matches"
     versions = ctx.inventory.versions()
