@@ -62,6 +62,11 @@ def _cuobjdump_sets(lib: Path) -> tuple[set[str], set[str], str]:
     return sm, ptx, fatal
 
 
+def _list_elf_name(sm: str) -> str:
+    """How ``cuobjdump --list-elf`` names a cubin: ``sm_100f`` is listed as ``sm_100``."""
+    return sm.removesuffix("f")
+
+
 @pytest.mark.skipif(CUOBJDUMP is None, reason="cuobjdump unavailable (pip nvidia-cuda-cuobjdump)")
 @pytest.mark.skipif(not _bnb_libs(), reason="bitsandbytes with compiled libraries not installed")
 def test_agrees_with_cuobjdump_on_every_bitsandbytes_library() -> None:
@@ -78,9 +83,9 @@ def test_agrees_with_cuobjdump_on_every_bitsandbytes_library() -> None:
         if fatal:
             # cuobjdump 13.x decompresses each cubin and gives up on some CUDA 12.1 builds
             # ("Invalid ELF") after listing the first; what it did list must still agree.
-            assert sm <= set(ours.sm) and ptx <= set(ours.ptx), (lib.name, fatal)
+            assert sm <= {_list_elf_name(n) for n in ours.sm} and ptx <= set(ours.ptx), fatal
         else:
-            assert (set(ours.sm), set(ours.ptx)) == (sm, ptx), lib.name
+            assert ({_list_elf_name(n) for n in ours.sm}, set(ours.ptx)) == (sm, ptx), lib.name
             agreed.append(lib.name)
         if archs.cuda_variant(str(lib)):
             assert ours.sm, lib.name  # each CUDA build carries cubins
@@ -115,7 +120,7 @@ def test_cuda_compatibility_rules(target: Target, capability: tuple[int, int], r
 @pytest.mark.parametrize(
     ("text", "cap"),
     [("sm_90", (9, 0)), ("SM_120", (12, 0)), ("compute_86", (8, 6)), ("9.0", (9, 0)),
-     ("12.1", (12, 1)), ("sm_90a", (9, 0))],
+     ("12.1", (12, 1)), ("sm_90a", (9, 0)), ("sm_100f", (10, 0)), ("sm_120f", (12, 0))],
 )  # fmt: skip
 def test_parse_capability(text: str, cap: tuple[int, int]) -> None:
     """The forms a user writes for a target GPU."""
@@ -147,6 +152,81 @@ def test_reads_arch_specific_ptx_and_several_containers(tmp_path: Path) -> None:
     assert got.how((9, 0)) == "cubin sm_90a"
     assert got.how((10, 0)).startswith("PTX compute_90")
     assert got.runs_on((8, 6)) and got.runs_on((12, 1))
+
+
+def test_reads_family_specific_cubins_and_ptx(tmp_path: Path) -> None:
+    """Flag 0x200000 is an ``f`` target (sm_100f, sm_120f) and gets the family rule."""
+    fat = _fatbin(
+        _entry(2, 90, 0x100011),
+        _entry(2, 100, archs.FLAG_FAMILY_SPECIFIC | 0x11),
+        _entry(2, 120, archs.FLAG_FAMILY_SPECIFIC | 0x11),
+        _entry(1, 100, archs.FLAG_FAMILY_SPECIFIC | 0x8011),
+    )
+    lib = tmp_path / "libf.so"
+    lib.write_bytes(_elf({".nv_fatbin": fat}))
+    got = archs.read_library(lib)
+    assert got.sm == ("sm_90a", "sm_100f", "sm_120f")
+    assert got.ptx == ("compute_100f",)
+    assert got.how((10, 3)) == "cubin sm_100f"  # B300: same family, higher minor
+    assert got.how((12, 1)) == "cubin sm_120f"  # DGX Spark
+    assert got.how((11, 0)) == "nothing"  # compute_100f is never JIT-compiled for 11.x
+    assert got.runs_on((9, 0))  # sm_90a serves exactly 9.0
+    assert not got.runs_on((8, 9))
+
+
+# Made with NVIDIA's tools from PyPI nvidia-cuda-nvcc 13.5.37 (no GPU needed): a PTX file with
+# one empty kernel (`.version 9.0`, `.target sm_100f` / `sm_120f`; `.version 8.0`, `.target
+# sm_90` for the Hopper pair), `ptxas -arch=sm_90|sm_90a|sm_100f|sm_120f k.ptx -o k_X.cubin`,
+# then `fatbinary --compress-all --create=family_targets.fatbin --image3=kind=elf,sm=90,file=...
+# --image3=kind=elf,sm=90a,... --image3=kind=elf,sm=100f,... --image3=kind=elf,sm=120f,...
+# --image3=kind=ptx,sm=100f,... --image3=kind=ptx,sm=100a,...`. 4.6 KB.
+FAMILY_SAMPLE = Path(__file__).parent / "data" / "family_targets.fatbin"
+
+
+def test_real_fatbinary_output_with_family_targets(tmp_path: Path) -> None:
+    """NVIDIA's fatbinary marks sm=100f/120f images with the flag the reader recognises."""
+    lib = tmp_path / "libsample.so"
+    lib.write_bytes(_elf({".nv_fatbin": FAMILY_SAMPLE.read_bytes()}))
+    got = archs.read_library(lib)
+    assert got.error is None and got.entries == 6
+    assert got.sm == ("sm_90", "sm_90a", "sm_100f", "sm_120f")
+    assert got.ptx == ("compute_100a", "compute_100f")
+    assert [got.how(c) for c in [(9, 0), (10, 0), (10, 3), (12, 0), (12, 1), (11, 0)]] == [
+        "cubin sm_90a",
+        "cubin sm_100f",
+        "cubin sm_100f",
+        "cubin sm_120f",
+        "cubin sm_120f",
+        "nothing",
+    ]
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest_unsloth.archs", "--json", str(lib)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert json.loads(run.stdout) == [
+        {
+            "path": str(lib),
+            "sm": ["sm_90", "sm_90a", "sm_100f", "sm_120f"],
+            "ptx": ["compute_100a", "compute_100f"],
+        }
+    ]
+
+
+@pytest.mark.skipif(CUOBJDUMP is None, reason="cuobjdump unavailable (pip nvidia-cuda-cuobjdump)")
+def test_family_sample_agrees_with_cuobjdump() -> None:
+    """cuobjdump -elf names each entry's arch with its a/f suffix; the reader agrees."""
+    assert CUOBJDUMP is not None
+    run = subprocess.run(
+        [CUOBJDUMP, "-elf", str(FAMILY_SAMPLE)], capture_output=True, text=True, timeout=60
+    )
+    listed = re.findall(r"^Fatbin (elf|ptx) code:\n=+\narch = sm_(\d+[af]?)$", run.stdout, re.M)
+    theirs = sorted(("sm_" if k == "elf" else "compute_") + a for k, a in listed)
+    data = FAMILY_SAMPLE.read_bytes()
+    ours = [t.name for t in archs.fatbin_entries(data, 0, len(data))]
+    assert theirs == sorted(ours), run.stdout[-2000:]
 
 
 def test_executable_section_wins_over_relocatable(tmp_path: Path) -> None:

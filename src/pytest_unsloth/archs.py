@@ -18,19 +18,31 @@ compressed, is skipped):
   header (u16 kind 1=PTX 2=cubin, u16 version, u32 header size, u64 padded payload size, ...,
   u32 arch at offset 28, e.g. 90 for 9.0, u64 flags at offset 40) followed by its payload.
   Flag 0x100000 marks an architecture-specific (``a``) target: on libcublasLt 12.9 exactly the
-  1375 entries cuobjdump lists as sm_90a carry it. Checked against NVIDIA's
-  ``cuobjdump --list-elf/--list-ptx`` (PyPI ``nvidia-cuda-cuobjdump``) in the tests.
+  1375 entries cuobjdump lists as sm_90a carry it. Flag 0x200000 marks a family-specific
+  (``f``) target: NVIDIA's own ``fatbinary`` (CUDA 13.5.37, PyPI ``nvidia-cuda-nvcc``) sets it
+  when a cubin or PTX image is given as ``sm=100f`` / ``sm=120f`` (for the same cubin given as
+  ``sm=100`` it is the only header bit that differs); ``cuobjdump -elf`` then prints
+  ``arch = sm_100f`` for the entry (``tests/data/family_targets.fatbin`` is that output).
+  ``cuobjdump --list-elf`` names such a cubin ``sm_100`` (it drops the ``f``; ``--list-ptx``
+  keeps it). Checked against NVIDIA's ``cuobjdump --list-elf/--list-ptx/-elf`` (PyPI
+  ``nvidia-cuda-cuobjdump``) in the tests.
 
 Compatibility rules (NVIDIA, Blackwell Compatibility Guide section 1.2,
 https://docs.nvidia.com/cuda/blackwell-compatibility-guide/ ; architecture- and family-specific
 targets: CUDA Programming Guide, "Feature Set Compiler Targets", and NVIDIA's blog "NVIDIA
 Blackwell and NVIDIA CUDA 12.9 Introduce Family-Specific Architecture Features",
-https://developer.nvidia.com/blog/ + that title in lower case joined by hyphens):
+https://developer.nvidia.com/blog/nvidia-blackwell-and-nvidia-cuda-12-9-introduce-family-specific-architecture-features/
+):
 
 * cubin ``sm_XY`` runs on compute capability X.Z with Z >= Y (same major, equal or higher minor);
 * PTX ``compute_XY`` is JIT-compiled by the driver for any X'.Y' >= X.Y;
 * ``sm_XYa`` / ``compute_XYa`` run only on exactly X.Y;
-* ``sm_XYf`` / ``compute_XYf`` run on the family: same major X, minor >= Y.
+* ``sm_XYf`` / ``compute_XYf`` run on the family: same major X, minor >= Y (sm_100f on 10.0 and
+  10.3, never on 11.x or 12.x; sm_120f on 12.0 and 12.1). Besides the guide and the blog, the
+  rule is stated by ptxas itself (CUDA 13.5 ``ptxas --help``, ``--gpu-name``): "PTX for .target
+  sm_XYf can be compiled to GPU targets sm_XZ, sm_XZf, sm_XZa where Z >= Y and sm_XY and sm_XZ
+  belong in same family"; ptxas 13.5 compiles ``.target sm_100f`` for sm_100/103/107 and
+  refuses sm_110/120/121, and ``.target sm_120f`` for sm_120/121 only.
 """
 
 from __future__ import annotations
@@ -52,6 +64,7 @@ _MAGIC_BYTES = struct.pack("<I", FATBIN_MAGIC)
 KIND_PTX = 1
 KIND_ELF = 2
 FLAG_ARCH_SPECIFIC = 0x100000
+FLAG_FAMILY_SPECIFIC = 0x200000
 EXEC_SECTION = ".nv_fatbin"
 REL_SECTION = "__nv_relfatbin"
 _SHARED_LIB_RE = re.compile(r"\.so(\.\d+)*$")
@@ -84,7 +97,12 @@ class Target:
     @classmethod
     def from_entry(cls, arch: int, kind: int, flags: int) -> Target:
         """The target of one fatbin entry (arch 90 -> 9.0, 121 -> 12.1)."""
-        suffix = "a" if flags & FLAG_ARCH_SPECIFIC else ""
+        if flags & FLAG_ARCH_SPECIFIC:
+            suffix = "a"
+        elif flags & FLAG_FAMILY_SPECIFIC:
+            suffix = "f"
+        else:
+            suffix = ""
         return cls(arch // 10, arch % 10, suffix, kind == KIND_PTX)
 
 
