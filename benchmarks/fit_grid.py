@@ -569,6 +569,14 @@ def child(point: dict[str, Any], device: str) -> dict[str, Any]:
     if cuda:
         torch.cuda.empty_cache()
     mark("lora")
+    if cuda and point.get("cap_bytes"):
+        # Cap what the caching allocator may reserve from here on (the CUDA context is not
+        # counted; loading is not capped: this script loads 16-bit weights before quantizing,
+        # which from_pretrained does not). When a step needs more, torch frees its cached
+        # blocks and retries, and raises OOM only if that is not enough: a point that completes
+        # under a cap needs no more than the cap.
+        _free, total = torch.cuda.mem_get_info()
+        torch.cuda.set_per_process_memory_fraction(point["cap_bytes"] / total)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     opt = make_optimizer(model, point)
     vocab = min(CONFIGS[point["model"]]["vocab_size"], 32000)
@@ -706,6 +714,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--deadline", type=float, default=520.0, help="seconds; no new point after")
     ap.add_argument("--timeout", type=float, default=240.0)
     ap.add_argument("--only", default=None, help="comma-separated grid indices")
+    ap.add_argument(
+        "--cap-gib",
+        type=float,
+        default=None,
+        help="cap what torch may reserve, in GiB, for every point (memory fraction)",
+    )
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--make-checkpoint", nargs=2, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -759,7 +773,8 @@ def main(argv: list[str] | None = None) -> int:
         ckpt_done.set()
 
     threading.Thread(target=prep, daemon=True).start()
-    pending = [(i, grid[i]) for i in chosen]
+    cap = {"cap_bytes": int(args.cap_gib * 2**30)} if args.cap_gib else {}
+    pending = [(i, {**grid[i], **cap}) for i in chosen]
     running_gib = [0.0]
     cond = threading.Condition()
     out = open(args.out, "a")  # noqa: SIM115

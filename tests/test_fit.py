@@ -80,7 +80,10 @@ HELD_OUT = [
 ]
 # generate's KV cache grows by torch.cat and the caching allocator keeps the outgrown blocks:
 # not modelled yet (README, "Held out").
-KNOWN_MISSES = {33: "+18.5 %: generate's reserved pool", 34: "-56 %: generate's reserved pool"}
+KNOWN_MISSES = {
+    33: "+18.5 %: the reference pass is over-counted",
+    34: "-56 %: the uncapped peak holds generate's cached, reclaimable KV blocks",
+}
 
 
 @pytest.mark.parametrize(
@@ -108,6 +111,40 @@ def test_held_out_points_are_new_settings_with_long_completions():
         assert json.dumps(settings_of(rec) | {"m": rec["model"]}, sort_keys=True) not in seen
     assert {1024, 2048} <= {r["max_completion_length"] for r in HELD_OUT}
     assert statistics.median(abs(_err(r)) for r in HELD_OUT) < 0.05
+
+
+CAPPED = [
+    json.loads(line) for line in (GRID.with_name("fit_capped.jsonl")).read_text().splitlines()
+]
+
+
+def _under_cap(rec: dict[str, Any]) -> pytest.ParameterSet:
+    miss = rec["index"] == 29  # OOM at its estimate: the estimate is 6 % under (README)
+    marks = [pytest.mark.xfail(strict=True, reason="#29 needs more than its estimate")] * miss
+    return pytest.param(rec, marks=marks, id=f"{rec['index']}-cap{rec['cap_bytes'] / 2**30:.2f}")
+
+
+@pytest.mark.parametrize("rec", [_under_cap(r) for r in CAPPED if r.get("cap_bytes")])
+def test_a_step_runs_under_a_cap_exactly_when_the_estimate_says_it_fits(rec: dict[str, Any]):
+    est = estimate_memory(rec["config"], **settings_of(rec))
+    # the caps were the estimates printed to two decimals of a GiB
+    says_fits = rec["cap_bytes"] >= est.total_bytes - est.parts["cuda_context"] - 2**30 / 200
+    assert rec["ok"] is says_fits, (rec["index"], rec.get("error", "")[-300:])
+    assert rec["ok"] or rec["oom"]  # a failure under a cap is an OOM, nothing else
+
+
+def test_fragmented_generate_point_fits_its_estimate_without_the_cached_blocks():
+    # Point 34 reserved 13.9 GiB uncapped (generate's outgrown KV blocks stay cached), ran under
+    # a cap of its estimate, failed at 80 % of it, and peaked near the estimate with
+    # expandable segments: the cached blocks are reclaimable, the estimate is the need.
+    by_cap = {r.get("cap_bytes", 0): r for r in CAPPED if r["index"] == 34}
+    est = estimate_memory(by_cap[0]["config"], **settings_of(by_cap[0]))
+    assert by_cap[0]["alloc_conf"] == "expandable_segments:True"
+    assert abs(by_cap[0]["peak_total"] / est.total_bytes - 1) <= BAND
+    ran = [r for cap, r in by_cap.items() if cap and r["ok"]]
+    failed = [r for cap, r in by_cap.items() if cap and not r["ok"]]
+    assert ran and failed and max(r["cap_bytes"] for r in failed) < min(r["cap_bytes"] for r in ran)
+    assert all(abs(r["peak_total"] / est.total_bytes - 1) <= 0.02 for r in ran)
 
 
 def test_gemma2_logit_softcap_counts_unless_the_config_turns_it_off():
