@@ -176,8 +176,8 @@ def _call(item: pytest.Item, action: Callable[[], T]) -> T:
     that one's traceback holds frames whose locals reference the model, and anything keeping
     the report's call info (pytester, some plugins) would keep the model alive.
     """
-    from pytest_unsloth.quiet import library_noise_silenced
-    from pytest_unsloth.scratch import torch_caches
+    from pytest_unsloth.util.quiet import library_noise_silenced
+    from pytest_unsloth.util.scratch import torch_caches
 
     problem = ""
     try:

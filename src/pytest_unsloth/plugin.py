@@ -16,8 +16,8 @@ _PLUGIN_MODULES = (
     ("unsloth-markers", "pytest_unsloth.markers"),
     ("unsloth-fixtures", "pytest_unsloth.fixtures"),
     ("unsloth-grpo-fixture", "pytest_unsloth.grpo.fixture"),
-    ("unsloth-scratch", "pytest_unsloth.scratch"),
-    ("unsloth-readable", "pytest_unsloth.readable"),
+    ("unsloth-scratch", "pytest_unsloth.util.scratch"),
+    ("unsloth-readable", "pytest_unsloth.util.readable"),
 )
 
 

@@ -74,7 +74,7 @@ def fingerprint_inputs(
     """Everything a probe result depends on (what the fingerprint hashes)."""
     from pytest_unsloth import __version__
     from pytest_unsloth.meta import Inventory
-    from pytest_unsloth.scratch import set_by_us
+    from pytest_unsloth.util.scratch import set_by_us
 
     env = os.environ if environ is None else environ
     packages = {

@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from pytest_unsloth.quiet import library_noise_silenced
-from pytest_unsloth.scratch import with_torch_caches
+from pytest_unsloth.util.quiet import library_noise_silenced
+from pytest_unsloth.util.scratch import with_torch_caches
 
 __all__ = ["DEFAULT_PROMPTS", "GrpoTrainerFactory", "grpo_trainer"]
 
