@@ -348,7 +348,7 @@ def loaded_4bit_model(
     unsloth_model_cache: ModelCache,
 ) -> Generator[LoadedModel, None, None]:
     """A 4-bit model and its tokenizer, loaded once per configuration; unpacks as model, tok."""
-    from pytest_unsloth.meta import require_installed
+    from pytest_unsloth.compat.distributions import require_installed
 
     require_installed(("torch", "transformers", "bitsandbytes"), "the loaded_4bit_model fixture")
     from pytest_unsloth.lora import describe_state_change, snapshot_state
@@ -405,8 +405,8 @@ def peft_model(
     unsloth_model_cache: ModelCache,
 ) -> Generator[Any, None, None]:
     """The 4-bit model with fresh LoRA adapters for this test (a PEFT model); removed after it."""
+    from pytest_unsloth.compat.distributions import require_installed
     from pytest_unsloth.lora import apply_lora, remove_lora
-    from pytest_unsloth.meta import require_installed
 
     require_installed(("peft",), "the peft_model fixture")
     item = request.node

@@ -893,7 +893,7 @@ def _validate(config: pytest.Config, settings: Settings) -> None:
                 "path. Fix: write 'package.module:function', e.g. 'rewards:format_reward'."
             )
     for arch in settings.target_arch:
-        from pytest_unsloth.archs import parse_capability
+        from pytest_unsloth.compat.archs import parse_capability
 
         try:
             parse_capability(arch)

@@ -86,7 +86,7 @@ class GrpoTrainerFactory:
         **config_overrides: Any,
     ) -> Any:
         """Check the setup (reward functions, config, length budget), then build a GRPOTrainer."""
-        from pytest_unsloth.meta import require_installed
+        from pytest_unsloth.compat.distributions import require_installed
 
         require_installed(("torch", "transformers", "trl", "datasets"), "grpo_trainer")
         self._explicit_backend = backend is not None

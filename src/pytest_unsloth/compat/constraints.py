@@ -16,18 +16,24 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pytest_unsloth.meta import STACK, Inventory, active_extras, canonical, format_specifier
+from pytest_unsloth.compat.distributions import (
+    STACK,
+    Distributions,
+    active_extras,
+    canonical,
+    format_specifier,
+)
 
 
 def _installed(name: str) -> bool:
-    from pytest_unsloth.meta import version_of
+    from pytest_unsloth.util.versions import version_of
 
     return version_of(name) is not None  # never raises, even on unreadable metadata
 
 
-def package_report(inv: Inventory) -> dict[str, dict[str, Any]]:
+def package_report(inv: Distributions) -> dict[str, dict[str, Any]]:
     """Per installed stack package: version, who requires it with which range, verdict."""
-    from pytest_unsloth.windows import read_windows
+    from pytest_unsloth.compat.windows import read_windows
 
     installed = {d.key: d for d in inv.installed()}
     out: dict[str, dict[str, Any]] = {
@@ -103,7 +109,9 @@ def constraints_text(all_packages: bool = False) -> str:
                 seen[canonical(name)] = f"{name}=={version}"
         pins = sorted(seen.values(), key=str.lower)
     else:
-        pins = [f"{d.name}=={d.version}" for d in Inventory.read(STACK).installed() if d.version]
+        pins = [
+            f"{d.name}=={d.version}" for d in Distributions.read(STACK).installed() if d.version
+        ]
     stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     head = [
         f"# pip constraints for the stack as installed ({sys.executable}), {stamp}",
