@@ -631,7 +631,7 @@ def with_memory(snap: NvmlSnapshot, fresh: Mapping[str, tuple[int, int, int]]) -
     )
 
 
-class Inventory:
+class GpuInventory:
     """A session-long NVML connection: devices enumerated once, memory re-read on demand.
 
     Markers and fixtures evaluate for every test; re-initialising NVML and re-enumerating each

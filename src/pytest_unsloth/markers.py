@@ -26,7 +26,7 @@ from pytest_unsloth.gpu import (
     GIB,
     GpuDevice,
     GpuInfo,
-    Inventory,
+    GpuInventory,
     NvmlSnapshot,
     format_gib,
 )
@@ -78,7 +78,7 @@ MARKER_HELP = {
 }
 MARKER_NAMES = frozenset(MARKER_HELP)
 
-INVENTORY_KEY = pytest.StashKey[Inventory]()
+INVENTORY_KEY = pytest.StashKey[GpuInventory]()
 # On a pinned xdist worker, a note for skip reasons: "xdist worker gw1 pinned to ...".
 PIN_KEY = pytest.StashKey[str]()
 # Per item: a requires_* marker or the gpu fixture skipped it (the report points at the test).
@@ -407,7 +407,7 @@ def _need_text(req: VramRequirement, need: str) -> str:
 class Evaluation:
     """One item's evaluation: one NVML memory read shared by all its markers."""
 
-    def __init__(self, item: pytest.Item, inventory: Inventory, pin: str | None) -> None:
+    def __init__(self, item: pytest.Item, inventory: GpuInventory, pin: str | None) -> None:
         self.item = item
         self.inventory = inventory
         self.pin = pin
@@ -603,10 +603,10 @@ def _requirements(item: pytest.Item) -> list[tuple[pytest.Mark, Requirement]]:
     return found
 
 
-def _inventory(config: pytest.Config) -> Inventory:
+def _inventory(config: pytest.Config) -> GpuInventory:
     inv = config.stash.get(INVENTORY_KEY, None)
     if inv is None:
-        inv = Inventory()
+        inv = GpuInventory()
         config.stash[INVENTORY_KEY] = inv
     return inv
 
