@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from types import ModuleType
 from typing import Any
 
-GIB = 1024**3
+from pytest_unsloth.util.units import GIB
 
 # ``nvmlDeviceGetMaxMigDeviceCount`` is at most 7 on current parts; guard against a driver bug
 # returning a huge number, since every slot is one NVML call.

@@ -23,18 +23,16 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from pytest_unsloth.gpu import (
-    GIB,
     GpuDevice,
     GpuInfo,
     GpuInventory,
     NvmlSnapshot,
     format_gib,
 )
+from pytest_unsloth.util.units import GIB, MIB
 
 if TYPE_CHECKING:
     from pytest_unsloth.probe import ProbeResult
-
-MIB = 1024**2
 
 # What a kernel name in requires_kernel really asks for, where "a working NAME" would mislead:
 # the torch probe runs a tensor op on each GPU, so a working CPU torch does not satisfy it.

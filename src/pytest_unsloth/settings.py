@@ -19,8 +19,9 @@ from typing import Any
 
 import pytest
 
+from pytest_unsloth.util.units import GIB
+
 GROUP = "unsloth"
-GIB = 1024**3
 MAX_BYTES = 1024**6
 # Bounds that keep user numbers inside what time.monotonic/select and C ints accept.
 MAX_SECONDS = 7 * 24 * 3600.0
