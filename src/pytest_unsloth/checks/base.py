@@ -188,7 +188,7 @@ class CheckContext:
         # On an xdist worker whose GPUs the plugin pinned: the environment the user gave pytest.
         self.machine_env: dict[str, str] | None = None
         if config is not None:
-            from pytest_unsloth.markers import machine_environ
+            from pytest_unsloth.pinning import machine_environ
 
             self.machine_env = machine_environ(config)
         # Probe results folded over every kind of GPU (machine view only), by probe name.
