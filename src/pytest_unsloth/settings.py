@@ -611,20 +611,18 @@ def _kind_of(value: object) -> str:
     """What a TOML value is, in the words of the TOML spec."""
     import datetime
 
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int):
-        return "an integer"
-    if isinstance(value, float):
-        return "a float"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, dict):
-        return "a table"
-    if isinstance(value, (datetime.date, datetime.time)):
-        return "a date/time"
+    kinds: tuple[tuple[type | tuple[type, ...], str], ...] = (
+        (bool, "a boolean"),  # before int: a bool is an int to isinstance
+        (int, "an integer"),
+        (float, "a float"),
+        (str, "a string"),
+        (list, "a list"),
+        (dict, "a table"),
+        ((datetime.date, datetime.time), "a date/time"),
+    )
+    for classes, kind in kinds:
+        if isinstance(value, classes):
+            return kind
     return f"a {type(value).__name__}"
 
 
