@@ -1,4 +1,4 @@
-"""Reading speed of the fatbin reader (``pytest_unsloth.archs``) on big CUDA libraries.
+"""Reading speed of the fatbin reader (``pytest_unsloth.compat.archs``) on big CUDA libraries.
 
 For each library: size, number of fatbin entries, median wall time of ``read_library`` over
 ``--runs`` reads (memory-mapped, headers only), and, when NVIDIA's cuobjdump is found, the
@@ -19,7 +19,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from pytest_unsloth import archs
+from pytest_unsloth.compat import archs
 
 
 def bench(path: Path, runs: int, cuobjdump: str | None) -> dict[str, object]:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 14 on the GPU machine: the fatbin reader (pytest_unsloth.archs) against torch's own arch
+# Issue 14 on the GPU machine: the fatbin reader (pytest_unsloth.compat.archs) against torch's own arch
 # list, NVIDIA's cuobjdump and the real libraries there (torch, its nvidia-* libraries,
 # bitsandbytes, triton), then the arch check with and without target architectures. Writes
 # everything under $OUT (archs.log plus JSON). Run from the repository root:
@@ -23,7 +23,7 @@ export PYTHONPATH=$REPO/src:/tmp/site HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PY
   echo "== reader vs torch.cuda.get_arch_list() and the visible GPUs"
   python3 - <<'PY'
 import torch
-from pytest_unsloth import archs
+from pytest_unsloth.compat import archs
 libs = [archs.read_library(p) for p in archs.distribution_libraries("torch")]
 cuda = [l for l in libs if l.has_cuda]
 torch_cuda = next((l for l in cuda if "libtorch_cuda" in l.path), None)

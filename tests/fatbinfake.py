@@ -6,7 +6,7 @@ import struct
 from collections.abc import Sequence
 from pathlib import Path
 
-from pytest_unsloth import archs
+from pytest_unsloth.compat import archs
 
 
 def entry(kind: int, arch: int, flags: int = 0x11, payload: bytes = b"\0" * 13) -> bytes:

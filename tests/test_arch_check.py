@@ -13,7 +13,7 @@ import pytest
 
 from distfake import write_dist
 from fatbinfake import write_extension
-from pytest_unsloth import archs
+from pytest_unsloth.compat import archs
 from test_env_scenarios import run_env
 
 BNB = {p.name: archs.read_library(p) for p in archs.distribution_libraries("bitsandbytes")}

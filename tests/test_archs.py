@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 from fatbinfake import elf as _elf
 from fatbinfake import entry as _entry
 from fatbinfake import fatbin as _fatbin
-from pytest_unsloth import archs
-from pytest_unsloth.archs import LibArchs, Target
+from pytest_unsloth.compat import archs
+from pytest_unsloth.compat.archs import LibArchs, Target
 
 
 def _cuobjdump() -> str | None:

@@ -12,8 +12,8 @@ import pytest
 from packaging.requirements import Requirement
 
 from distfake import write_dist
-from pytest_unsloth.constraints import main, package_report
-from pytest_unsloth.meta import Inventory
+from pytest_unsloth.compat.constraints import main, package_report
+from pytest_unsloth.compat.distributions import Distributions
 
 
 @pytest.fixture
@@ -33,7 +33,7 @@ def _drift(site: Path) -> None:
 def test_package_report_names_who_requires_what_and_the_verdict(site: Path) -> None:
     """trl 1.16.0 under unsloth's <=1.15.0: the verdict names unsloth and its range."""
     _drift(site)
-    report = package_report(Inventory.read())
+    report = package_report(Distributions.read())
     trl = report["trl"]
     assert trl["version"] == "1.16.0"
     assert {

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from distfake import write_dist
-from pytest_unsloth.meta import Dist, active_extras
-from pytest_unsloth.windows import find_window, read_windows
+from pytest_unsloth.compat.distributions import Dist, active_extras
+from pytest_unsloth.compat.windows import find_window, read_windows
 from test_env_scenarios import run_env
 
 needs_torch = pytest.mark.skipif(

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from distfake import write_dist
-from pytest_unsloth.meta import version_of
+from pytest_unsloth.util.versions import version_of
 
 
 def test_unsloth_not_installed_and_not_required_is_a_skip(pytester: pytest.Pytester) -> None:

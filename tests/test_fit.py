@@ -15,8 +15,8 @@ import pytest
 from pytest_unsloth.fit import accelerate_style, estimate_memory
 from pytest_unsloth.fit import vllm as vllm_sizing
 from pytest_unsloth.fit.arch import arch_from_config
-from pytest_unsloth.fit.estimate import GIB
 from pytest_unsloth.fit.plan import largest_fitting, what_fits
+from pytest_unsloth.util.units import GIB
 
 ROOT = Path(__file__).parent.parent
 GRID = ROOT / "tests" / "data" / "fit_grid.jsonl"

@@ -370,7 +370,7 @@ def test_cuda_version_str() -> None:
 
 def test_inventory_enumerates_once_and_rereads_memory(fake_nvml: Callable[..., Any]) -> None:
     handle = fake_nvml(gpus=[L4, T4])
-    inv = gpu.Inventory()
+    inv = gpu.GpuInventory()
     try:
         first = inv.snapshot(environ={})
         l4_uuid = first.visible[0].uuid
@@ -396,7 +396,7 @@ def test_inventory_enumerates_once_and_rereads_memory(fake_nvml: Callable[..., A
 
 def test_inventory_gpu_lost_later(fake_nvml: Callable[..., Any]) -> None:
     handle = fake_nvml(gpus=[L4])
-    inv = gpu.Inventory()
+    inv = gpu.GpuInventory()
     try:
         uuid = inv.snapshot().devices[0].uuid
         handle.update_gpu(0, errors={"nvmlDeviceGetMemoryInfo": "GpuIsLost"})
@@ -409,7 +409,7 @@ def test_inventory_gpu_lost_later(fake_nvml: Callable[..., Any]) -> None:
 
 def test_inventory_without_driver(fake_nvml: Callable[..., Any]) -> None:
     fake_nvml(no_driver=True)
-    inv = gpu.Inventory()
+    inv = gpu.GpuInventory()
     snap = inv.snapshot(memory_of=["GPU-x"], environ={"CUDA_VISIBLE_DEVICES": "0"})
     assert not snap.available
     assert snap.error == "NVML Shared Library Not Found"

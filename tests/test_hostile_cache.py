@@ -178,7 +178,7 @@ def test_hub_offline_stops_the_lookup_and_restores_the_users_setting(no_network)
     import huggingface_hub.constants
     from transformers import AutoTokenizer
 
-    from pytest_unsloth.offline import hub_offline
+    from pytest_unsloth.util.offline import hub_offline
 
     # (Whether the bare call looks up huggingface.co depends on what earlier tests in this
     # process loaded; test_length_budget_... below has the end-to-end control.)

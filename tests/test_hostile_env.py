@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from distfake import write_dist
-from pytest_unsloth.meta import version_of
+from pytest_unsloth.util.versions import version_of
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None
 IMPORT_ERROR_ENV = "PYTEST_UNSLOTH_FAKE_NVML_IMPORT_ERROR"
@@ -548,8 +548,8 @@ def test_stray_package_folder_on_pythonpath(
 
 
 def test_editable_install_is_not_a_stray(site: Path, tmp_path: Path) -> None:
-    from pytest_unsloth.meta import Inventory
-    from pytest_unsloth.shadow import find_shadows
+    from pytest_unsloth.compat.distributions import Distributions
+    from pytest_unsloth.compat.shadow import find_shadows
 
     # A dist-info whose own folder holds no code (an editable install points elsewhere) and a
     # code folder elsewhere on the path: not a shadow.
@@ -558,13 +558,13 @@ def test_editable_install_is_not_a_stray(site: Path, tmp_path: Path) -> None:
     (code / "unsloth").mkdir(parents=True)
     (code / "unsloth" / "__init__.py").write_text("", "utf-8")
     importlib.invalidate_caches()
-    found = find_shadows(Inventory.read(), [str(code), *sys.path])
+    found = find_shadows(Distributions.read(), [str(code), *sys.path])
     assert [s for s in found if s.module == "unsloth"] == []
     # The same folder ahead of a real copy is one.
     (site / "unsloth").mkdir()
     (site / "unsloth" / "__init__.py").write_text("", "utf-8")
     importlib.invalidate_caches()
-    found = find_shadows(Inventory.read(), [str(code), *sys.path])
+    found = find_shadows(Distributions.read(), [str(code), *sys.path])
     assert [(s.module, s.path) for s in found if s.module == "unsloth"] == [
         ("unsloth", str(code / "unsloth"))
     ]

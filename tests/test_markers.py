@@ -13,7 +13,7 @@ import pytest
 
 from distfake import write_dist
 from pytest_unsloth import markers
-from pytest_unsloth.gpu import GIB
+from pytest_unsloth.util.units import GIB
 
 # Hypothesis's pytest plugin imports hypothesis in every inline pytester run's terminal summary
 # (about 1.5 s), and pytester drops modules first imported during a run: import it once here so

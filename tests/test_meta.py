@@ -8,8 +8,8 @@ import pytest
 from packaging.specifiers import SpecifierSet
 
 from distfake import write_dist
-from pytest_unsloth.meta import (
-    Inventory,
+from pytest_unsloth.compat.distributions import (
+    Distributions,
     combined_specifier,
     format_specifier,
     obviously_empty,
@@ -58,7 +58,7 @@ def test_inventory_reads_fake_installs(tmp_path: Path, monkeypatch: pytest.Monke
         requires_python=">=3.9",
     )
     monkeypatch.syspath_prepend(str(site))
-    inv = Inventory.read(["unsloth-zoo"])
+    inv = Distributions.read(["unsloth-zoo"])
     dist = inv.get("unsloth_zoo")
     assert dist is not None
     assert (dist.name, dist.version, dist.requires_python) == ("Unsloth_Zoo", "2026.10.9", ">=3.9")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pytest_unsloth.quiet import library_noise_silenced
+from pytest_unsloth.util.quiet import library_noise_silenced
 
 USER_TESTS = """
 import warnings

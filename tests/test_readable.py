@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from pytest_unsloth.grpo import budget, config, jsonl, rewards
-from pytest_unsloth.readable import ReadableRepr, expand_message
+from pytest_unsloth.util.readable import ReadableRepr, expand_message
 
 REPORT_TYPES = [
     config.ConfigReport,

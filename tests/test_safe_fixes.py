@@ -14,7 +14,7 @@ import pytest
 from packaging.specifiers import SpecifierSet
 
 from distfake import write_dist
-from pytest_unsloth.meta import keep_in_place, keep_pins, safe_install_line
+from pytest_unsloth.compat.distributions import keep_in_place, keep_pins, safe_install_line
 from test_env_scenarios import run_env
 
 XFORMERS_0_0_28 = ["numpy", "torch==2.4.1"]

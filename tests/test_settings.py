@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pytest_unsloth.settings import GIB, parse_amount_bytes
+from pytest_unsloth.settings import parse_amount_bytes
+from pytest_unsloth.util.units import GIB
 
 
 @pytest.mark.parametrize(

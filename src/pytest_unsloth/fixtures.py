@@ -1,9 +1,13 @@
-"""Model fixtures: ``loaded_4bit_model``, ``peft_model`` and the pieces users override.
+"""The fixtures: ``gpu`` / ``gpus``, ``loaded_4bit_model``, ``peft_model``, pieces users override.
 
 Registered as a plugin by ``plugin.py`` at configure time; imports only the standard library and
 pytest at module level (the ML stack loads when a fixture is first used).
 
-Scopes, and why:
+``gpu`` / ``gpus`` read NVML when the test sets up (fixtures set up before them, such as a model
+load, change free memory) through the session's NVML connection the ``requires_*`` markers share,
+and skip the test when no GPU is usable, as a marker would.
+
+Scopes of the model fixtures, and why:
 
 * ``unsloth_model_cache`` (session) holds the loaded models, keyed by their load configuration,
   so twenty tests that use the same model pay for one load. At most one model is resident: a
@@ -34,6 +38,13 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import pytest
 
+from pytest_unsloth.gpu import GpuInfo
+from pytest_unsloth.markers import (
+    gpu_inventory,
+    skip_or_fail,
+    torch_cached_bytes,
+    visibility_problem,
+)
 from pytest_unsloth.models import (
     BACKENDS,
     DEFAULT_MODEL,
@@ -46,6 +57,7 @@ from pytest_unsloth.models import (
     import_order_problem,
     unsloth_installed,
 )
+from pytest_unsloth.pinning import PIN_KEY
 
 if TYPE_CHECKING:
     from pytest_unsloth.lora import LoraSettings
@@ -176,8 +188,8 @@ def _call(item: pytest.Item, action: Callable[[], T]) -> T:
     that one's traceback holds frames whose locals reference the model, and anything keeping
     the report's call info (pytester, some plugins) would keep the model alive.
     """
-    from pytest_unsloth.quiet import library_noise_silenced
-    from pytest_unsloth.scratch import torch_caches
+    from pytest_unsloth.util.quiet import library_noise_silenced
+    from pytest_unsloth.util.scratch import torch_caches
 
     problem = ""
     try:
@@ -289,7 +301,36 @@ def build_request(item: pytest.Item, settings: Settings, fixture_name: str | Non
     )
 
 
-# ----------------------------------------------------------------------------- fixtures
+# ----------------------------------------------------------------------------- gpu / gpus
+
+
+def _info_list(request: pytest.FixtureRequest) -> tuple[GpuInfo, ...]:
+    config = request.config
+    # Read when the fixture is set up: fixtures set up before it (a model load) change memory.
+    inv = gpu_inventory(config)
+    snap = inv.snapshot(memory_of=[d.uuid for d in inv.static().visible])
+    problem = visibility_problem(snap, config.stash.get(PIN_KEY, None))
+    if problem is not None:
+        skip_or_fail(request.node, f"no usable GPU: {problem}")
+    return tuple(
+        GpuInfo.from_device(d, snap, torch_cached_bytes=torch_cached_bytes(i))
+        for i, d in enumerate(snap.visible)
+    )
+
+
+@pytest.fixture
+def gpu(request: pytest.FixtureRequest) -> GpuInfo:
+    """The GPU this test runs on (cuda:0 as this process sees it), memory read now; else skip."""
+    return _info_list(request)[0]
+
+
+@pytest.fixture
+def gpus(request: pytest.FixtureRequest) -> tuple[GpuInfo, ...]:
+    """Every GPU visible to this process, in CUDA order, memory read now; skips without one."""
+    return _info_list(request)
+
+
+# ----------------------------------------------------------------------------- model fixtures
 
 
 @pytest.fixture
@@ -348,7 +389,7 @@ def loaded_4bit_model(
     unsloth_model_cache: ModelCache,
 ) -> Generator[LoadedModel, None, None]:
     """A 4-bit model and its tokenizer, loaded once per configuration; unpacks as model, tok."""
-    from pytest_unsloth.meta import require_installed
+    from pytest_unsloth.compat.distributions import require_installed
 
     require_installed(("torch", "transformers", "bitsandbytes"), "the loaded_4bit_model fixture")
     from pytest_unsloth.lora import describe_state_change, snapshot_state
@@ -405,8 +446,8 @@ def peft_model(
     unsloth_model_cache: ModelCache,
 ) -> Generator[Any, None, None]:
     """The 4-bit model with fresh LoRA adapters for this test (a PEFT model); removed after it."""
+    from pytest_unsloth.compat.distributions import require_installed
     from pytest_unsloth.lora import apply_lora, remove_lora
-    from pytest_unsloth.meta import require_installed
 
     require_installed(("peft",), "the peft_model fixture")
     item = request.node

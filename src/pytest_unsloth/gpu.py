@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from types import ModuleType
 from typing import Any
 
-GIB = 1024**3
+from pytest_unsloth.util.units import GIB
 
 # ``nvmlDeviceGetMaxMigDeviceCount`` is at most 7 on current parts; guard against a driver bug
 # returning a huge number, since every slot is one NVML call.
@@ -631,7 +631,7 @@ def with_memory(snap: NvmlSnapshot, fresh: Mapping[str, tuple[int, int, int]]) -
     )
 
 
-class Inventory:
+class GpuInventory:
     """A session-long NVML connection: devices enumerated once, memory re-read on demand.
 
     Markers and fixtures evaluate for every test; re-initialising NVML and re-enumerating each

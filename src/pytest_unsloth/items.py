@@ -126,8 +126,8 @@ class CheckItem(pytest.Item):
                 visible_gpus(ctx)
             run = chk.func if not chk.isolated else self._run_isolated
             if chk.source.startswith("pytest-unsloth"):
-                from pytest_unsloth.offline import hub_offline
-                from pytest_unsloth.scratch import torch_caches
+                from pytest_unsloth.util.offline import hub_offline
+                from pytest_unsloth.util.scratch import torch_caches
 
                 # Built-in checks load tokenizers and configs: never from the Hub unless
                 # allowed, and torch's cache folders not in $TMPDIR. Users' own checks keep

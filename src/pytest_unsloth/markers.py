@@ -1,4 +1,4 @@
-"""The ``requires_*`` markers, the ``gpu`` / ``gpus`` fixtures and xdist GPU pinning.
+"""The ``requires_*`` markers: their signatures and their evaluation.
 
 Registered as a plugin by ``plugin.py`` at configure time. Markers are validated by binding their
 arguments to small signature functions (a bad keyword names itself) and evaluated in a ``tryfirst``
@@ -15,7 +15,6 @@ import difflib
 import functools
 import inspect
 import math
-import os
 import sys
 from collections.abc import Callable, Generator, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -23,18 +22,16 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from pytest_unsloth.gpu import (
-    GIB,
     GpuDevice,
-    GpuInfo,
-    Inventory,
+    GpuInventory,
     NvmlSnapshot,
     format_gib,
 )
+from pytest_unsloth.pinning import PIN_KEY
+from pytest_unsloth.util.units import GIB, MIB
 
 if TYPE_CHECKING:
     from pytest_unsloth.probe import ProbeResult
-
-MIB = 1024**2
 
 # What a kernel name in requires_kernel really asks for, where "a working NAME" would mislead:
 # the torch probe runs a tensor op on each GPU, so a working CPU torch does not satisfy it.
@@ -78,18 +75,11 @@ MARKER_HELP = {
 }
 MARKER_NAMES = frozenset(MARKER_HELP)
 
-INVENTORY_KEY = pytest.StashKey[Inventory]()
-# On a pinned xdist worker, a note for skip reasons: "xdist worker gw1 pinned to ...".
-PIN_KEY = pytest.StashKey[str]()
+INVENTORY_KEY = pytest.StashKey[GpuInventory]()
 # Per item: a requires_* marker or the gpu fixture skipped it (the report points at the test).
 SKIPPED_HERE_KEY = pytest.StashKey[bool]()
 # Per session: id(mark) -> (mark, its requirement or the misuse message).
 VALIDATED_KEY = pytest.StashKey["dict[int, tuple[pytest.Mark, Requirement | str]]"]()
-WORKERINPUT_PIN = "unsloth_cuda_visible_devices"
-# The controller's own CUDA_VISIBLE_DEVICES ([value] or [] when unset), for the machine view.
-WORKERINPUT_MACHINE = "unsloth_machine_cuda_visible_devices"
-# On a worker the plugin pinned: the CUDA_VISIBLE_DEVICES the user gave pytest (None: unset).
-MACHINE_CVD_KEY = pytest.StashKey["str | None"]()
 
 
 class MarkerUsageError(Exception):
@@ -358,7 +348,7 @@ def _kernel_names(names: Iterable[object]) -> tuple[str, ...]:
 # Evaluation
 
 
-def _visibility_problem(snap: NvmlSnapshot, pin: str | None) -> str | None:
+def visibility_problem(snap: NvmlSnapshot, pin: str | None) -> str | None:
     """Why no GPU is usable here, or None when at least one is visible."""
     if not snap.available:
         hint = " (no NVIDIA driver here)" if snap.error == "NVML Shared Library Not Found" else ""
@@ -372,7 +362,7 @@ def _visibility_problem(snap: NvmlSnapshot, pin: str | None) -> str | None:
     return None
 
 
-def _torch_cached_bytes(cuda_index: int) -> int:
+def torch_cached_bytes(cuda_index: int) -> int:
     """Memory torch's caching allocator in this process holds but does not use on a device.
 
     NVML counts it as used, yet this process's next allocation gets it back. Read only when
@@ -407,7 +397,7 @@ def _need_text(req: VramRequirement, need: str) -> str:
 class Evaluation:
     """One item's evaluation: one NVML memory read shared by all its markers."""
 
-    def __init__(self, item: pytest.Item, inventory: Inventory, pin: str | None) -> None:
+    def __init__(self, item: pytest.Item, inventory: GpuInventory, pin: str | None) -> None:
         self.item = item
         self.inventory = inventory
         self.pin = pin
@@ -449,7 +439,7 @@ class Evaluation:
         gpu_reqs = [r for r in reqs if not isinstance(r, KernelRequirement)]
         if gpu_reqs:
             snap = self.read(gpu_reqs)
-            problem = _visibility_problem(snap, self.pin)
+            problem = visibility_problem(snap, self.pin)
             if problem is not None:
                 fits = [r for r in gpu_reqs if isinstance(r, FitRequirement)]
                 if fits:
@@ -500,7 +490,7 @@ class Evaluation:
             amounts = []
             for i, d in enumerate(visible):
                 total, free = self._memory(d)
-                amounts.append((free + _torch_cached_bytes(i)) if req.free else total)
+                amounts.append((free + torch_cached_bytes(i)) if req.free else total)
             have = sum(amounts)
             if have >= req.amount_bytes:
                 return None
@@ -525,7 +515,7 @@ class Evaluation:
         dev = visible[req.device]
         total, free = self._memory(dev)
         if req.free:
-            cached = _torch_cached_bytes(req.device)
+            cached = torch_cached_bytes(req.device)
             have = free + cached
         else:
             cached, have = 0, total
@@ -548,7 +538,7 @@ class Evaluation:
             )
         dev = visible[req.device]
         _total, free = self._memory(dev)
-        have = free + _torch_cached_bytes(req.device)
+        have = free + torch_cached_bytes(req.device)
         if have >= req.total_bytes:
             return None
         return f"{_fit_need(req)}, has {format_gib(have)} free on {dev.label}"
@@ -603,10 +593,11 @@ def _requirements(item: pytest.Item) -> list[tuple[pytest.Mark, Requirement]]:
     return found
 
 
-def _inventory(config: pytest.Config) -> Inventory:
+def gpu_inventory(config: pytest.Config) -> GpuInventory:
+    """The session's NVML connection, shared by the markers and the ``gpu`` fixtures."""
     inv = config.stash.get(INVENTORY_KEY, None)
     if inv is None:
-        inv = Inventory()
+        inv = GpuInventory()
         config.stash[INVENTORY_KEY] = inv
     return inv
 
@@ -617,7 +608,8 @@ def _strict(config: pytest.Config) -> bool:
     return get_settings(config).strict_skips
 
 
-def _skip_or_fail(item: pytest.Item, reason: str) -> None:
+def skip_or_fail(item: pytest.Item, reason: str) -> None:
+    """Skip the test for a missing resource (fail it under --unsloth-strict-skips)."""
     config = item.config
     item.stash[SKIPPED_HERE_KEY] = True
     if _strict(config):
@@ -631,7 +623,7 @@ def evaluate_item(item: pytest.Item) -> str | None:
     if not reqs:
         return None
     config = item.config
-    ev = Evaluation(item, _inventory(config), config.stash.get(PIN_KEY, None))
+    ev = Evaluation(item, gpu_inventory(config), config.stash.get(PIN_KEY, None))
     return ev.skip_reason([r for _, r in reqs])
 
 
@@ -640,63 +632,9 @@ def evaluate_item(item: pytest.Item) -> str | None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Register the markers' help lines; pin this xdist worker's GPUs; add the xdist hooks."""
+    """Register the markers' help lines (``pytest --markers`` shows them)."""
     for line in MARKER_HELP.values():
         config.addinivalue_line("markers", line)
-    workerinput = getattr(config, "workerinput", None)
-    if workerinput is not None and WORKERINPUT_PIN in workerinput:
-        # Normally already set by the gateway (spec env) before pytest started in the worker;
-        # set it again here for gateways that ignore it. CUDA reads it at initialisation only.
-        value, note = workerinput[WORKERINPUT_PIN]
-        os.environ["CUDA_VISIBLE_DEVICES"] = value
-        config.stash[PIN_KEY] = note
-        machine = workerinput.get(WORKERINPUT_MACHINE, [])
-        config.stash[MACHINE_CVD_KEY] = str(machine[0]) if machine else None
-    if config.pluginmanager.hasplugin("xdist"):
-        config.pluginmanager.register(XdistPinning(config), "unsloth-xdist")
-    elif workerinput is None:
-        _warn_pinning_without_xdist(config)
-
-
-def _config_warning(config: pytest.Config, warning: pytest.PytestConfigWarning) -> None:
-    """A config-time warning; under ``-W error`` a clean usage error instead of an INTERNALERROR."""
-    try:
-        config.issue_config_time_warning(warning, stacklevel=3)
-    except pytest.PytestConfigWarning as exc:
-        raise pytest.UsageError(f"pytest-unsloth: {exc}") from None
-
-
-def machine_environ(config: pytest.Config) -> dict[str, str] | None:
-    """The environment as the user gave it to pytest, where the plugin pinned this worker's GPUs.
-
-    Pinning narrows ``CUDA_VISIBLE_DEVICES`` for the user's tests; the environment checks describe
-    the machine, so they read this instead. None where nothing was pinned (use ``os.environ``).
-    """
-    if MACHINE_CVD_KEY not in config.stash:
-        return None
-    env = dict(os.environ)
-    machine = config.stash[MACHINE_CVD_KEY]
-    if machine is None:
-        env.pop("CUDA_VISIBLE_DEVICES", None)
-    else:
-        env["CUDA_VISIBLE_DEVICES"] = machine
-    return env
-
-
-def _warn_pinning_without_xdist(
-    config: pytest.Config, why: str = "without pytest-xdist (-p no:xdist or not installed)"
-) -> None:
-    from pytest_unsloth.settings import get_settings
-
-    settings = get_settings(config)
-    if settings.gpus_per_worker is not None:
-        _config_warning(
-            config,
-            pytest.PytestConfigWarning(
-                f"{settings.source('gpus_per_worker')}={settings.gpus_per_worker} has no effect "
-                f"{why}: nothing is pinned"
-            ),
-        )
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -711,7 +649,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     """Evaluate the requires_* markers before any fixture is set up."""
     reason = evaluate_item(item)
     if reason is not None:
-        _skip_or_fail(item, reason)
+        skip_or_fail(item, reason)
 
 
 @pytest.hookimpl(wrapper=True)
@@ -729,132 +667,3 @@ def pytest_runtest_makereport(
         path, line = item.reportinfo()[:2]
         rep.longrepr = (str(path), (line or 0) + 1, rep.longrepr[2])
     return rep
-
-
-# ----------------------------------------------------------------------------------------------
-# Fixtures
-
-
-def _info_list(request: pytest.FixtureRequest) -> tuple[GpuInfo, ...]:
-    config = request.config
-    # Read when the fixture is set up: fixtures set up before it (a model load) change memory.
-    inv = _inventory(config)
-    snap = inv.snapshot(memory_of=[d.uuid for d in inv.static().visible])
-    problem = _visibility_problem(snap, config.stash.get(PIN_KEY, None))
-    if problem is not None:
-        _skip_or_fail(request.node, f"no usable GPU: {problem}")
-    return tuple(
-        GpuInfo.from_device(d, snap, torch_cached_bytes=_torch_cached_bytes(i))
-        for i, d in enumerate(snap.visible)
-    )
-
-
-@pytest.fixture
-def gpu(request: pytest.FixtureRequest) -> GpuInfo:
-    """The GPU this test runs on (cuda:0 as this process sees it), memory read now; else skip."""
-    return _info_list(request)[0]
-
-
-@pytest.fixture
-def gpus(request: pytest.FixtureRequest) -> tuple[GpuInfo, ...]:
-    """Every GPU visible to this process, in CUDA order, memory read now; skips without one."""
-    return _info_list(request)
-
-
-# ----------------------------------------------------------------------------------------------
-# xdist
-
-
-def plan_pinning(snap: NvmlSnapshot, workers: int, per_worker: int) -> tuple[list[str], str | None]:
-    """``CUDA_VISIBLE_DEVICES`` for each of ``workers`` workers, and a warning when short.
-
-    Devices are named by ordinal when the controller sees CUDA's default enumeration, else by
-    UUID (so a controller's own CUDA_VISIBLE_DEVICES is honoured). Workers beyond the visible
-    GPUs get ``""`` (no GPU): sharing a GPU between workers is what pinning is meant to avoid.
-    """
-    visible = snap.visible
-    by_ordinal = snap.cuda_visible_devices is None
-    values: list[str] = []
-    for w in range(workers):
-        chunk = visible[w * per_worker : (w + 1) * per_worker]
-        if len(chunk) < per_worker:
-            chunk = ()
-        values.append(",".join(str(d.cuda_index) if by_ordinal else d.uuid for d in chunk))
-    warning = None
-    needed = workers * per_worker
-    if not snap.available:
-        warning = (
-            f"--unsloth-gpus-per-worker={per_worker}: cannot pin xdist workers, NVML is "
-            f"unavailable ({snap.error}); every worker gets no GPU"
-        )
-    elif len(visible) < needed:
-        starved = sum(1 for v in values if not v)
-        warning = (
-            f"--unsloth-gpus-per-worker={per_worker} with {workers} workers needs {needed} "
-            f"GPUs, {len(visible)} visible: {starved} worker(s) get none and their GPU tests "
-            f"skip. Fix: use -n {max(1, len(visible) // per_worker)}."
-        )
-    return values, warning
-
-
-class XdistPinning:
-    """xdist hooks (registered only when xdist is present): pin each worker to its own GPUs."""
-
-    def __init__(self, config: pytest.Config) -> None:
-        self.config = config
-        self.plan: dict[int, str] = {}
-        self.machine_cvd: list[str] = []
-
-    def _per_worker(self) -> int | None:
-        from pytest_unsloth.settings import get_settings
-
-        return get_settings(self.config).gpus_per_worker
-
-    @pytest.hookimpl(trylast=True)
-    def pytest_configure(self, config: pytest.Config) -> None:
-        """Warn when pinning is asked for but this run has no workers to pin."""
-        if getattr(config, "workerinput", None) is None and not config.getoption(
-            "numprocesses", None
-        ):
-            _warn_pinning_without_xdist(config, "without xdist workers (-n N)")
-
-    @pytest.hookimpl(optionalhook=True)
-    def pytest_xdist_setupnodes(self, config: pytest.Config, specs: Sequence[Any]) -> None:
-        """Plan the pinning and put it in each worker's environment before the worker starts."""
-        per_worker = self._per_worker()
-        if per_worker is None:
-            return
-        from pytest_unsloth.gpu import read_snapshot
-
-        machine = os.environ.get("CUDA_VISIBLE_DEVICES")
-        self.machine_cvd = [] if machine is None else [machine]
-        values, warning = plan_pinning(read_snapshot(), len(specs), per_worker)
-        if warning:
-            _config_warning(config, pytest.PytestConfigWarning(warning))
-        for index, (spec, value) in enumerate(zip(specs, values, strict=True)):
-            self.plan[index] = value
-            env = getattr(spec, "env", None)
-            if isinstance(env, dict):
-                # execnet sets these in the worker before it imports anything: earliest possible.
-                env["CUDA_VISIBLE_DEVICES"] = value
-
-    @pytest.hookimpl(optionalhook=True)
-    def pytest_configure_node(self, node: Any) -> None:
-        """Tell the worker its pinning (read back in its pytest_configure)."""
-        per_worker = self._per_worker()
-        if per_worker is None:
-            return
-        workerid = str(node.workerinput.get("workerid", ""))
-        try:
-            index = int(workerid.removeprefix("gw"))
-        except ValueError:
-            return
-        value = self.plan.get(index)
-        if value is None:
-            return
-        note = (
-            f"xdist worker {workerid} pinned to CUDA_VISIBLE_DEVICES={value!r} by "
-            f"--unsloth-gpus-per-worker={per_worker}"
-        )
-        node.workerinput[WORKERINPUT_PIN] = (value, note)
-        node.workerinput[WORKERINPUT_MACHINE] = list(self.machine_cvd)

@@ -349,7 +349,7 @@ def load_4bit(
     request: ModelRequest, *, tiny_cache_dir: str | os.PathLike[str] | None = None
 ) -> LoadedModel:
     """Load ``request`` in 4-bit with the chosen backend and verify the result."""
-    from pytest_unsloth.offline import hub_offline
+    from pytest_unsloth.util.offline import hub_offline
 
     # Our load must not reach the Hub unless downloads are allowed (issue 11).
     with hub_offline(request.allow_download):

@@ -14,10 +14,11 @@ import pytest
 # Modules registered as plugins at configure time: their fixtures, markers and hooks.
 _PLUGIN_MODULES = (
     ("unsloth-markers", "pytest_unsloth.markers"),
+    ("unsloth-pinning", "pytest_unsloth.pinning"),
     ("unsloth-fixtures", "pytest_unsloth.fixtures"),
     ("unsloth-grpo-fixture", "pytest_unsloth.grpo.fixture"),
-    ("unsloth-scratch", "pytest_unsloth.scratch"),
-    ("unsloth-readable", "pytest_unsloth.readable"),
+    ("unsloth-scratch", "pytest_unsloth.util.scratch"),
+    ("unsloth-readable", "pytest_unsloth.util.readable"),
 )
 
 

@@ -437,7 +437,7 @@ class ProbeStore:
         return self._nvml
 
     def _not_applicable(self, name: str, pin: Pin | None = None) -> ProbeResult | None:
-        from pytest_unsloth.meta import version_of
+        from pytest_unsloth.util.versions import version_of
 
         dist = PROBE_DISTS[name]
         if version_of(dist) is None:

@@ -73,12 +73,13 @@ def fingerprint_inputs(
 ) -> dict[str, Any]:
     """Everything a probe result depends on (what the fingerprint hashes)."""
     from pytest_unsloth import __version__
-    from pytest_unsloth.meta import Inventory
-    from pytest_unsloth.scratch import set_by_us
+    from pytest_unsloth.compat.distributions import Distributions
+    from pytest_unsloth.util.scratch import set_by_us
 
     env = os.environ if environ is None else environ
     packages = {
-        d.key: [d.version, d.location, *_record_stamp(d.path)] for d in Inventory.read().installed()
+        d.key: [d.version, d.location, *_record_stamp(d.path)]
+        for d in Distributions.read().installed()
     }
     return {
         "plugin": __version__,

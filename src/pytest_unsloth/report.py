@@ -15,8 +15,8 @@ import pytest
 from pytest_unsloth.items import PROPERTY, get_context
 
 if TYPE_CHECKING:
+    from pytest_unsloth.compat.distributions import Distributions
     from pytest_unsloth.gpu import NvmlSnapshot
-    from pytest_unsloth.meta import Inventory
 
 SCHEMA = "pytest-unsloth/1"
 STATUS_WORD = {"passed": "passed", "failed": "FAILED", "skipped": "skipped", "error": "ERROR"}
@@ -25,7 +25,7 @@ STATUS_WORD = {"passed": "passed", "failed": "FAILED", "skipped": "skipped", "er
 def header_line() -> str:
     """One line: GPUs, driver, torch, CUDA; from NVML and metadata only (no torch import)."""
     from pytest_unsloth.gpu import read_snapshot
-    from pytest_unsloth.meta import version_of
+    from pytest_unsloth.util.versions import version_of
 
     version = version_of("torch")
     torch = "not installed" if version is None else version or "(unreadable metadata)"
@@ -115,7 +115,7 @@ class Reporter:
             for more in lines[1:]:
                 tr.line(f"{'':<{width + 9}}{more}")
         if self.config.get_verbosity() > 0 and not hasattr(self.config, "workerinput"):
-            from pytest_unsloth.constraints import package_report, report_lines
+            from pytest_unsloth.compat.constraints import package_report, report_lines
 
             tr.write_sep("-", "unsloth packages: version, required by, verdict")
             try:
@@ -215,7 +215,7 @@ def _age(seconds: float) -> str:
 
 
 def build_json(
-    records: list[dict[str, Any]], exitstatus: int, inv: Inventory, nvml: NvmlSnapshot
+    records: list[dict[str, Any]], exitstatus: int, inv: Distributions, nvml: NvmlSnapshot
 ) -> dict[str, Any]:
     """The JSON report (schema documented in README.md)."""
     from pytest_unsloth import __version__
@@ -261,9 +261,9 @@ def build_json(
     }
 
 
-def _compatibility(inv: Inventory) -> dict[str, Any]:
+def _compatibility(inv: Distributions) -> dict[str, Any]:
     """Per package: version, who requires it with which range, verdict (issue 14)."""
-    from pytest_unsloth.constraints import package_report
+    from pytest_unsloth.compat.constraints import package_report
 
     try:
         return package_report(inv)

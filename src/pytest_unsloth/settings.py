@@ -19,8 +19,9 @@ from typing import Any
 
 import pytest
 
+from pytest_unsloth.util.units import GIB
+
 GROUP = "unsloth"
-GIB = 1024**3
 MAX_BYTES = 1024**6
 # Bounds that keep user numbers inside what time.monotonic/select and C ints accept.
 MAX_SECONDS = 7 * 24 * 3600.0
@@ -84,10 +85,15 @@ def _float(text: str) -> float:
         raise ValueError(f"{_show(text)} is not a number") from None
 
 
+def _must_be(text: str, ok: bool, what: str) -> None:
+    """Raise the parsers' one error shape: "'x' is not WHAT"."""
+    if not ok:
+        raise ValueError(f"{_show(text)} is not {what}")
+
+
 def _positive_float(text: str) -> float:
     value = _float(text)
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{_show(text)} is not a positive number")
+    _must_be(text, math.isfinite(value) and value > 0, "a positive number")
     if value > MAX_SECONDS:
         # subprocess/select overflow on huge timeouts ("timestamp too large").
         raise ValueError(f"{_show(text)} is more than a week ({MAX_SECONDS:.0f} s)")
@@ -96,8 +102,7 @@ def _positive_float(text: str) -> float:
 
 def _non_negative_float(text: str) -> float:
     value = _float(text)
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{_show(text)} is not a non-negative number")
+    _must_be(text, math.isfinite(value) and value >= 0, "a non-negative number")
     return value + 0.0  # -0.0 becomes 0.0
 
 
@@ -106,8 +111,7 @@ def _positive_int(text: str) -> int:
         value = int(text)
     except ValueError:
         raise ValueError(f"{_show(text)} is not a whole number") from None
-    if value < 1:
-        raise ValueError(f"{_show(text)} is not a positive integer")
+    _must_be(text, value >= 1, "a positive integer")
     if value > MAX_INT:
         raise ValueError(f"{_show(text)} is too large (at most {MAX_INT})")
     return value
@@ -115,8 +119,7 @@ def _positive_int(text: str) -> int:
 
 def _fraction(text: str) -> float:
     value = _float(text)
-    if not 0 < value <= 1:
-        raise ValueError(f"{_show(text)} is not a fraction in (0, 1]")
+    _must_be(text, 0 < value <= 1, "a fraction in (0, 1]")
     return value
 
 
@@ -175,18 +178,43 @@ def _split_words(text: str) -> tuple[str, ...]:
 # Option table: one row per setting, used for addoption/addini and for resolution.
 
 
+# What a row that states no default gets, by kind: a flag is off, a list or a table is empty,
+# a single value is unset.
+_KIND_DEFAULTS: Mapping[str, Any] = MappingProxyType(
+    {
+        "value": None,
+        "flag": False,
+        "args": (),
+        "linelist": (),
+        "table": MappingProxyType({}),
+    }
+)
+_BY_KIND: Any = object()
+
+
 @dataclasses.dataclass(frozen=True)
 class Option:
-    """One setting: its field, CLI flag and ini key (either may be absent), parser and help."""
+    """One setting: its field, CLI flag and ini key (either may be absent), parser and help.
+
+    A row states what is particular to it; the rest follows from its kind. ``table``: 'key =
+    value' lines or a TOML table, read into a mapping. A flag's ini key reads true or false.
+    """
 
     field: str
     help: str
     ini: str | None = None
     cli: str | None = None
-    kind: str = "value"  # value | flag | linelist | args
+    kind: str = "value"  # value | flag | linelist | args | table
     parse: Callable[[str], Any] | None = None
     what: str = "a value"
-    default: Any = None
+    default: Any = _BY_KIND
+
+    def __post_init__(self) -> None:
+        if self.default is _BY_KIND:
+            object.__setattr__(self, "default", _KIND_DEFAULTS[self.kind])
+        if self.kind == "flag" and self.ini:
+            object.__setattr__(self, "parse", _bool)
+            object.__setattr__(self, "what", "true or false")
 
 
 OPTIONS: tuple[Option, ...] = (
@@ -195,7 +223,6 @@ OPTIONS: tuple[Option, ...] = (
         "run the environment checks as unsloth-env::NAME items",
         cli="--unsloth-env",
         kind="flag",
-        default=False,
     ),
     Option(
         "require",
@@ -203,14 +230,12 @@ OPTIONS: tuple[Option, ...] = (
         ini="unsloth_require",
         cli="--unsloth-require",
         kind="args",
-        default=(),
     ),
     Option(
         "pins",
         "extra pins to enforce, PEP 440 requirement strings (one per line)",
         ini="unsloth_pins",
         kind="linelist",
-        default=(),
     ),
     Option(
         "checks",
@@ -218,7 +243,6 @@ OPTIONS: tuple[Option, ...] = (
         ini="unsloth_checks",
         cli="--unsloth-checks",
         kind="args",
-        default=(),
     ),
     Option(
         "probe_timeout",
@@ -251,9 +275,6 @@ OPTIONS: tuple[Option, ...] = (
         ini="unsloth_require_gpu",
         cli="--unsloth-require-gpu",
         kind="flag",
-        parse=_bool,
-        what="true or false",
-        default=False,
     ),
     Option(
         "strict_skips",
@@ -261,9 +282,6 @@ OPTIONS: tuple[Option, ...] = (
         ini="unsloth_strict_skips",
         cli="--unsloth-strict-skips",
         kind="flag",
-        parse=_bool,
-        what="true or false",
-        default=False,
     ),
     Option(
         "gpus_per_worker",
@@ -318,9 +336,6 @@ OPTIONS: tuple[Option, ...] = (
         ini="unsloth_allow_download",
         cli="--unsloth-allow-download",
         kind="flag",
-        parse=_bool,
-        what="true or false",
-        default=False,
     ),
     Option(
         "import_first",
@@ -328,9 +343,6 @@ OPTIONS: tuple[Option, ...] = (
         ini="unsloth_import_first",
         cli="--unsloth-import-first",
         kind="flag",
-        parse=_bool,
-        what="true or false",
-        default=False,
     ),
     Option(
         "lora_r",
@@ -376,7 +388,6 @@ OPTIONS: tuple[Option, ...] = (
         "reward functions to check, as import paths pkg.module:func",
         ini="unsloth_reward_funcs",
         kind="args",
-        default=(),
     ),
     Option(
         "dataset",
@@ -403,15 +414,13 @@ OPTIONS: tuple[Option, ...] = (
         "grpo_config",
         "GRPOConfig settings to validate, one 'key = value' per line",
         ini="unsloth_grpo_config",
-        kind="linelist",
-        default=MappingProxyType({}),
+        kind="table",
     ),
     Option(
         "reprobe",
         "ignore remembered probe results and probe again",
         cli="--unsloth-reprobe",
         kind="flag",
-        default=False,
     ),
     Option(
         "probe_cache_max_age_hours",
@@ -456,7 +465,6 @@ OPTIONS: tuple[Option, ...] = (
         ini="unsloth_target_arch",
         cli="--unsloth-target-arch",
         kind="args",
-        default=(),
     ),
     Option(
         "fit_target_gib",
@@ -471,55 +479,61 @@ OPTIONS: tuple[Option, ...] = (
         "extra settings for the fit estimate, one 'key = value' per line (task, stack, "
         "load_in_4bit, optim, per_device_train_batch_size, ...)",
         ini="unsloth_fit_settings",
-        kind="linelist",
-        default=MappingProxyType({}),
+        kind="table",
     ),
 )
 
 
+def _from_table(field: str) -> Any:
+    """A ``Settings`` field whose default is the one its row in ``OPTIONS`` gives."""
+    default = next(opt.default for opt in OPTIONS if opt.field == field)
+    if type(default).__hash__ is None:  # a mapping: read-only, but dataclasses refuse it as is
+        return dataclasses.field(default_factory=lambda: default)
+    return dataclasses.field(default=default)
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """The plugin's resolved configuration (see ``OPTIONS`` for what each field means)."""
+    """The plugin's resolved configuration (see ``OPTIONS`` for what each field means).
 
-    env: bool = False
-    require: tuple[str, ...] = ()
-    pins: tuple[str, ...] = ()
-    checks: tuple[str, ...] = ()
-    probe_timeout: float = 300.0
-    min_free_vram_gib: float | None = None
-    report_path: str | None = None
-    require_gpu: bool = False
-    strict_skips: bool = False
-    gpus_per_worker: int | None = None
-    model: str | None = None
-    max_seq_length: int = 256
-    dtype: str | None = None
-    fast_inference: bool = False
-    gpu_memory_utilization: float = 0.5
-    allow_download: bool = False
-    import_first: bool = False
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.0
-    lora_target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
-    gradient_checkpointing: str = "unsloth"
-    reward_funcs: tuple[str, ...] = ()
-    dataset: str | None = None
-    dataset_schema: str | None = None
-    tokenizer: str | None = None
-    grpo_config: Mapping[str, object] = dataclasses.field(
-        default_factory=lambda: MappingProxyType({})
-    )
-    reprobe: bool = False
-    probe_cache_max_age_hours: float = 24.0
-    min_shm_gib: float = 1.0
-    min_free_disk_gib: float = 10.0
-    nccl_timeout: float = 60.0
-    target_arch: tuple[str, ...] = ()
-    fit_target_gib: float | None = None
-    fit_settings: Mapping[str, object] = dataclasses.field(
-        default_factory=lambda: MappingProxyType({})
-    )
+    Defaults come from ``OPTIONS``; a field here only names the setting and its type.
+    """
+
+    env: bool = _from_table("env")
+    require: tuple[str, ...] = _from_table("require")
+    pins: tuple[str, ...] = _from_table("pins")
+    checks: tuple[str, ...] = _from_table("checks")
+    probe_timeout: float = _from_table("probe_timeout")
+    min_free_vram_gib: float | None = _from_table("min_free_vram_gib")
+    report_path: str | None = _from_table("report_path")
+    require_gpu: bool = _from_table("require_gpu")
+    strict_skips: bool = _from_table("strict_skips")
+    gpus_per_worker: int | None = _from_table("gpus_per_worker")
+    model: str | None = _from_table("model")
+    max_seq_length: int = _from_table("max_seq_length")
+    dtype: str | None = _from_table("dtype")
+    fast_inference: bool = _from_table("fast_inference")
+    gpu_memory_utilization: float = _from_table("gpu_memory_utilization")
+    allow_download: bool = _from_table("allow_download")
+    import_first: bool = _from_table("import_first")
+    lora_r: int = _from_table("lora_r")
+    lora_alpha: int = _from_table("lora_alpha")
+    lora_dropout: float = _from_table("lora_dropout")
+    lora_target_modules: tuple[str, ...] = _from_table("lora_target_modules")
+    gradient_checkpointing: str = _from_table("gradient_checkpointing")
+    reward_funcs: tuple[str, ...] = _from_table("reward_funcs")
+    dataset: str | None = _from_table("dataset")
+    dataset_schema: str | None = _from_table("dataset_schema")
+    tokenizer: str | None = _from_table("tokenizer")
+    grpo_config: Mapping[str, object] = _from_table("grpo_config")
+    reprobe: bool = _from_table("reprobe")
+    probe_cache_max_age_hours: float = _from_table("probe_cache_max_age_hours")
+    min_shm_gib: float = _from_table("min_shm_gib")
+    min_free_disk_gib: float = _from_table("min_free_disk_gib")
+    nccl_timeout: float = _from_table("nccl_timeout")
+    target_arch: tuple[str, ...] = _from_table("target_arch")
+    fit_target_gib: float | None = _from_table("fit_target_gib")
+    fit_settings: Mapping[str, object] = _from_table("fit_settings")
     sources: Mapping[str, str] = dataclasses.field(
         default_factory=lambda: MappingProxyType({}), compare=False, repr=False
     )
@@ -569,6 +583,7 @@ def addoptions(parser: pytest.Parser) -> None:
                 "value": "string",
                 "linelist": "linelist",
                 "args": "args",
+                "table": "linelist",
             }[opt.kind]
             parser.addini(opt.ini, opt.help, type=ini_type, default=None)  # type: ignore[arg-type]
 
@@ -596,25 +611,23 @@ def _kind_of(value: object) -> str:
     """What a TOML value is, in the words of the TOML spec."""
     import datetime
 
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int):
-        return "an integer"
-    if isinstance(value, float):
-        return "a float"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, dict):
-        return "a table"
-    if isinstance(value, (datetime.date, datetime.time)):
-        return "a date/time"
+    kinds: tuple[tuple[type | tuple[type, ...], str], ...] = (
+        (bool, "a boolean"),  # before int: a bool is an int to isinstance
+        (int, "an integer"),
+        (float, "a float"),
+        (str, "a string"),
+        (list, "a list"),
+        (dict, "a table"),
+        ((datetime.date, datetime.time), "a date/time"),
+    )
+    for classes, kind in kinds:
+        if isinstance(value, classes):
+            return kind
     return f"a {type(value).__name__}"
 
 
 def _what(opt: Option) -> str:
-    if opt.field in ("grpo_config", "fit_settings"):
+    if opt.kind == "table":
         return "'key = value' lines (a TOML list of strings, or a table)"
     if opt.kind == "args":
         return "names separated by spaces or commas (or a TOML list of strings)"
@@ -632,7 +645,11 @@ def _fix_where(config: pytest.Config, key: str, where: str) -> str:
 
 
 def _ini_error(
-    config: pytest.Config, opt: Option, raw: object, problem: str, where: str | None = None
+    config: pytest.Config,
+    opt: Option,
+    raw: object,
+    problem: str,
+    where: str | None = None,
 ) -> pytest.UsageError:
     assert opt.ini is not None
     where = where or _ini_where(config, opt.ini)
@@ -769,7 +786,7 @@ def _grpo_value(text: str) -> object:
     return text if _BARE_WORD.match(text) else _MISSING
 
 
-def _parse_grpo(
+def _parse_table(
     config: pytest.Config, opt: Option, raw: object, where: str
 ) -> Mapping[str, object]:
     """``unsloth_grpo_config`` / ``unsloth_fit_settings``: 'key = value' lines, or a TOML table."""
@@ -817,8 +834,8 @@ def _parse_grpo(
 
 def _convert(config: pytest.Config, opt: Option, raw: object, where: str) -> Any:
     """One ini value to the field's type, or a usage error naming key, value, source and fix."""
-    if opt.field in ("grpo_config", "fit_settings"):
-        return _parse_grpo(config, opt, raw, where)
+    if opt.kind == "table":
+        return _parse_table(config, opt, raw, where)
     if opt.kind == "args":
         words = _strings(config, opt, raw, where)
         return tuple(w for item in words for w in _split_words(item))
@@ -893,7 +910,7 @@ def _validate(config: pytest.Config, settings: Settings) -> None:
                 "path. Fix: write 'package.module:function', e.g. 'rewards:format_reward'."
             )
     for arch in settings.target_arch:
-        from pytest_unsloth.archs import parse_capability
+        from pytest_unsloth.compat.archs import parse_capability
 
         try:
             parse_capability(arch)

@@ -13,8 +13,8 @@ if TYPE_CHECKING:
     import pytest
 
     from pytest_unsloth.checks.per_gpu import GpuGroup
+    from pytest_unsloth.compat.distributions import Dist, Distributions
     from pytest_unsloth.gpu import NvmlSnapshot
-    from pytest_unsloth.meta import Dist, Inventory
     from pytest_unsloth.probe import Pin, ProbeResult, ProbeStore
     from pytest_unsloth.settings import Settings
 
@@ -183,12 +183,12 @@ class CheckContext:
         self.settings = settings
         self.rootpath = rootpath
         self._lock = threading.Lock()
-        self._inventory: Inventory | None = None
+        self._inventory: Distributions | None = None
         self._nvml: NvmlSnapshot | None = None
         # On an xdist worker whose GPUs the plugin pinned: the environment the user gave pytest.
         self.machine_env: dict[str, str] | None = None
         if config is not None:
-            from pytest_unsloth.markers import machine_environ
+            from pytest_unsloth.pinning import machine_environ
 
             self.machine_env = machine_environ(config)
         # Probe results folded over every kind of GPU (machine view only), by probe name.
@@ -197,13 +197,13 @@ class CheckContext:
         self._causes_lock = threading.Lock()
 
     @property
-    def inventory(self) -> Inventory:
+    def inventory(self) -> Distributions:
         """Installed distributions of the stack (metadata only, nothing imported)."""
         with self._lock:
             if self._inventory is None:
-                from pytest_unsloth.meta import Inventory
+                from pytest_unsloth.compat.distributions import Distributions
 
-                self._inventory = Inventory.read(extra=self.settings.require)
+                self._inventory = Distributions.read(extra=self.settings.require)
             return self._inventory
 
     def dist(self, name: str) -> Dist | None:

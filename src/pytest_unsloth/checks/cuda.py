@@ -10,14 +10,13 @@ from typing import TYPE_CHECKING, Any
 
 from pytest_unsloth.checks.base import CheckContext, CheckFailed, CheckSkipped
 from pytest_unsloth.probe import stderr_summary
+from pytest_unsloth.util.units import GIB
 
 if TYPE_CHECKING:
-    from pytest_unsloth.archs import Gap, LibArchs
+    from pytest_unsloth.compat.archs import Gap, LibArchs
+    from pytest_unsloth.compat.shadow import Shadow
     from pytest_unsloth.gpu import GpuDevice
     from pytest_unsloth.probe import ProbeResult
-    from pytest_unsloth.shadow import Shadow
-
-GIB = 1024**3
 
 
 def _gib(n: int) -> str:
@@ -136,8 +135,8 @@ def check_cuda(ctx: CheckContext) -> str:
 
 
 def _stray(ctx: CheckContext, name: str) -> Shadow | None:
-    """A stray module hiding the installed ``name`` (see pytest_unsloth.shadow), or None."""
-    from pytest_unsloth.shadow import find_shadow
+    """A stray module hiding the installed ``name`` (see pytest_unsloth.compat.shadow), or None."""
+    from pytest_unsloth.compat.shadow import find_shadow
 
     dist = ctx.dist(name)
     return find_shadow(dist) if dist is not None else None
@@ -233,7 +232,7 @@ def stack_archs(ctx: CheckContext) -> dict[str, list[LibArchs]]:
 
     Reading is header-only and fast; the cache spares walking every RECORD on repeated runs.
     """
-    from pytest_unsloth import archs
+    from pytest_unsloth.compat import archs
 
     names = sorted({d.name for d in ctx.inventory.installed()})
     cache = ctx.probes.cache if ctx.config is not None else None
@@ -262,14 +261,14 @@ def stack_archs(ctx: CheckContext) -> dict[str, list[LibArchs]]:
 
 
 def _arch_targets(ctx: CheckContext) -> list[tuple[str, tuple[int, int]]]:
-    from pytest_unsloth.archs import parse_capability
+    from pytest_unsloth.compat.archs import parse_capability
 
     where = ctx.settings.source("target_arch")
     return [(f"target {t} ({where})", parse_capability(t)) for t in ctx.settings.target_arch]
 
 
 def _gap_line(gap: Gap, versions: dict[str, str]) -> str:
-    from pytest_unsloth.archs import sm_name
+    from pytest_unsloth.compat.archs import sm_name
 
     lib = gap.lib
     carries = f"cubins {' '.join(lib.sm) or 'none'}; PTX {' '.join(lib.ptx) or 'none'}"
@@ -281,7 +280,7 @@ def _gap_line(gap: Gap, versions: dict[str, str]) -> str:
 
 def check_extension_archs(ctx: CheckContext, gpus: tuple[GpuDevice, ...]) -> str:
     """Every compiled extension of the stack carries code for each GPU and each target arch."""
-    from pytest_unsloth import archs
+    from pytest_unsloth.compat import archs
 
     targets = [(g.label, g.capability) for g in gpus] + _arch_targets(ctx)
     scanned = stack_archs(ctx)

@@ -9,7 +9,7 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 from pytest_unsloth.checks.base import CheckContext, CheckFailed, CheckSkipped
-from pytest_unsloth.meta import (
+from pytest_unsloth.compat.distributions import (
     KEEP_IN_PLACE,
     STACK,
     Dist,
@@ -108,7 +108,7 @@ def check_packages(ctx: CheckContext) -> str:
             "pip uninstall the stale copy (or remove it from PYTHONPATH/--target "
             "folders) so that one version of each package remains"
         )
-    from pytest_unsloth.shadow import find_shadows
+    from pytest_unsloth.compat.shadow import find_shadows
 
     strays = find_shadows(inv)
     if strays:
@@ -128,7 +128,7 @@ def check_packages(ctx: CheckContext) -> str:
 
 
 def _installed(name: str) -> bool:
-    from pytest_unsloth.meta import version_of
+    from pytest_unsloth.util.versions import version_of
 
     return version_of(name) is not None
 
@@ -318,7 +318,7 @@ def check_user_pins(ctx: CheckContext) -> str:
 
 def load_known_bad() -> list[dict[str, Any]]:
     """Rows of ``known_bad.json``."""
-    text = resources.files("pytest_unsloth").joinpath("known_bad.json").read_text("utf-8")
+    text = resources.files("pytest_unsloth.compat").joinpath("known_bad.json").read_text("utf-8")
     rows: list[dict[str, Any]] = json.loads(text)["rows"]
     return rows
 
@@ -449,14 +449,14 @@ def check_known_bad(ctx: CheckContext) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# Supported windows kept in installed source (pytest_unsloth.windows).
+# Supported windows kept in installed source (pytest_unsloth.compat.windows).
 
 
 def check_windows(ctx: CheckContext) -> str:
     """Installed versions sit inside the supported windows their dependents keep in code."""
     from packaging.specifiers import SpecifierSet
 
-    from pytest_unsloth.windows import read_windows
+    from pytest_unsloth.compat.windows import read_windows
 
     windows = read_windows()
     if not windows:

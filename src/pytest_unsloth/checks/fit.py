@@ -23,7 +23,7 @@ def _breakdown(est: Any) -> str:
 
 def fit_check(ctx: CheckContext) -> str | None:
     """Estimate the step's peak memory and compare it with free GPU memory or the fit target."""
-    from pytest_unsloth.fit.estimate import GIB, estimate_memory
+    from pytest_unsloth.fit.estimate import estimate_memory
     from pytest_unsloth.fit.plan import (
         describe_fits,
         find_config,
@@ -31,6 +31,7 @@ def fit_check(ctx: CheckContext) -> str | None:
         settings_for_estimate,
         what_fits,
     )
+    from pytest_unsloth.util.units import GIB
 
     st = ctx.settings
     if not st.model:

@@ -10,7 +10,7 @@ from pytest_unsloth.checks.install import install_keeping_torch
 from pytest_unsloth.probe import PROBE_DISTS, stderr_summary
 
 if TYPE_CHECKING:
-    from pytest_unsloth.shadow import Shadow
+    from pytest_unsloth.compat.shadow import Shadow
 
 # Why a broken kernel matters, and the usual repair, per probe.
 WHY: dict[str, tuple[str, str]] = {
@@ -54,7 +54,7 @@ WHY: dict[str, tuple[str, str]] = {
 
 
 def _stray(ctx: CheckContext, dist_name: str) -> Shadow | None:
-    from pytest_unsloth.shadow import find_shadow
+    from pytest_unsloth.compat.shadow import find_shadow
 
     dist = ctx.dist(dist_name)
     return find_shadow(dist) if dist is not None else None

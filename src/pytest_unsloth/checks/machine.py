@@ -20,8 +20,7 @@ from typing import Any
 
 from pytest_unsloth.checks.base import CheckContext, CheckFailed, CheckSkipped
 from pytest_unsloth.checks.nccl import launcher_vars
-
-GIB = 1024**3
+from pytest_unsloth.util.units import GIB
 
 
 def _ldconfig() -> str:

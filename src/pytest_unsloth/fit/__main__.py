@@ -8,9 +8,10 @@ import json
 import sys
 from typing import Any
 
-from pytest_unsloth.fit.estimate import ALIASES, DEFAULTS, GIB, estimate_memory
+from pytest_unsloth.fit.estimate import ALIASES, DEFAULTS, estimate_memory
 from pytest_unsloth.fit.plan import describe_fits, find_config, what_fits
 from pytest_unsloth.settings import parse_amount_bytes
+from pytest_unsloth.util.units import GIB
 
 
 def _value(text: str) -> Any:

@@ -19,9 +19,7 @@ from typing import Any
 
 from pytest_unsloth.fit import vllm as vllm_sizing
 from pytest_unsloth.fit.arch import Arch, arch_from_config, lora_modules
-
-GIB = 1024**3
-MIB = 1024**2
+from pytest_unsloth.util.units import GIB, MIB
 
 DTYPE_BYTES = {
     "bfloat16": 2,

@@ -7,7 +7,8 @@ import pathlib
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from pytest_unsloth.fit.estimate import GIB, MemoryEstimate, estimate_memory
+from pytest_unsloth.fit.estimate import MemoryEstimate, estimate_memory
+from pytest_unsloth.util.units import GIB
 
 if TYPE_CHECKING:
     from pytest_unsloth.settings import Settings

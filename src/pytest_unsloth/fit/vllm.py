@@ -23,10 +23,11 @@ import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from pytest_unsloth.util.units import GIB
+
 if TYPE_CHECKING:
     from pytest_unsloth.fit.arch import Arch
 
-GIB = 1024**3
 BLOCK_SIZE = 16  # vLLM's default cache block (tokens)
 KV_DTYPE_BYTES = 2  # bf16/fp16 KV cache; unsloth counts float8 as 1.25
 

@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from pytest_unsloth.quiet import library_noise_silenced
-from pytest_unsloth.scratch import with_torch_caches
+from pytest_unsloth.util.quiet import library_noise_silenced
+from pytest_unsloth.util.scratch import with_torch_caches
 
 __all__ = ["DEFAULT_PROMPTS", "GrpoTrainerFactory", "grpo_trainer"]
 
@@ -86,7 +86,7 @@ class GrpoTrainerFactory:
         **config_overrides: Any,
     ) -> Any:
         """Check the setup (reward functions, config, length budget), then build a GRPOTrainer."""
-        from pytest_unsloth.meta import require_installed
+        from pytest_unsloth.compat.distributions import require_installed
 
         require_installed(("torch", "transformers", "trl", "datasets"), "grpo_trainer")
         self._explicit_backend = backend is not None

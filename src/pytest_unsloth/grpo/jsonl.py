@@ -11,7 +11,7 @@ from collections import Counter
 from typing import Any
 
 from pytest_unsloth.grpo.problems import Problem
-from pytest_unsloth.readable import ReadableRepr
+from pytest_unsloth.util.readable import ReadableRepr
 
 __all__ = ["SCHEMAS", "JsonlReport", "LineProblem", "check_jsonl"]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from pytest_unsloth.readable import ReadableRepr
+from pytest_unsloth.util.readable import ReadableRepr
 
 Severity = Literal["error", "warning", "info"]
 

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 from pytest_unsloth.grpo.problems import Problem, errors, installed_version, shorten
-from pytest_unsloth.readable import ReadableRepr
+from pytest_unsloth.util.readable import ReadableRepr
 
 __all__ = [
     "FuncResult",

@@ -8,6 +8,8 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING
 
+from pytest_unsloth.util.versions import version_of
+
 if TYPE_CHECKING:
     from packaging.requirements import Requirement
     from packaging.specifiers import SpecifierSet
@@ -111,13 +113,13 @@ def _read(dist: md.Distribution, wanted: str) -> Dist:
 
 
 @dataclasses.dataclass(frozen=True)
-class Inventory:
+class Distributions:
     """The stack's distributions as installed: the first on sys.path wins, later ones shadow."""
 
     dists: Mapping[str, tuple[Dist, ...]]
 
     @classmethod
-    def read(cls, names: Iterable[str] = STACK, extra: Iterable[str] = ()) -> Inventory:
+    def read(cls, names: Iterable[str] = STACK, extra: Iterable[str] = ()) -> Distributions:
         """Look up each name on sys.path (about 1 ms each)."""
         found: dict[str, tuple[Dist, ...]] = {}
         for name in dict.fromkeys([*names, *extra]):
@@ -162,21 +164,6 @@ def require_installed(names: Iterable[str], who: str) -> None:
             f"not installed here. Fix: pip install {' '.join(missing)}",
             pytrace=False,
         )
-
-
-def version_of(name: str) -> str | None:
-    """Installed version of one distribution, or None (metadata only).
-
-    ``""`` when it is installed but its METADATA is unreadable or has no Version (the packages
-    check reports that); never raises.
-    """
-    try:
-        version = md.version(name)
-    except md.PackageNotFoundError:
-        return None
-    except Exception:  # METADATA that is not UTF-8, a folder where a file should be, ...
-        return ""
-    return str(version) if version else ""
 
 
 # ----------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from pytest_unsloth.meta import Dist, Inventory
+    from pytest_unsloth.compat.distributions import Dist, Distributions
 
 # Distributions whose import name is not their canonical name with '-' -> '_'.
 IMPORT_NAMES: dict[str, str] = {"nvidia-ml-py": "pynvml"}
@@ -102,7 +102,7 @@ def find_shadow(dist: Dist, path: list[str] | None = None) -> Shadow | None:
     return Shadow(name, where, dist.name, dist.version, dist.location)
 
 
-def find_shadows(inv: Inventory, path: list[str] | None = None) -> list[Shadow]:
+def find_shadows(inv: Distributions, path: list[str] | None = None) -> list[Shadow]:
     """Every installed stack package hidden by a stray module, in stack order."""
     search = search_path() if path is None else path
     out = []
