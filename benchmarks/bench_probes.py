@@ -13,7 +13,7 @@ import argparse
 import json
 import time
 
-from pytest_unsloth.probe import PROBE_NAMES, ProbeStore
+from pytest_unsloth.probes.runner import PROBE_NAMES, ProbeStore
 from pytest_unsloth.settings import Settings
 
 

@@ -32,7 +32,7 @@ from pytest_unsloth.gpu import (
 )
 
 if TYPE_CHECKING:
-    from pytest_unsloth.probe import ProbeResult
+    from pytest_unsloth.probes.runner import ProbeResult
 
 MIB = 1024**2
 
@@ -330,7 +330,7 @@ def _fit_requirement(model: object, device: object, settings: dict[str, Any]) ->
 
 
 def _kernel_names(names: Iterable[object]) -> tuple[str, ...]:
-    from pytest_unsloth.probe import PROBE_NAMES
+    from pytest_unsloth.probes.runner import PROBE_NAMES
 
     names = tuple(names)
     if not names:
@@ -554,7 +554,7 @@ class Evaluation:
         return f"{_fit_need(req)}, has {format_gib(have)} free on {dev.label}"
 
     def _kernel_reason(self, names: Sequence[str]) -> str | None:
-        from pytest_unsloth.probe import get_probe_store
+        from pytest_unsloth.probes.runner import get_probe_store
 
         store = get_probe_store(self.item.config)
         store.start(names)  # all at once: they run concurrently

@@ -9,12 +9,12 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from pytest_unsloth.checks.base import CheckContext, CheckFailed, CheckSkipped
-from pytest_unsloth.probe import stderr_summary
+from pytest_unsloth.probes.runner import stderr_summary
 
 if TYPE_CHECKING:
     from pytest_unsloth.archs import Gap, LibArchs
     from pytest_unsloth.gpu import GpuDevice
-    from pytest_unsloth.probe import ProbeResult
+    from pytest_unsloth.probes.runner import ProbeResult
     from pytest_unsloth.shadow import Shadow
 
 GIB = 1024**3

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from pytest_unsloth.checks.base import CheckContext, CheckFailed, CheckSkipped
 from pytest_unsloth.checks.install import install_keeping_torch
-from pytest_unsloth.probe import PROBE_DISTS, stderr_summary
+from pytest_unsloth.probes.runner import PROBE_DISTS, stderr_summary
 
 if TYPE_CHECKING:
     from pytest_unsloth.shadow import Shadow

@@ -26,7 +26,7 @@ import pytest
 
 if TYPE_CHECKING:
     from pytest_unsloth.gpu import NvmlSnapshot
-    from pytest_unsloth.probe_cache import ProbeCache
+    from pytest_unsloth.probes.cache import ProbeCache
     from pytest_unsloth.settings import Settings
 
 # Probe name -> the distribution whose presence makes it applicable.
@@ -568,7 +568,7 @@ def get_probe_store(config: pytest.Config) -> ProbeStore:
     """The session's probe store, created on first use."""
     store = config.stash.get(PROBE_STORE_KEY, None)
     if store is None:
-        from pytest_unsloth.probe_cache import make_cache
+        from pytest_unsloth.probes.cache import make_cache
         from pytest_unsloth.settings import get_settings
 
         settings = get_settings(config)

@@ -26,7 +26,7 @@ import pytest
 
 if TYPE_CHECKING:
     from pytest_unsloth.gpu import NvmlSnapshot
-    from pytest_unsloth.probe import ProbeResult
+    from pytest_unsloth.probes.runner import ProbeResult
     from pytest_unsloth.settings import Settings
 
 # Variables that change what a probe child finds or does.
@@ -204,7 +204,7 @@ class ProbeCache:
     def lock(self, name: str) -> Iterator[None]:
         """Serialise probing NAME across processes sharing this cache (terminals, workers);
         a lock that cannot be taken turns the cache off instead of failing the probe."""
-        from pytest_unsloth.probe import file_lock
+        from pytest_unsloth.probes.runner import file_lock
 
         with contextlib.ExitStack() as stack:
             if self.unusable is None:
@@ -220,7 +220,7 @@ class ProbeCache:
 
     def lookup(self, name: str) -> ProbeResult | None:
         """A fresh passing result for this fingerprint, else None."""
-        from pytest_unsloth.probe import ProbeResult
+        from pytest_unsloth.probes.runner import ProbeResult
 
         if self.reprobe or self.max_age <= 0 or self.unusable is not None:
             return None
@@ -260,7 +260,7 @@ class ProbeCache:
 
     def store(self, result: ProbeResult, key: str | None = None) -> None:
         """Remember a passing result (under ``key``, default its name); forget a failure."""
-        from pytest_unsloth.probe import write_json_atomic
+        from pytest_unsloth.probes.runner import write_json_atomic
 
         if self.unusable is not None or result.status == "skipped":
             return
