@@ -21,7 +21,7 @@ from pytest_unsloth.checks.base import (
 )
 
 if TYPE_CHECKING:
-    from pytest_unsloth.probes.runner import ProbeResult
+    from pytest_unsloth.probes.protocol import ProbeResult
 
 PREFIX = "unsloth-env"
 PROPERTY = "unsloth_check"

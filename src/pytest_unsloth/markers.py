@@ -32,7 +32,7 @@ from pytest_unsloth.gpu import (
 )
 
 if TYPE_CHECKING:
-    from pytest_unsloth.probes.runner import ProbeResult
+    from pytest_unsloth.probes.protocol import ProbeResult
 
 MIB = 1024**2
 

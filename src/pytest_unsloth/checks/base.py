@@ -15,7 +15,8 @@ if TYPE_CHECKING:
     from pytest_unsloth.checks.per_gpu import GpuGroup
     from pytest_unsloth.gpu import NvmlSnapshot
     from pytest_unsloth.meta import Dist, Inventory
-    from pytest_unsloth.probes.runner import Pin, ProbeResult, ProbeStore
+    from pytest_unsloth.probes.protocol import ProbeResult
+    from pytest_unsloth.probes.runner import Pin, ProbeStore
     from pytest_unsloth.settings import Settings
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")

@@ -14,7 +14,7 @@ from pytest_unsloth.probes.runner import stderr_summary
 if TYPE_CHECKING:
     from pytest_unsloth.archs import Gap, LibArchs
     from pytest_unsloth.gpu import GpuDevice
-    from pytest_unsloth.probes.runner import ProbeResult
+    from pytest_unsloth.probes.protocol import ProbeResult
     from pytest_unsloth.shadow import Shadow
 
 GIB = 1024**3

@@ -26,7 +26,7 @@ from pytest_unsloth.probes import stage
 
 if TYPE_CHECKING:
     from pytest_unsloth.grpo.problems import Problem
-    from pytest_unsloth.probes.runner import ProbeResult
+    from pytest_unsloth.probes.protocol import ProbeResult
     from pytest_unsloth.settings import Settings
 
 __all__ = ["dataset_check", "grpo_config_check", "length_budget_check", "reward_funcs_check"]
@@ -490,7 +490,7 @@ class _ChildRuns:
             try:
                 result = _run_child(name, ctx)
             except Exception as exc:  # a bug here must fail one check, not the session
-                from pytest_unsloth.probes.runner import ProbeResult
+                from pytest_unsloth.probes.protocol import ProbeResult
 
                 result = ProbeResult(f"grpo-{name}", "error", f"{type(exc).__name__}: {exc}")
             self.results[name] = result
