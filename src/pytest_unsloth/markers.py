@@ -30,6 +30,7 @@ from pytest_unsloth.gpu import (
     NvmlSnapshot,
     format_gib,
 )
+from pytest_unsloth.probes.table import KERNEL_HELP_NAMES
 
 if TYPE_CHECKING:
     from pytest_unsloth.probes.protocol import ProbeResult
@@ -53,7 +54,7 @@ MARKER_HELP = {
     ),
     "requires_kernel": (
         "requires_kernel(*names): skip unless every named kernel probe passes here (names: "
-        "bitsandbytes, triton, flash-attn, xformers, unsloth, vllm, torch, nccl); every probe "
+        f"{KERNEL_HELP_NAMES}); every probe "
         "runs on the GPU, so 'torch' means torch runs a CUDA tensor op (a CPU-only machine "
         "skips); each probe runs once per session in a subprocess, with the probe's own message "
         "as the skip reason. "
@@ -330,7 +331,7 @@ def _fit_requirement(model: object, device: object, settings: dict[str, Any]) ->
 
 
 def _kernel_names(names: Iterable[object]) -> tuple[str, ...]:
-    from pytest_unsloth.probes.runner import PROBE_NAMES
+    from pytest_unsloth.probes.table import PROBE_NAMES
 
     names = tuple(names)
     if not names:

@@ -24,28 +24,13 @@ from typing import TYPE_CHECKING
 import pytest
 
 from pytest_unsloth.probes.protocol import MARK, Output, ProbeResult, parse
+from pytest_unsloth.probes.table import PROBE_DISTS, PROBE_MIN_GPUS, PROBE_NAMES
 from pytest_unsloth.util.files import file_lock, read_json, write_json_atomic
 
 if TYPE_CHECKING:
     from pytest_unsloth.gpu import NvmlSnapshot
     from pytest_unsloth.probes.cache import ProbeCache
     from pytest_unsloth.settings import Settings
-
-# Probe name -> the distribution whose presence makes it applicable.
-PROBE_DISTS: dict[str, str] = {
-    "torch": "torch",
-    "bitsandbytes": "bitsandbytes",
-    "triton": "triton",
-    "flash-attn": "flash-attn",
-    "xformers": "xformers",
-    "unsloth": "unsloth",
-    "vllm": "vllm",
-    "nccl": "torch",
-}
-# Probes that need more than one visible GPU (skipped with the count otherwise).
-PROBE_MIN_GPUS: dict[str, int] = {"nccl": 2}
-PROBE_NAMES: tuple[str, ...] = tuple(PROBE_DISTS)
-KERNEL_PROBES: tuple[str, ...] = tuple(n for n in PROBE_NAMES if n != "torch")
 
 STDERR_TAIL = 1500
 # Variables a probe child gets so it never blocks on the Hub and reports crashes readably.
