@@ -1,9 +1,12 @@
-"""Kernel probes: each in its own ``python -m pytest_unsloth.probes NAME`` child with a timeout.
+"""The parent side of the probes: each in its own ``python -m pytest_unsloth.probes NAME`` child
+with a timeout, and the session's ``ProbeStore``.
 
 The pytest process never imports torch or touches CUDA. Probes run concurrently, at most once
 per session, and once per xdist run (workers share results through a locked run directory).
 A probe that hangs is killed (its whole process group) and reported with the stage it reached;
 one that dies by a signal is reported with the signal's name and the tail of its stderr.
+``run_subprocess`` starts the child (``_spawn``), reads it to the end (``_collect``) and turns
+what happened into a result (``report``, reading stdout with ``protocol.parse``).
 """
 
 from __future__ import annotations
