@@ -98,7 +98,7 @@ def _rank_env(
 
 
 def _watch(procs: Sequence[subprocess.Popen[str]], deadline: float) -> bool:
-    """Wait until every rank exits, one fails, or the deadline passes (True: it passed)."""
+    """Wait until every rank exits, one fails, or the deadline passes (True: timed out)."""
     while True:
         codes = [p.poll() for p in procs]
         if all(c is not None for c in codes):
