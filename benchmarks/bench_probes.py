@@ -13,7 +13,8 @@ import argparse
 import json
 import time
 
-from pytest_unsloth.probe import PROBE_NAMES, ProbeStore
+from pytest_unsloth.probes.runner import ProbeStore
+from pytest_unsloth.probes.table import PROBE_NAMES
 from pytest_unsloth.settings import Settings
 
 

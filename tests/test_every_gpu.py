@@ -18,7 +18,8 @@ import pytest
 from distfake import write_dist
 from pytest_unsloth.checks.per_gpu import GpuGroup, combine, gpu_groups
 from pytest_unsloth.gpu import read_snapshot
-from pytest_unsloth.probe import Pin, ProbeResult
+from pytest_unsloth.probes.protocol import ProbeResult
+from pytest_unsloth.probes.runner import Pin
 
 pytest.importorskip("xdist")
 

@@ -251,7 +251,7 @@ def test_two_copies_one_broken_and_a_nameless_dist_info(
 
 def test_missing_or_garbage_record_keeps_the_probe_fingerprint(site: Path) -> None:
     from pytest_unsloth.gpu import read_snapshot
-    from pytest_unsloth.probe_cache import fingerprint, fingerprint_inputs
+    from pytest_unsloth.probes.cache import fingerprint, fingerprint_inputs
 
     raw_dist(site, "trl-1.0.dist-info", b"Name: trl\nVersion: 1.0\n", record=None)
     raw_dist(site, "peft-1.0.dist-info", b"Name: peft\nVersion: 1.0\n", record="dir")

@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from distfake import write_dist
-from pytest_unsloth.probe import PIPE_GRACE_S, ProbeResult, run_subprocess
+from pytest_unsloth.probes.protocol import ProbeResult
+from pytest_unsloth.probes.runner import PIPE_GRACE_S, run_subprocess
 
 SRC = str(Path(__file__).parents[1] / "src")
 H100 = {"name": "NVIDIA H100 80GB HBM3", "capability": [9, 0], "total_gib": 79.6, "free_gib": 79.0}

@@ -675,7 +675,8 @@ def test_strict_skips_gpu_fixture_without_gpu(
 
 FAKE_STORE_CONFTEST = """
     import pytest
-    from pytest_unsloth.probe import PROBE_STORE_KEY, ProbeResult
+    from pytest_unsloth.probes.runner import PROBE_STORE_KEY
+    from pytest_unsloth.probes.protocol import ProbeResult
 
     class FakeStore:
         def __init__(self):

@@ -16,8 +16,9 @@ import pytest
 
 from pytest_unsloth.checks import nccl as nccl_check
 from pytest_unsloth.checks.base import CheckContext, CheckFailed, CheckSkipped
-from pytest_unsloth.probe import ProbeResult, ProbeStore
 from pytest_unsloth.probes import nccl
+from pytest_unsloth.probes.protocol import ProbeResult
+from pytest_unsloth.probes.runner import ProbeStore
 from pytest_unsloth.settings import Settings
 
 needs_torch = pytest.mark.skipif(

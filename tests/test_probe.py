@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from distfake import write_dist
-from pytest_unsloth.probe import ProbeStore, run_probe, run_subprocess, stderr_summary
+from pytest_unsloth.probes.runner import ProbeStore, run_probe, run_subprocess, stderr_summary
 from pytest_unsloth.settings import Settings
 
 H100 = {"name": "NVIDIA H100 80GB HBM3", "capability": [9, 0], "total_gib": 79.6, "free_gib": 79.0}

@@ -189,7 +189,7 @@ def test_two_concurrent_runs_probe_once(
 
 def test_fingerprint_inputs_cover_what_can_change(fake_nvml):
     from pytest_unsloth.gpu import read_snapshot
-    from pytest_unsloth.probe_cache import fingerprint, fingerprint_inputs
+    from pytest_unsloth.probes.cache import fingerprint, fingerprint_inputs
 
     fake_nvml(gpus=[H100], driver="580.159.04", cuda_driver=13000)
     nvml = read_snapshot()

@@ -21,7 +21,7 @@ from pytest_unsloth.checks.base import (
 )
 
 if TYPE_CHECKING:
-    from pytest_unsloth.probe import ProbeResult
+    from pytest_unsloth.probes.protocol import ProbeResult
 
 PREFIX = "unsloth-env"
 PROPERTY = "unsloth_check"
@@ -79,7 +79,7 @@ class CheckItem(pytest.Item):
     def _probe_records(self) -> list[dict[str, Any]]:
         if not self.check.probes:
             return list(self._isolated_runs)
-        from pytest_unsloth.probe import get_probe_store
+        from pytest_unsloth.probes.runner import get_probe_store
 
         done = get_probe_store(self.config).results()
         done.update(get_context(self.config).combined)
@@ -248,7 +248,7 @@ def _run_or_reuse(
     chk: Check, ctx: CheckContext, argv: list[str], timeout: float, file: str
 ) -> ProbeResult:
     """Run the child, or reuse a passing result of ``cacheable`` checks (probe-cache rules)."""
-    from pytest_unsloth.probe import run_subprocess
+    from pytest_unsloth.probes.runner import run_subprocess
 
     cache = ctx.probes.cache if chk.cacheable and ctx.config is not None else None
     if cache is None:
@@ -298,7 +298,7 @@ def run_isolated(
             f"check {chk.name!r} ({chk.source}) raised instead of passing, failing or skipping "
             f"(in its isolated subprocess):\n{data.get('traceback', res.message)}"
         )
-    from pytest_unsloth.probe import stderr_summary
+    from pytest_unsloth.probes.runner import stderr_summary
 
     note = stderr_summary(res.stderr_tail)
     raise CheckFailed(

@@ -28,10 +28,11 @@ from pytest_unsloth.gpu import (
     format_gib,
 )
 from pytest_unsloth.pinning import PIN_KEY
+from pytest_unsloth.probes.table import KERNEL_HELP_NAMES
 from pytest_unsloth.util.units import GIB, MIB
 
 if TYPE_CHECKING:
-    from pytest_unsloth.probe import ProbeResult
+    from pytest_unsloth.probes.protocol import ProbeResult
 
 # What a kernel name in requires_kernel really asks for, where "a working NAME" would mislead:
 # the torch probe runs a tensor op on each GPU, so a working CPU torch does not satisfy it.
@@ -50,7 +51,7 @@ MARKER_HELP = {
     ),
     "requires_kernel": (
         "requires_kernel(*names): skip unless every named kernel probe passes here (names: "
-        "bitsandbytes, triton, flash-attn, xformers, unsloth, vllm, torch, nccl); every probe "
+        f"{KERNEL_HELP_NAMES}); every probe "
         "runs on the GPU, so 'torch' means torch runs a CUDA tensor op (a CPU-only machine "
         "skips); each probe runs once per session in a subprocess, with the probe's own message "
         "as the skip reason. "
@@ -320,7 +321,7 @@ def _fit_requirement(model: object, device: object, settings: dict[str, Any]) ->
 
 
 def _kernel_names(names: Iterable[object]) -> tuple[str, ...]:
-    from pytest_unsloth.probe import PROBE_NAMES
+    from pytest_unsloth.probes.table import PROBE_NAMES
 
     names = tuple(names)
     if not names:
@@ -544,7 +545,7 @@ class Evaluation:
         return f"{_fit_need(req)}, has {format_gib(have)} free on {dev.label}"
 
     def _kernel_reason(self, names: Sequence[str]) -> str | None:
-        from pytest_unsloth.probe import get_probe_store
+        from pytest_unsloth.probes.runner import get_probe_store
 
         store = get_probe_store(self.item.config)
         store.start(names)  # all at once: they run concurrently

@@ -26,7 +26,7 @@ def builtin_checks() -> list[Check]:
         nccl,
         topology,
     )
-    from pytest_unsloth.probe import KERNEL_PROBES
+    from pytest_unsloth.probes.table import KERNEL_PROBES
 
     checks = [
         Check("python", env.check_python, "Python against Requires-Python of the stack"),

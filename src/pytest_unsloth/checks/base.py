@@ -15,7 +15,8 @@ if TYPE_CHECKING:
     from pytest_unsloth.checks.per_gpu import GpuGroup
     from pytest_unsloth.compat.distributions import Dist, Distributions
     from pytest_unsloth.gpu import NvmlSnapshot
-    from pytest_unsloth.probe import Pin, ProbeResult, ProbeStore
+    from pytest_unsloth.probes.protocol import ProbeResult
+    from pytest_unsloth.probes.runner import Pin, ProbeStore
     from pytest_unsloth.settings import Settings
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
@@ -223,7 +224,7 @@ class CheckContext:
     @property
     def probes(self) -> ProbeStore:
         """The session's probe store (subprocess probes, run once, shared with markers)."""
-        from pytest_unsloth.probe import ProbeStore, get_probe_store
+        from pytest_unsloth.probes.runner import ProbeStore, get_probe_store
 
         if self.config is None:  # inside an isolated check: probe directly, no sharing
             return ProbeStore(self.settings)
@@ -234,7 +235,7 @@ class CheckContext:
         if self.machine_env is None:
             return None
         from pytest_unsloth.checks.per_gpu import gpu_groups
-        from pytest_unsloth.probe import Pin
+        from pytest_unsloth.probes.runner import Pin
 
         # torch counts the GPUs and nccl joins them all: both need the whole machine at once.
         groups = gpu_groups(self.nvml) if name not in ("torch", "nccl") else []

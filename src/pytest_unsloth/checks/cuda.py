@@ -9,14 +9,14 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from pytest_unsloth.checks.base import CheckContext, CheckFailed, CheckSkipped
-from pytest_unsloth.probe import stderr_summary
+from pytest_unsloth.probes.runner import stderr_summary
 from pytest_unsloth.util.units import GIB
 
 if TYPE_CHECKING:
     from pytest_unsloth.compat.archs import Gap, LibArchs
     from pytest_unsloth.compat.shadow import Shadow
     from pytest_unsloth.gpu import GpuDevice
-    from pytest_unsloth.probe import ProbeResult
+    from pytest_unsloth.probes.protocol import ProbeResult
 
 
 def _gib(n: int) -> str:

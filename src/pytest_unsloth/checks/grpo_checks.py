@@ -26,7 +26,7 @@ from pytest_unsloth.probes import stage
 
 if TYPE_CHECKING:
     from pytest_unsloth.grpo.problems import Problem
-    from pytest_unsloth.probe import ProbeResult
+    from pytest_unsloth.probes.protocol import ProbeResult
     from pytest_unsloth.settings import Settings
 
 __all__ = ["dataset_check", "grpo_config_check", "length_budget_check", "reward_funcs_check"]
@@ -490,7 +490,7 @@ class _ChildRuns:
             try:
                 result = _run_child(name, ctx)
             except Exception as exc:  # a bug here must fail one check, not the session
-                from pytest_unsloth.probe import ProbeResult
+                from pytest_unsloth.probes.protocol import ProbeResult
 
                 result = ProbeResult(f"grpo-{name}", "error", f"{type(exc).__name__}: {exc}")
             self.results[name] = result
@@ -546,7 +546,7 @@ def _in_child(name: str, ctx: CheckContext) -> str | None:
 def _run_child(name: str, ctx: CheckContext) -> ProbeResult:
     """Start ``python -m pytest_unsloth.grpo.child NAME`` and wait for its result."""
     from pytest_unsloth.grpo.child import encode_settings
-    from pytest_unsloth.probe import child_env, run_subprocess
+    from pytest_unsloth.probes.runner import child_env, run_subprocess
 
     env = child_env()
     if ctx.settings.allow_download:  # the user allowed Hub downloads: keep their own settings
@@ -589,7 +589,7 @@ def _child_failure(
     name: str, ctx: CheckContext, message: str, where: str, tail: str
 ) -> CheckFailed:
     """Found / why / fix for a child that hung, crashed or exited: name the user code it ran."""
-    from pytest_unsloth.probe import stderr_summary
+    from pytest_unsloth.probes.runner import stderr_summary
 
     note = stderr_summary(tail)
     found = f"the {name} check's process {message}" + (f"; stderr: {note}" if note else "")

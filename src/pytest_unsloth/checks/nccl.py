@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from pytest_unsloth.checks.base import CheckContext, CheckFailed, CheckSkipped
-from pytest_unsloth.probe import stderr_summary
+from pytest_unsloth.probes.runner import stderr_summary
 
 # Set by torchrun (and so accelerate launch / deepspeed, which use it), or by MPI launchers.
 LAUNCHER_VARS = (

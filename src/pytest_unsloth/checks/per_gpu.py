@@ -13,11 +13,12 @@ import dataclasses
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from pytest_unsloth.probe import Pin, ProbeResult
+from pytest_unsloth.probes.protocol import ProbeResult
+from pytest_unsloth.probes.runner import Pin
 
 if TYPE_CHECKING:
     from pytest_unsloth.gpu import GpuDevice, NvmlSnapshot
-    from pytest_unsloth.probe import ProbeStore
+    from pytest_unsloth.probes.runner import ProbeStore
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,19 +1,22 @@
-"""Child side of the probes: run as ``python -m pytest_unsloth.probes NAME``.
+"""The probes: runner.py starts children, cache.py keeps results between runs, table.py lists
+the kernel probes, protocol.py is the line protocol both sides speak.
 
-Each probe imports the heavy packages it checks, reports the stage it is in on stdout
-(``@@unsloth-probe stage NAME``) and ends with one ``@@unsloth-probe result {json}`` line, so the
-parent can tell where a hung or crashed child was.
+This module is the child side (``python -m pytest_unsloth.probes NAME`` and the isolated-check
+children): each probe imports the heavy packages it checks, reports the stage it is in on
+stdout and ends with one result line, so the parent can tell where a hung or crashed child was.
+The parent imports this package too, so it stays standard library only.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 import traceback
 from collections.abc import Callable
 from typing import Any
 
-MARK = "@@unsloth-probe"
+from pytest_unsloth.probes.protocol import MARK, Status, result_line, stage_line, write_line
+
+__all__ = ["MARK", "emit", "run", "stage"]
 
 _current_stage: list[str] = []
 
@@ -21,11 +24,10 @@ _current_stage: list[str] = []
 def stage(name: str) -> None:
     """Announce the stage the probe is entering."""
     _current_stage[:] = [name]
-    sys.stdout.write(f"\n{MARK} stage {name}\n")
-    sys.stdout.flush()
+    write_line(stage_line(name))
 
 
-def emit(status: str, message: str, **data: Any) -> dict[str, Any]:
+def emit(status: Status, message: str, **data: Any) -> dict[str, Any]:
     """Build a result payload."""
     return {"status": status, "message": message, "data": data}
 
@@ -46,6 +48,5 @@ def run(name: str, probes: dict[str, Callable[[], dict[str, Any]]]) -> int:
             result["stage"] = where
     if _current_stage and "stage" not in result:
         result["stage"] = _current_stage[0]
-    sys.stdout.write(f"\n{MARK} result {json.dumps(result, default=str)}\n")
-    sys.stdout.flush()
+    write_line(result_line(result))
     return 0

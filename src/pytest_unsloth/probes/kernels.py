@@ -1,16 +1,17 @@
-"""The built-in probes. Each runs in a fresh interpreter and really loads and runs its kernel."""
+"""The built-in probes' child functions (listed in ``probes/table.py``, nccl's in ``nccl.py``).
+
+Each runs in a fresh interpreter and really loads and runs its kernel.
+"""
 
 from __future__ import annotations
 
 import io
 import os
 import warnings
-from collections.abc import Callable
 from contextlib import redirect_stderr
 from typing import Any
 
 from pytest_unsloth.probes import emit, stage
-from pytest_unsloth.probes.nccl import probe_nccl
 
 
 def _cuda_or_fail(torch: Any) -> dict[str, Any] | None:
@@ -289,15 +290,3 @@ def probe_vllm() -> dict[str, Any]:
     return emit(
         "passed", f"vllm {vllm.__version__} imported with torch {torch.__version__}", **data
     )
-
-
-PROBES: dict[str, Callable[[], dict[str, Any]]] = {
-    "torch": probe_torch,
-    "bitsandbytes": probe_bitsandbytes,
-    "triton": probe_triton,
-    "flash-attn": probe_flash_attn,
-    "xformers": probe_xformers,
-    "unsloth": probe_unsloth,
-    "vllm": probe_vllm,
-    "nccl": probe_nccl,
-}

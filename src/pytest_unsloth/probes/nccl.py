@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import socket
 import subprocess
@@ -24,8 +23,8 @@ from collections.abc import Mapping, Sequence
 from typing import IO, Any
 
 from pytest_unsloth.probes import emit, stage
+from pytest_unsloth.probes.protocol import RANK_MARK, parse
 
-RANK_MARK = "@@unsloth-rank"
 BACKEND_ENV = "PYTEST_UNSLOTH_NCCL_BACKEND"
 TIMEOUT_ENV = "PYTEST_UNSLOTH_NCCL_TIMEOUT"
 NUMEL_ENV = "PYTEST_UNSLOTH_NCCL_NUMEL"
@@ -64,21 +63,6 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _parse(text: str) -> tuple[str | None, dict[str, Any] | None]:
-    stage_name: str | None = None
-    result: dict[str, Any] | None = None
-    for line in text.splitlines():
-        if not line.startswith(RANK_MARK):
-            continue
-        kind, _, payload = line[len(RANK_MARK) :].strip().partition(" ")
-        if kind == "stage":
-            stage_name = payload
-        elif kind == "result":
-            with contextlib.suppress(ValueError):
-                result = json.loads(payload)
-    return stage_name, result
-
-
 def _read(fh: IO[str]) -> str:
     fh.flush()
     fh.seek(0)
@@ -93,6 +77,99 @@ def _is_set(env: Mapping[str, str], name: str) -> bool:
         return False
 
 
+def _rank_env(
+    world: int,
+    backend: str,
+    timeout: float,
+    extra_env: Mapping[str, str] | None,
+    base_env: Mapping[str, str] | None,
+) -> dict[str, str]:
+    """torchrun's variables for one attempt (RANK and LOCAL_RANK are added per rank)."""
+    env = dict(os.environ if base_env is None else base_env)
+    env.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(free_port()),
+        WORLD_SIZE=str(world),
+        LOCAL_WORLD_SIZE=str(world),
+        **{BACKEND_ENV: backend, TIMEOUT_ENV: f"{timeout:g}"},
+    )
+    env.update(extra_env or {})
+    return env
+
+
+def _watch(procs: Sequence[subprocess.Popen[str]], deadline: float) -> bool:
+    """Wait until every rank exits, one fails, or the deadline passes (True: timed out)."""
+    while True:
+        codes = [p.poll() for p in procs]
+        if all(c is not None for c in codes):
+            return False
+        if any(c not in (None, 0) for c in codes):
+            return False  # a peer failed: the others would wait for it until the deadline
+        if time.monotonic() >= deadline:
+            return True
+        time.sleep(0.05)
+
+
+def _stop(procs: Sequence[subprocess.Popen[str]]) -> int:
+    """Kill the ranks still running and reap them all; how many had to be killed."""
+    killed = 0
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            killed += 1
+    for p in procs:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            p.wait(timeout=GRACE_S)
+    return killed
+
+
+def _read_rank(rank: int, out: IO[str], err: IO[str]) -> tuple[str, dict[str, Any] | None, str]:
+    """(stage reached, result or None, stderr tail) of one rank; a protocol error fails it."""
+    said = parse(_read(out), RANK_MARK)
+    result = said.result
+    if said.error is not None:
+        result = {"status": "failed", "error": f"broke the {RANK_MARK} line protocol: {said.error}"}
+    text = _read(err).strip()
+    return said.stage or "start", result, f"[rank {rank}] " + text[-1200:] if text else ""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Ended:
+    """How the ranks of one attempt ended."""
+
+    stages: dict[int, str]
+    results: dict[int, dict[str, Any]]
+    codes: dict[int, int | None]
+    log: str
+    timed_out: bool
+    killed: int
+    duration: float
+
+
+def _verdict(label: str, world: int, timeout: float, end: _Ended) -> Attempt:
+    """The attempt's status and message from how its ranks ended."""
+    stages, results = end.stages, end.results
+    failed = {r: res for r, res in results.items() if res.get("status") != "passed"}
+    rank0 = results.get(0, {})
+    if not end.timed_out and not failed and len(results) == world and end.killed == 0:
+        return Attempt(label, "passed", _passed_text(rank0, world), end.duration, stages, rank0)
+    where = ", ".join(f"rank {r} in '{s}'" for r, s in stages.items())
+    if failed:
+        r, res = min(failed.items())
+        msg = f"rank {r} failed in '{stages[r]}': {res.get('error', '?')}"
+    elif end.timed_out:
+        msg = f"timed out after {timeout:g} s ({where}); every rank was killed"
+    else:
+        dead = [
+            f"rank {r} exited with code {code} in '{stages[r]}'"
+            for r, code in end.codes.items()
+            if r not in results
+        ]
+        msg = "; ".join(dead) or f"ranks stopped early ({where})"
+    status = "timeout" if end.timed_out and not failed else "failed"
+    return Attempt(label, status, msg, end.duration, stages, rank0, end.log, end.killed)
+
+
 def run_ranks(
     world: int,
     backend: str,
@@ -103,93 +180,50 @@ def run_ranks(
     label: str = "as configured",
 ) -> Attempt:
     """Start ``world`` ranks, wait at most ``timeout`` seconds, kill whatever is left."""
-    env = dict(os.environ if base_env is None else base_env)
-    env.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(free_port()),
-        WORLD_SIZE=str(world),
-        LOCAL_WORLD_SIZE=str(world),
-        **{BACKEND_ENV: backend, TIMEOUT_ENV: f"{timeout:g}"},
-    )
-    env.update(extra_env or {})
+    env = _rank_env(world, backend, timeout, extra_env, base_env)
     cmd = [sys.executable, *(argv or RANK_ARGV)]
     procs: list[subprocess.Popen[str]] = []
-    outs: list[IO[str]] = []
-    errs: list[IO[str]] = []
-    files = contextlib.ExitStack()
-    start = time.monotonic()
-    deadline = start + timeout
-    killed = 0
-    timed_out = False
-    try:
-        for rank in range(world):
-            outs.append(files.enter_context(tempfile.TemporaryFile("w+", errors="replace")))  # noqa: SIM115
-            errs.append(files.enter_context(tempfile.TemporaryFile("w+", errors="replace")))  # noqa: SIM115
-            procs.append(
-                subprocess.Popen(
-                    cmd,
-                    env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
-                    stdin=subprocess.DEVNULL,
-                    stdout=outs[rank],
-                    stderr=errs[rank],
-                    text=True,
+    logs: list[tuple[IO[str], IO[str]]] = []
+    with contextlib.ExitStack() as files:
+        start = time.monotonic()
+        timed_out = False
+        try:
+            for rank in range(world):
+                out, err = (
+                    files.enter_context(tempfile.TemporaryFile("w+", errors="replace"))
+                    for _ in range(2)
                 )
-            )
-        while True:
-            codes = [p.poll() for p in procs]
-            if all(c is not None for c in codes):
-                break
-            if any(c not in (None, 0) for c in codes):
-                break  # a peer failed: the others would wait for it until the deadline
-            if time.monotonic() >= deadline:
-                timed_out = True
-                break
-            time.sleep(0.05)
-    except OSError as exc:
-        for p in procs:
-            p.kill()
-        files.close()
-        return Attempt(label, "failed", f"could not start a rank: {exc}", 0.0, {}, {})
-    finally:
-        for p in procs:
-            if p.poll() is None:
+                logs.append((out, err))
+                rank_env = {**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}
+                procs.append(
+                    subprocess.Popen(
+                        cmd,
+                        env=rank_env,
+                        stdin=subprocess.DEVNULL,
+                        stdout=out,
+                        stderr=err,
+                        text=True,
+                    )
+                )
+            timed_out = _watch(procs, start + timeout)
+        except OSError as exc:
+            for p in procs:
                 p.kill()
-                killed += 1
-        for p in procs:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.wait(timeout=GRACE_S)
-    duration = time.monotonic() - start
-    stages: dict[int, str] = {}
-    results: dict[int, dict[str, Any]] = {}
-    logs: list[str] = []
-    for rank, (o, e) in enumerate(zip(outs, errs, strict=True)):
-        stage_name, result = _parse(_read(o))
-        stages[rank] = stage_name or "start"
-        if result is not None:
-            results[rank] = result
-        err = _read(e).strip()
-        if err:
-            logs.append(f"[rank {rank}] " + err[-1200:])
-    files.close()
-    failed = {r: res for r, res in results.items() if res.get("status") != "passed"}
-    rank0 = results.get(0, {})
-    if not timed_out and not failed and len(results) == world and killed == 0:
-        return Attempt(label, "passed", _passed_text(rank0, world), duration, stages, rank0)
-    where = ", ".join(f"rank {r} in '{s}'" for r, s in stages.items())
-    if failed:
-        r, res = min(failed.items())
-        msg = f"rank {r} failed in '{stages[r]}': {res.get('error', '?')}"
-    elif timed_out:
-        msg = f"timed out after {timeout:g} s ({where}); every rank was killed"
-    else:
-        dead = [
-            f"rank {r} exited with code {p.returncode} in '{stages[r]}'"
-            for r, p in enumerate(procs)
-            if r not in results
-        ]
-        msg = "; ".join(dead) or f"ranks stopped early ({where})"
-    status = "timeout" if timed_out and not failed else "failed"
-    return Attempt(label, status, msg, duration, stages, rank0, "\n".join(logs)[-3000:], killed)
+            return Attempt(label, "failed", f"could not start a rank: {exc}", 0.0, {}, {})
+        finally:
+            killed = _stop(procs)
+        duration = time.monotonic() - start
+        ranks = [_read_rank(rank, out, err) for rank, (out, err) in enumerate(logs)]
+    end = _Ended(
+        stages={r: stage_name for r, (stage_name, _, _) in enumerate(ranks)},
+        results={r: res for r, (_, res, _) in enumerate(ranks) if res is not None},
+        codes={r: p.returncode for r, p in enumerate(procs)},
+        log="\n".join(log for _, _, log in ranks if log)[-3000:],
+        timed_out=timed_out,
+        killed=killed,
+        duration=duration,
+    )
+    return _verdict(label, world, timeout, end)
 
 
 def _passed_text(rank0: Mapping[str, Any], world: int) -> str:

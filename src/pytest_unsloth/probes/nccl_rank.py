@@ -11,20 +11,18 @@ the CPU, which is how CI exercises it.
 from __future__ import annotations
 
 import datetime
-import json
 import os
-import sys
 import time
 from typing import Any
 
-MARK = "@@unsloth-rank"
+from pytest_unsloth.probes.protocol import RANK_MARK, result_line, stage_line, write_line
+
 SENTINEL = -7.0
 
 
 def stage(name: str) -> None:
     """Announce the stage this rank enters (the parent reports it on a timeout)."""
-    sys.stdout.write(f"{MARK} stage {name}\n")
-    sys.stdout.flush()
+    write_line(stage_line(name, RANK_MARK), lead="")
 
 
 def _env_int(name: str) -> int:
@@ -43,6 +41,29 @@ def run_rank() -> dict[str, Any]:
     import torch.distributed as dist
 
     out: dict[str, Any] = {"rank": rank, "backend": backend, "torch": torch.__version__}
+    device = _init(torch, dist, backend, rank, world, local, timeout, out)
+    _check_all_reduce(torch, dist, device, rank, world)
+    out["p2p"] = _check_ring(torch, dist, device, rank, world)
+    if backend == "nccl" and rank == 0:
+        stage("peer copy")
+        out["peer_copy"] = _peer_copies(torch, local, world)
+    out.update(_bandwidth(torch, dist, device, world, numel))
+    stage("destroy_process_group")
+    dist.destroy_process_group()
+    return out
+
+
+def _init(
+    torch: Any,
+    dist: Any,
+    backend: str,
+    rank: int,
+    world: int,
+    local: int,
+    timeout: float,
+    out: dict[str, Any],
+) -> Any:
+    """Join the process group; the device this rank works on (notes NCCL's version in out)."""
     kwargs: dict[str, Any] = {"timeout": datetime.timedelta(seconds=timeout)}
     if backend == "nccl":
         torch.cuda.set_device(local)
@@ -50,13 +71,17 @@ def run_rank() -> dict[str, Any]:
         # device_id makes NCCL build its communicator now, so a broken transport fails here
         # (with the stage named) rather than inside the first collective.
         kwargs["device_id"] = device
-        nccl_version = torch.cuda.nccl.version()  # type: ignore[no-untyped-call]
+        nccl_version = torch.cuda.nccl.version()
         out["nccl"] = ".".join(map(str, nccl_version)) if isinstance(nccl_version, tuple) else None
     else:
         device = torch.device("cpu")
     stage("init_process_group")
     dist.init_process_group(backend, rank=rank, world_size=world, **kwargs)
+    return device
 
+
+def _check_all_reduce(torch: Any, dist: Any, device: Any, rank: int, world: int) -> None:
+    """A small all_reduce whose sum is checked on every element."""
     stage("all_reduce")
     x = torch.full((1024,), float(rank + 1), device=device)
     dist.all_reduce(x)
@@ -65,6 +90,9 @@ def run_rank() -> dict[str, Any]:
     if not bool((x == expected).all()):
         raise AssertionError(f"all_reduce returned {got}, expected {expected:g} on every element")
 
+
+def _check_ring(torch: Any, dist: Any, device: Any, rank: int, world: int) -> str:
+    """A ring of P2P send/recv whose bytes are checked; what this rank received, from whom."""
     stage("p2p send/recv")
     n = 1024 * 1024
     # Each rank sends a pattern unique to it to the next rank and receives the previous rank's
@@ -81,12 +109,11 @@ def run_rank() -> dict[str, Any]:
     if not torch.equal(recv, want):
         bad = int((recv != want).sum().item())
         raise AssertionError(f"P2P recv from rank {src}: {bad} of {n} values wrong")
-    out["p2p"] = f"{src}->{rank} ok"
+    return f"{src}->{rank} ok"
 
-    if backend == "nccl" and rank == 0:
-        stage("peer copy")
-        out["peer_copy"] = _peer_copies(torch, local, world)
 
+def _bandwidth(torch: Any, dist: Any, device: Any, world: int, numel: int) -> dict[str, Any]:
+    """Time a large all_reduce: the bus bandwidth and the bytes it moved."""
     stage("bandwidth")
     y = torch.ones(numel, dtype=torch.float32, device=device)
     dist.all_reduce(y)  # warm-up: the first large collective sets up buffers
@@ -101,11 +128,8 @@ def run_rank() -> dict[str, Any]:
         torch.cuda.synchronize(device)
     elapsed = (time.perf_counter() - start) / iters
     # nccl-tests' bus bandwidth for all_reduce: algorithm bandwidth x 2(n-1)/n.
-    out["busbw_gbps"] = round(numel * 4 / elapsed * 2 * (world - 1) / world / 1e9, 2)
-    out["bytes"] = numel * 4
-    stage("destroy_process_group")
-    dist.destroy_process_group()
-    return out
+    busbw = round(numel * 4 / elapsed * 2 * (world - 1) / world / 1e9, 2)
+    return {"busbw_gbps": busbw, "bytes": numel * 4}
 
 
 def _peer_copies(torch: Any, local: int, world: int) -> dict[str, str]:
@@ -139,8 +163,7 @@ def main() -> int:
         import traceback
 
         traceback.print_exc()
-    sys.stdout.write(f"{MARK} result {json.dumps(result, default=str)}\n")
-    sys.stdout.flush()
+    write_line(result_line(result, RANK_MARK), lead="")
     return 0 if result["status"] == "passed" else 3
 
 

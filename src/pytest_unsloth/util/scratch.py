@@ -98,7 +98,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     uids = config.stash.get(_RUN_UIDS, set())
     if not uids:
         return
-    from pytest_unsloth.probe import run_dir_path
+    from pytest_unsloth.probes.runner import run_dir_path
 
     for uid in uids:
         shutil.rmtree(run_dir_path(uid), ignore_errors=True)

@@ -24,9 +24,11 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from pytest_unsloth.probes.protocol import ProbeResult
+from pytest_unsloth.util.files import file_lock, write_json_atomic
+
 if TYPE_CHECKING:
     from pytest_unsloth.gpu import NvmlSnapshot
-    from pytest_unsloth.probe import ProbeResult
     from pytest_unsloth.settings import Settings
 
 # Variables that change what a probe child finds or does.
@@ -138,12 +140,15 @@ def entry_problem(entry: object) -> str | None:
     return f"wrong type or value of {', '.join(bad)}" if bad else None
 
 
-def _file_name(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", name) + ".json"
+def _file_name(key: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", key) + ".json"
 
 
 class ProbeCache:
-    """Passing probe results in pytest's cache folder (``d/unsloth-probes/NAME.json``).
+    """Passing probe results in pytest's cache folder (``d/unsloth-probes/KEY.json``).
+
+    Entries are named by key: a probe's ``Job.key`` (its name, or ``NAME@GPUS`` when pinned) or
+    an isolated check's ``check-NAME-STAMP``.
 
     The cache only ever saves time: when it cannot be used (folder not creatable, not writable,
     a lock that cannot be opened) probes run uncached and one warning says so; a damaged entry
@@ -202,31 +207,27 @@ class ProbeCache:
             raise CacheUnusable(f"cannot create the cache folder {name!r}: {exc}") from exc
 
     @contextlib.contextmanager
-    def lock(self, name: str) -> Iterator[None]:
-        """Serialise probing NAME across processes sharing this cache (terminals, workers);
+    def lock(self, key: str) -> Iterator[None]:
+        """Serialise probing KEY across processes sharing this cache (terminals, workers);
         a lock that cannot be taken turns the cache off instead of failing the probe."""
-        from pytest_unsloth.probe import file_lock
-
         with contextlib.ExitStack() as stack:
             if self.unusable is None:
                 try:
                     folder = self._dir(LOCK_DIR)
-                    stack.enter_context(file_lock(folder / (_file_name(name)[:-5] + ".lock")))
+                    stack.enter_context(file_lock(folder / (_file_name(key)[:-5] + ".lock")))
                 except (OSError, CacheUnusable) as exc:
                     self._give_up("cannot take the probe lock", exc)
             yield
 
-    def _entry_path(self, name: str) -> Path:
-        return self._dir(ENTRY_DIR) / _file_name(name)
+    def _entry_path(self, key: str) -> Path:
+        return self._dir(ENTRY_DIR) / _file_name(key)
 
-    def lookup(self, name: str) -> ProbeResult | None:
-        """A fresh passing result for this fingerprint, else None."""
-        from pytest_unsloth.probe import ProbeResult
-
+    def lookup(self, key: str) -> ProbeResult | None:
+        """A fresh passing result stored under KEY for this fingerprint, else None."""
         if self.reprobe or self.max_age <= 0 or self.unusable is not None:
             return None
         try:
-            path = self._entry_path(name)
+            path = self._entry_path(key)
             if not path.exists():
                 return None
             try:
@@ -239,7 +240,7 @@ class ProbeCache:
             if problem is not None:
                 path.unlink()
                 self._note(
-                    f"pytest-unsloth: dropped a damaged probe-cache entry for {name!r} "
+                    f"pytest-unsloth: dropped a damaged probe-cache entry for {key!r} "
                     f"({problem}); probed again and rewritten"
                 )
                 return None
@@ -260,9 +261,7 @@ class ProbeCache:
         return dataclasses.replace(ProbeResult.from_json(result), origin="cache", age_s=age)
 
     def store(self, result: ProbeResult, key: str | None = None) -> None:
-        """Remember a passing result (under ``key``, default its name); forget a failure."""
-        from pytest_unsloth.probe import write_json_atomic
-
+        """Remember a passing result under ``key`` (default: its name); forget a failure."""
         if self.unusable is not None or result.status == "skipped":
             return
         try:

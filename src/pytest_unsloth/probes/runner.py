@@ -1,16 +1,18 @@
-"""Kernel probes: each in its own ``python -m pytest_unsloth.probes NAME`` child with a timeout.
+"""The parent side of the probes: each in its own ``python -m pytest_unsloth.probes NAME`` child
+with a timeout, and the session's ``ProbeStore``.
 
 The pytest process never imports torch or touches CUDA. Probes run concurrently, at most once
 per session, and once per xdist run (workers share results through a locked run directory).
 A probe that hangs is killed (its whole process group) and reported with the stage it reached;
 one that dies by a signal is reported with the signal's name and the tail of its stderr.
+``run_subprocess`` starts the child (``_spawn``), reads it to the end (``_collect``) and turns
+what happened into a result (``report``, reading stdout with ``protocol.parse``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import signal
 import subprocess
@@ -18,34 +20,21 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pytest
 
+from pytest_unsloth.probes.protocol import MARK, Output, ProbeResult, parse
+from pytest_unsloth.probes.table import PROBE_DISTS, PROBE_MIN_GPUS, PROBE_NAMES
+from pytest_unsloth.util.files import file_lock, read_json, write_json_atomic
+
 if TYPE_CHECKING:
     from pytest_unsloth.gpu import NvmlSnapshot
-    from pytest_unsloth.probe_cache import ProbeCache
+    from pytest_unsloth.probes.cache import ProbeCache
     from pytest_unsloth.settings import Settings
 
-# Probe name -> the distribution whose presence makes it applicable.
-PROBE_DISTS: dict[str, str] = {
-    "torch": "torch",
-    "bitsandbytes": "bitsandbytes",
-    "triton": "triton",
-    "flash-attn": "flash-attn",
-    "xformers": "xformers",
-    "unsloth": "unsloth",
-    "vllm": "vllm",
-    "nccl": "torch",
-}
-# Probes that need more than one visible GPU (skipped with the count otherwise).
-PROBE_MIN_GPUS: dict[str, int] = {"nccl": 2}
-PROBE_NAMES: tuple[str, ...] = tuple(PROBE_DISTS)
-KERNEL_PROBES: tuple[str, ...] = tuple(n for n in PROBE_NAMES if n != "torch")
-
-MARK = "@@unsloth-probe"
 STDERR_TAIL = 1500
 # Variables a probe child gets so it never blocks on the Hub and reports crashes readably.
 CHILD_ENV = {
@@ -57,31 +46,6 @@ CHILD_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
     "UNSLOTH_DISABLE_STATISTICS": "1",
 }
-
-
-@dataclasses.dataclass(frozen=True)
-class ProbeResult:
-    """What a probe found. ``status`` is passed, failed or skipped."""
-
-    name: str
-    status: str
-    message: str
-    stage: str | None = None
-    data: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    duration: float = 0.0
-    stderr_tail: str = ""
-    origin: str = "run"  # run: probed now; shared: by another xdist worker; cache: earlier run
-    age_s: float | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        """A JSON-ready dict."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> ProbeResult:
-        """Inverse of ``to_json`` (unknown keys ignored)."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in fields})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,21 +80,6 @@ def child_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
         paths.append(env["PYTHONPATH"])
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
     return env
-
-
-def _parse_output(stdout: str) -> tuple[str | None, dict[str, Any] | None]:
-    stage: str | None = None
-    result: dict[str, Any] | None = None
-    for line in stdout.splitlines():
-        if not line.startswith(MARK):
-            continue
-        kind, _, payload = line[len(MARK) :].strip().partition(" ")
-        if kind == "stage":
-            stage = payload
-        elif kind == "result":
-            with contextlib.suppress(ValueError):
-                result = json.loads(payload)
-    return stage, result
 
 
 def _tail(text: str) -> str:
@@ -203,15 +152,87 @@ def pipe_holders(inodes: Iterable[int]) -> list[int]:
     return sorted(found)
 
 
+class _Drain:
+    """Reads a child's stdout and stderr until both close, the child times out, or the grace
+    period after its exit runs out."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], deadline: float) -> None:
+        import selectors
+
+        assert proc.stdout is not None and proc.stderr is not None
+        self.proc = proc
+        self.deadline = deadline
+        self.out_fd, self.err_fd = proc.stdout.fileno(), proc.stderr.fileno()
+        self.streams = {self.out_fd: bytearray(), self.err_fd: bytearray()}
+        self.inodes = [os.fstat(fd).st_ino for fd in self.streams]
+        self.sel = selectors.DefaultSelector()
+        for fd in self.streams:
+            os.set_blocking(fd, False)
+            self.sel.register(fd, selectors.EVENT_READ)
+        self.drain_until: float | None = None
+        self.timed_out = self.group_killed = False
+
+    def _limit(self, now: float) -> float | None:
+        """Note an exit, a timeout or the end of the grace; read until the time returned (None:
+        stop reading)."""
+        proc = self.proc
+        if self.drain_until is None:
+            if proc.poll() is not None:
+                self.drain_until = now + PIPE_GRACE_S
+            elif now >= self.deadline:
+                self.timed_out = self.group_killed = True
+                _kill_group(proc)
+                proc.wait()
+                self.drain_until = time.monotonic() + PIPE_GRACE_S
+        if self.drain_until is not None and now >= self.drain_until:
+            if self.group_killed:
+                return None
+            # The child is gone but its pipes are not: end what is left of its process
+            # group, then give the pipes a moment; whoever still holds them is detached.
+            self.group_killed = True
+            with contextlib.suppress(OSError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            self.drain_until = now + 0.2
+        return self.drain_until if self.drain_until is not None else self.deadline
+
+    def _read(self, wait: float) -> None:
+        for key, _ in self.sel.select(wait):
+            fd = int(key.fd)
+            try:
+                chunk = os.read(fd, 65536)
+            except BlockingIOError:
+                continue
+            except OSError:
+                chunk = b""
+            if chunk:
+                self.streams[fd] += chunk
+            else:
+                self.sel.unregister(fd)
+
+    def run(self) -> list[int] | None:
+        """Read to the end; the pids of detached holders, or None when the pipes closed."""
+        try:
+            while self.sel.get_map():
+                now = time.monotonic()
+                limit = self._limit(now)
+                if limit is None:
+                    break
+                # Wake at least every 0.1 s to notice an exit whose pipes a descendant keeps open.
+                self._read(max(0.0, min(0.1, limit - now)))
+            return pipe_holders(self.inodes) if self.sel.get_map() else None
+        finally:
+            self.sel.close()
+            assert self.proc.stdout is not None and self.proc.stderr is not None
+            self.proc.stdout.close()
+            self.proc.stderr.close()
+
+
 def _collect(
     proc: subprocess.Popen[bytes], timeout: float
 ) -> tuple[bytes, bytes, bool, list[int] | None]:
     """Read the child's stdout and stderr until both close, the child times out, or the grace
     period after its exit runs out. Returns (stdout, stderr, timed_out, detached holders or
     None when the pipes closed normally)."""
-    import selectors
-
-    assert proc.stdout is not None and proc.stderr is not None
     if os.name == "nt":  # pragma: no cover - no select() on Windows pipes: plain communicate
         try:
             out, err = proc.communicate(timeout=timeout)
@@ -220,55 +241,10 @@ def _collect(
             _kill_group(proc)
             out, err = proc.communicate()
             return out, err, True, None
-    streams = {proc.stdout.fileno(): bytearray(), proc.stderr.fileno(): bytearray()}
-    out_fd, err_fd = proc.stdout.fileno(), proc.stderr.fileno()
-    inodes = [os.fstat(fd).st_ino for fd in streams]
-    sel = selectors.DefaultSelector()
-    for fd in streams:
-        os.set_blocking(fd, False)
-        sel.register(fd, selectors.EVENT_READ)
     deadline = time.monotonic() + timeout
-    drain_until: float | None = None
-    timed_out = group_killed = False
-    try:
-        while sel.get_map():
-            now = time.monotonic()
-            if drain_until is None:
-                if proc.poll() is not None:
-                    drain_until = now + PIPE_GRACE_S
-                elif now >= deadline:
-                    timed_out = group_killed = True
-                    _kill_group(proc)
-                    proc.wait()
-                    drain_until = time.monotonic() + PIPE_GRACE_S
-            if drain_until is not None and now >= drain_until:
-                if group_killed:
-                    break
-                # The child is gone but its pipes are not: end what is left of its process
-                # group, then give the pipes a moment; whoever still holds them is detached.
-                group_killed = True
-                with contextlib.suppress(OSError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                drain_until = now + 0.2
-            # Wake at least every 0.1 s to notice an exit whose pipes a descendant keeps open.
-            limit = drain_until if drain_until is not None else deadline
-            for key, _ in sel.select(max(0.0, min(0.1, limit - now))):
-                fd = int(key.fd)
-                try:
-                    chunk = os.read(fd, 65536)
-                except BlockingIOError:
-                    continue
-                except OSError:
-                    chunk = b""
-                if chunk:
-                    streams[fd] += chunk
-                else:
-                    sel.unregister(fd)
-        holders = pipe_holders(inodes) if sel.get_map() else None
-    finally:
-        sel.close()
-        proc.stdout.close()
-        proc.stderr.close()
+    drain = _Drain(proc, deadline)
+    holders = drain.run()
+    timed_out = drain.timed_out
     if proc.poll() is None:  # only reached when the pipes closed before the child exited
         try:
             proc.wait(max(0.0, deadline - time.monotonic()))
@@ -276,7 +252,12 @@ def _collect(
             timed_out = True
             _kill_group(proc)
             proc.wait()
-    return bytes(streams[out_fd]), bytes(streams[err_fd]), timed_out, holders
+    return (
+        bytes(drain.streams[drain.out_fd]),
+        bytes(drain.streams[drain.err_fd]),
+        timed_out,
+        holders,
+    )
 
 
 def detached_note(holders: list[int] | None) -> str:
@@ -290,6 +271,86 @@ def detached_note(holders: list[int] | None) -> str:
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class Finished:
+    """How a child ended: its output, exit status and time taken."""
+
+    stdout: str
+    stderr: str
+    returncode: int
+    timed_out: bool
+    holders: list[int] | None  # detached processes that kept its pipes open (None: none did)
+    duration: float
+
+
+def _spawn(argv: list[str], env: Mapping[str, str] | None) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=dict(env) if env is not None else child_env(),
+        start_new_session=True,  # so a timeout kills the probe's own children too
+    )
+
+
+def _wait(proc: subprocess.Popen[bytes], timeout: float, start: float) -> Finished:
+    """Collect the child's output within its time limit (killing its group on the way out)."""
+    try:
+        raw_out, raw_err, timed_out, holders = _collect(proc, timeout)
+    except BaseException:
+        _kill_group(proc)
+        proc.wait()
+        raise
+    assert proc.returncode is not None
+    return Finished(
+        raw_out.decode(errors="replace"),
+        raw_err.decode(errors="replace"),
+        proc.returncode,
+        timed_out,
+        holders,
+        time.perf_counter() - start,
+    )
+
+
+def _ended_badly(done: Finished, out: Output, timeout: float) -> str | None:
+    """Why the child gave no usable result (timeout, signal, protocol, no result), or None."""
+    note = detached_note(done.holders)
+    where = f" in stage '{out.stage}'" if out.stage else " before its first stage"
+    if done.timed_out:
+        return f"timed out after {timeout:g} s{where}{note}"
+    if done.returncode < 0:
+        try:
+            signame = signal.Signals(-done.returncode).name
+        except ValueError:
+            signame = f"signal {-done.returncode}"
+        return f"died with {signame}{where}{note}"
+    if out.error is not None:
+        return f"broke the {MARK} line protocol{where}: {out.error}{note}"
+    if out.result is None:
+        return f"exited with code {done.returncode}{where} without a result{note}"
+    return None
+
+
+def report(name: str, timeout: float, done: Finished) -> ProbeResult:
+    """The result of a finished child: its own result line, or what went wrong."""
+    out = parse(done.stdout)
+    tail = _tail(done.stderr)
+    problem = _ended_badly(done, out, timeout)
+    if problem is not None or out.result is None:
+        return ProbeResult(name, "failed", str(problem), out.stage, {}, done.duration, tail)
+    result = out.result
+    return ProbeResult(
+        name=name,
+        status=result["status"],
+        message=str(result.get("message", "")),
+        stage=result.get("stage", out.stage),
+        data=result.get("data") or {},
+        duration=done.duration,
+        stderr_tail=tail if result["status"] != "passed" else "",
+    )
+
+
 def run_subprocess(
     argv: list[str], name: str, timeout: float, env: Mapping[str, str] | None = None
 ) -> ProbeResult:
@@ -300,67 +361,10 @@ def run_subprocess(
     """
     start = time.perf_counter()
     try:
-        proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=dict(env) if env is not None else child_env(),
-            start_new_session=True,  # so a timeout kills the probe's own children too
-        )
+        proc = _spawn(argv, env)
     except OSError as exc:
         return ProbeResult(name, "failed", f"could not start {argv[0]}: {exc}")
-    try:
-        raw_out, raw_err, timed_out, holders = _collect(proc, timeout)
-    except BaseException:
-        _kill_group(proc)
-        proc.wait()
-        raise
-    out = raw_out.decode(errors="replace")
-    err = raw_err.decode(errors="replace")
-    note = detached_note(holders)
-    duration = time.perf_counter() - start
-    stage, result = _parse_output(out)
-    tail = _tail(err)
-    where = f" in stage '{stage}'" if stage else " before its first stage"
-    if timed_out:
-        return ProbeResult(
-            name,
-            "failed",
-            f"timed out after {timeout:g} s{where}{note}",
-            stage,
-            {},
-            duration,
-            tail,
-        )
-    assert proc.returncode is not None
-    if proc.returncode < 0:
-        try:
-            signame = signal.Signals(-proc.returncode).name
-        except ValueError:
-            signame = f"signal {-proc.returncode}"
-        return ProbeResult(
-            name, "failed", f"died with {signame}{where}{note}", stage, {}, duration, tail
-        )
-    if result is None:
-        return ProbeResult(
-            name,
-            "failed",
-            f"exited with code {proc.returncode}{where} without a result{note}",
-            stage,
-            {},
-            duration,
-            tail,
-        )
-    return ProbeResult(
-        name=name,
-        status=str(result.get("status", "failed")),
-        message=str(result.get("message", "")),
-        stage=result.get("stage", stage),
-        data=result.get("data") or {},
-        duration=duration,
-        stderr_tail=tail if result.get("status") != "passed" else "",
-    )
+    return report(name, timeout, _wait(proc, timeout, start))
 
 
 def run_probe(name: str, timeout: float, env: Mapping[str, str] | None = None) -> ProbeResult:
@@ -369,48 +373,26 @@ def run_probe(name: str, timeout: float, env: Mapping[str, str] | None = None) -
     return run_subprocess(argv, name, timeout, env)
 
 
-@contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """An exclusive advisory lock shared between processes (no-op where flock is missing)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as fh:
-        try:
-            import fcntl
-        except ImportError:  # pragma: no cover - Windows
-            yield
-            return
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One probe to run: its name and the GPUs it is pinned to (None: the process's own view)."""
 
+    name: str
+    pin: Pin | None = None
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON so that a concurrent reader sees the old file or the new one, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def read_json(path: Path) -> Any:
-    """Read a JSON file; None when absent or unreadable."""
-    try:
-        with open(path) as fh:
-            return json.load(fh)
-    except (OSError, ValueError):
-        return None
+    @property
+    def key(self) -> str:
+        """What its result is stored under (results, run directory, cache): the probe's name,
+        or ``NAME@GPUS`` when pinned."""
+        return self.name if self.pin is None else self.pin.key(self.name)
 
 
 class ProbeStore:
-    """Runs probes concurrently, each at most once per session (and per xdist run)."""
+    """Runs probes concurrently, each at most once per session (and per xdist run).
+
+    A probe is asked for by name, optionally pinned to GPUs (``Pin``); each (name, pin) is one
+    ``Job`` whose ``key`` names its result everywhere it is kept.
+    """
 
     def __init__(
         self,
@@ -469,81 +451,78 @@ class ProbeStore:
             return parent_limits(self.settings.nccl_timeout, env or child_env())
         return self.settings.probe_timeout, env
 
-    def _produce(self, name: str, pin: Pin | None) -> ProbeResult:
-        early = self._not_applicable(name, pin)
+    def _produce(self, job: Job) -> ProbeResult:
+        early = self._not_applicable(job.name, job.pin)
         if early is not None:
             return early
-        key = name if pin is None else pin.key(name)
-        timeout, env = self._limits(name, pin)
+        timeout, env = self._limits(job.name, job.pin)
         if self.cache is None:
-            return run_probe(name, timeout, env)
+            return run_probe(job.name, timeout, env)
         # The lock makes a second pytest process wait and then reuse this one's result.
-        with self.cache.lock(key):
-            cached = self.cache.lookup(key)
+        with self.cache.lock(job.key):
+            cached = self.cache.lookup(job.key)
             if cached is not None:
                 return cached
-            result = run_probe(name, timeout, env)
-            self.cache.store(result, key)
+            result = run_probe(job.name, timeout, env)
+            self.cache.store(result, job.key)
             return result
 
-    def _produce_shared(self, name: str, pin: Pin | None, run_dir: Path) -> ProbeResult:
-        """Produce NAME once for all xdist workers; an unusable run folder only costs sharing."""
-        key = name if pin is None else pin.key(name)
-        target = run_dir / f"{key}.json"
+    def _produce_shared(self, job: Job, run_dir: Path) -> ProbeResult:
+        """Produce the job once for all xdist workers; an unusable run folder only costs sharing."""
+        target = run_dir / f"{job.key}.json"
         with contextlib.ExitStack() as stack:
             try:
-                stack.enter_context(file_lock(run_dir / f"{key}.lock"))
+                stack.enter_context(file_lock(run_dir / f"{job.key}.lock"))
             except OSError:
-                return self._produce(name, pin)
+                return self._produce(job)
             shared = read_json(target)
             if isinstance(shared, dict):
                 with contextlib.suppress(TypeError):
                     return dataclasses.replace(ProbeResult.from_json(shared), origin="shared")
-            result = self._produce(name, pin)
+            result = self._produce(job)
             with contextlib.suppress(OSError):
                 write_json_atomic(target, result.to_json())
             return result
 
-    def _worker(self, name: str, pin: Pin | None) -> None:
-        key = name if pin is None else pin.key(name)
+    def _worker(self, job: Job) -> None:
         try:
             if self.run_dir is None:
-                result = self._produce(name, pin)
+                result = self._produce(job)
             else:
                 # Another xdist worker may hold the lock and be running this probe: wait for it
                 # and reuse its result instead of probing twice.
-                result = self._produce_shared(name, pin, self.run_dir)
+                result = self._produce_shared(job, self.run_dir)
         except Exception as exc:  # a bug here must fail one check, not the session
-            result = ProbeResult(name, "failed", f"probe runner error: {exc!r}")
+            result = ProbeResult(job.name, "failed", f"probe runner error: {exc!r}")
         with self._lock:
-            self._results[key] = result
-            self._events[key].set()
+            self._results[job.key] = result
+            self._events[job.key].set()
 
     def start(self, names: Iterable[str], pin: Pin | None = None) -> None:
         """Start every named probe that is not started yet, all at once (pinned to ``pin``)."""
         for name in names:
             if name not in PROBE_DISTS:
                 raise KeyError(f"unknown probe {name!r}; known: {', '.join(PROBE_NAMES)}")
-            key = name if pin is None else pin.key(name)
+            job = Job(name, pin)
             with self._lock:
-                if key in self._events:
+                if job.key in self._events:
                     continue
-                self._events[key] = threading.Event()
+                self._events[job.key] = threading.Event()
             threading.Thread(
-                target=self._worker, args=(name, pin), daemon=True, name=f"unsloth-probe-{key}"
+                target=self._worker, args=(job,), daemon=True, name=f"unsloth-probe-{job.key}"
             ).start()
 
     def get(self, name: str, pin: Pin | None = None) -> ProbeResult:
         """The probe's result, starting it if needed and waiting for it."""
         self.start([name], pin)
-        key = name if pin is None else pin.key(name)
+        key = Job(name, pin).key
         self._events[key].wait()
         if self.cache is not None:
             self.cache.warn_pending()  # here, in the main thread, pytest records the warning
         return self._results[key]
 
     def results(self) -> dict[str, ProbeResult]:
-        """Results finished so far."""
+        """Results finished so far, by job key (the probe's name when it was not pinned)."""
         with self._lock:
             return dict(self._results)
 
@@ -568,7 +547,7 @@ def get_probe_store(config: pytest.Config) -> ProbeStore:
     """The session's probe store, created on first use."""
     store = config.stash.get(PROBE_STORE_KEY, None)
     if store is None:
-        from pytest_unsloth.probe_cache import make_cache
+        from pytest_unsloth.probes.cache import make_cache
         from pytest_unsloth.settings import get_settings
 
         settings = get_settings(config)
