@@ -378,7 +378,7 @@ def tiny_lm(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from pytest_unsloth import tiny
+    from pytest_unsloth.models import tiny
 
     path = tiny.build("llama", seed=0, cache_dir=tmp_path_factory.mktemp("tiny"))
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)

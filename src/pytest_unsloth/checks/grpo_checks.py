@@ -278,7 +278,7 @@ def _load_tokenizer(ctx: CheckContext) -> Any:
     target = str(path) if path.exists() else value
     stage(f"load the tokenizer {value}")
     try:
-        from pytest_unsloth import tiny
+        from pytest_unsloth.models import tiny
 
         if path.is_dir() and tiny.is_tiny_model(path):
             return tiny.load_tokenizer(path)

@@ -236,7 +236,7 @@ class GrpoTrainerFactory:
 
     def _tiny_model(self, backend: str) -> tuple[Any, Any]:
         """Build the tiny offline Llama with LoRA on q/k/v/o (unsloth 4-bit on GPU)."""
-        from pytest_unsloth import tiny
+        from pytest_unsloth.models import tiny
 
         path = tiny.build("llama", seed=0, cache_dir=self._cache)
         tokenizer = tiny.load_tokenizer(path)
@@ -285,7 +285,7 @@ def _unpack(value: Any) -> tuple[Any, Any]:
         return value, tokenizer
     name = getattr(getattr(value, "config", None), "name_or_path", None)
     if name and os.path.isdir(name):
-        from pytest_unsloth import tiny
+        from pytest_unsloth.models import tiny
 
         return value, tiny.load_tokenizer(name)
     pytest.fail(

@@ -1,7 +1,7 @@
 """Load a causal LM in 4-bit, verify it really is 4-bit, release it and check the memory came back.
 
 Plain functions and a small cache, no pytest fixtures: :mod:`pytest_unsloth.fixtures` puts thin
-fixtures on top, :mod:`pytest_unsloth.lora` adds the adapters. Two backends:
+fixtures on top, :mod:`pytest_unsloth.models.lora` adds the adapters. Two backends:
 
 * ``unsloth``: ``FastLanguageModel.from_pretrained(load_in_4bit=True)``; chosen when unsloth is
   installed and CUDA is available.
@@ -228,7 +228,7 @@ def choose_backend(requested: str = "auto") -> tuple[str, str]:
 
 def _parse_tiny(name: str) -> tuple[str, str]:
     """Split ``tiny:ARCH[:SIZE]`` into (arch, size), validating both."""
-    from pytest_unsloth import tiny
+    from pytest_unsloth.models import tiny
 
     parts = name[len(TINY_PREFIX) :].split(":")
     arch = parts[0] or "llama"
@@ -255,7 +255,7 @@ def resolve_model_path(
     Anything else is a :class:`ModelLoadError` at once, instead of a ~50 s Hub timeout.
     """
     if name.startswith(TINY_PREFIX):
-        from pytest_unsloth import tiny
+        from pytest_unsloth.models import tiny
 
         arch, size = _parse_tiny(name)
         return str(tiny.build(arch, size=size, cache_dir=tiny_cache_dir))
@@ -336,7 +336,7 @@ def _allocated_bytes() -> int:
 @contextlib.contextmanager
 def _quiet_loading() -> Iterator[None]:
     """Hide the progress bars from_pretrained draws (noise in captured output)."""
-    from pytest_unsloth.tiny import quiet_progress_bars
+    from pytest_unsloth.models.tiny import quiet_progress_bars
 
     with quiet_progress_bars():
         yield
@@ -501,7 +501,7 @@ def _load_transformers(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-    from pytest_unsloth import tiny
+    from pytest_unsloth.models import tiny
 
     if request.fast_inference:
         # A CPU CI lane often shares the ini of the GPU lane: run the test without vLLM.

@@ -314,7 +314,7 @@ def load_tokenizer(path: str | os.PathLike[str]) -> PreTrainedTokenizerFast:
     if not (folder / "tokenizer.json").is_file():
         raise FileNotFoundError(
             f"no tokenizer.json in {str(folder)!r}; build the folder with "
-            "pytest_unsloth.tiny.build()"
+            "pytest_unsloth.models.tiny.build()"
         )
     tokenizer: PreTrainedTokenizerFast = PreTrainedTokenizerFast.from_pretrained(str(folder))
     return tokenizer

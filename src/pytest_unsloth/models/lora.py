@@ -1,6 +1,6 @@
 """LoRA adapters on a shared 4-bit model: add them, verify they train, take them off again.
 
-The base model comes from :mod:`pytest_unsloth.models` and is shared between tests, so adding
+The base model comes from :mod:`pytest_unsloth.models.loader` and is shared between tests, so adding
 adapters is paired with removing them and checking the base is back as it was
 (:func:`snapshot_state`). unsloth's ``get_peft_model`` on the unsloth backend, peft's otherwise.
 """
@@ -11,7 +11,7 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from pytest_unsloth.models import LoadedModel, ModelCheckError, cpu_packed_layers
+from pytest_unsloth.models.loader import LoadedModel, ModelCheckError, cpu_packed_layers
 
 __all__ = [
     "GRADIENT_CHECKPOINTING_MODES",
@@ -226,7 +226,7 @@ def apply_lora(loaded: LoadedModel, settings: LoraSettings) -> AppliedLora:
             "inference (an eval-mode forward without grad on an AVX512-BF16 CPU); backward through "
             "them is not implemented, so LoRA training would silently get no gradient there. "
             "Fix: load a fresh model, or set support_avx512bf16_for_cpu = False on its Linear4bit "
-            "layers before any inference (pytest_unsloth.models.keep_cpu_layout_trainable)"
+            "layers before any inference (pytest_unsloth.models.loader.keep_cpu_layout_trainable)"
         )
     matched = match_target_modules(base, settings.target_modules)
     state = snapshot_state(base)
