@@ -203,7 +203,7 @@ def test_article_002_functions_pass_with_their_dataset() -> None:
     assert report.ok, report.format()
     assert report.shape == "conversational"
     assert report.num_completions == 24
-    assert all(r.status == "pass" and r.shapes == ("conversational",) for r in report.results)
+    assert all(r.status == "passed" and r.shapes == ("conversational",) for r in report.results)
 
 
 def test_article_002_without_dataset_is_conversational_only_info() -> None:

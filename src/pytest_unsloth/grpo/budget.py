@@ -12,7 +12,8 @@ import dataclasses
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from pytest_unsloth.grpo.problems import Problem, ReportText, errors, installed_version
+from pytest_unsloth.findings import Finding
+from pytest_unsloth.grpo.problems import ReportText, errors, installed_version
 
 __all__ = ["BudgetReport", "check_length_budget", "prompt_of"]
 
@@ -31,7 +32,7 @@ class BudgetReport(ReportText):
     limit_name: str
     max_completion_length: int
     overflow: tuple[tuple[int, int], ...]
-    problems: tuple[Problem, ...]
+    problems: tuple[Finding, ...]
 
     @property
     def ok(self) -> bool:
@@ -202,7 +203,7 @@ def _measure(
     prompts: list[Any],
     rows: list[int],
     conversational: bool,
-    problems: list[Problem],
+    problems: list[Finding],
 ) -> list[int] | None:
     """Token lengths of ``rows``; a template or tokenizer error becomes a problem, never raised."""
     batch = [prompts[i] for i in rows]
@@ -215,14 +216,14 @@ def _measure(
     else:
         if media:
             problems.append(
-                Problem(
-                    "media-parts",
-                    f"{len(media)} prompts carry image/video content parts; the chat template "
-                    f"of {name} rendered their placeholders, but the processor's expansion of "
-                    "each image into its image tokens is NOT counted",
-                    "a vision model's processor replaces each image placeholder with many "
+                Finding(
+                    found=f"{len(media)} prompts carry image/video content parts; the chat "
+                    f"template of {name} rendered their placeholders, but the processor's "
+                    "expansion of each image into its image tokens is NOT counted",
+                    why="a vision model's processor replaces each image placeholder with many "
                     "tokens (often hundreds per image), so these prompts are longer than measured",
-                    "leave room for the image tokens in max_seq_length",
+                    fix="leave room for the image tokens in max_seq_length",
+                    code="media-parts",
                     severity="info",
                 )
             )
@@ -237,17 +238,17 @@ def _measure(
         else:
             parts = sum(_media_parts(prompts[i]) for i in media)
             problems.append(
-                Problem(
-                    "media-parts",
-                    f"{len(media)} prompts carry {parts} image/video content parts, which the "
-                    f"chat template of {name} cannot render ({type(error).__name__}: "
+                Finding(
+                    found=f"{len(media)} prompts carry {parts} image/video content parts, which "
+                    f"the chat template of {name} cannot render ({type(error).__name__}: "
                     f"{str(error)[:100]}); measured their text parts only, image tokens NOT "
                     "counted",
-                    "a vision model's processor renders those parts and inserts its own image "
-                    "tokens (often hundreds per image), so these prompts are longer than "
-                    "measured; with this text-only tokenizer TRL's first step fails the same way",
-                    "point unsloth_tokenizer at the vision model's processor folder (its chat "
+                    why="a vision model's processor renders those parts and inserts its own image "
+                    "tokens (often hundreds per image), so these prompts are longer than measured; "
+                    "with this text-only tokenizer TRL's first step fails the same way",
+                    fix="point unsloth_tokenizer at the vision model's processor folder (its chat "
                     "template renders image parts), and leave room for the image tokens",
+                    code="media-parts",
                     severity="warning",
                 )
             )
@@ -256,15 +257,14 @@ def _measure(
     row, culprit = failure if failure is not None else (rows[0], error)
     how = "the chat template" if conversational else "the tokenizer"
     problems.append(
-        Problem(
-            "template-error",
-            f"{how} of {name} raised {type(culprit).__name__}: {str(culprit)[:200]} on row "
-            f"{row} = "
-            f"{prompts[row]!r:.80}",
-            f"TRL tokenizes every prompt with {how} at its first step, so training fails the "
+        Finding(
+            found=f"{how} of {name} raised {type(culprit).__name__}: {str(culprit)[:200]} on row "
+            f"{row} = {prompts[row]!r:.80}",
+            why=f"TRL tokenizes every prompt with {how} at its first step, so training fails the "
             "same way; no length could be measured for these prompts",
-            "make the prompts match the template's format ({'role', 'content': str} messages), "
+            fix="make the prompts match the template's format ({'role', 'content': str} messages), "
             "or use the tokenizer whose chat template renders them",
+            code="template-error",
         )
     )
     return None
@@ -295,13 +295,13 @@ def check_length_budget(
     except Exception as exc:
         limit = max_seq_length if isinstance(max_seq_length, int) else 0
         completion = max_completion_length if isinstance(max_completion_length, int) else 0
-        problem = Problem(
-            "measure-failed",
-            f"measuring the prompts failed: {type(exc).__name__}: {str(exc)[:300]}",
-            "GRPOTrainer reads and tokenizes the same prompts with the same tokenizer and "
+        problem = Finding(
+            found=f"measuring the prompts failed: {type(exc).__name__}: {str(exc)[:300]}",
+            why="GRPOTrainer reads and tokenizes the same prompts with the same tokenizer and "
             "settings at its first step",
-            "check the arguments (max_seq_length, max_completion_length, the config), the "
+            fix="check the arguments (max_seq_length, max_completion_length, the config), the "
             "dataset rows and the tokenizer",
+            code="measure-failed",
         )
         return BudgetReport(0, 0, 0, 0, limit, "max_seq_length", completion, (), (problem,))
 
@@ -316,18 +316,20 @@ def _check_length_budget(
     config: Any = None,
 ) -> BudgetReport:
     """The measurement behind :func:`check_length_budget`."""
-    problems: list[Problem] = []
+    problems: list[Finding] = []
     trl_version = installed_version("trl")
     if _config_get(config, "max_prompt_length") is not None or (
         isinstance(config, Mapping) and "max_prompt_length" in config
     ):
         problems.append(
-            Problem(
-                "max-prompt-length",
-                f"the config sets max_prompt_length = {_config_get(config, 'max_prompt_length')!r}",
-                f"TRL {trl_version or '1.x'} GRPOConfig has no max_prompt_length (TypeError) and "
-                "never truncates prompts, so the longest prompt counts in full",
-                "remove max_prompt_length; filter or shorten long prompts in the dataset instead",
+            Finding(
+                found="the config sets max_prompt_length = "
+                f"{_config_get(config, 'max_prompt_length')!r}",
+                why=f"TRL {trl_version or '1.x'} GRPOConfig has no max_prompt_length (TypeError) "
+                "and never truncates prompts, so the longest prompt counts in full",
+                fix="remove max_prompt_length; filter or shorten long prompts in the dataset "
+                "instead",
+                code="max-prompt-length",
                 severity="warning",
             )
         )
@@ -348,11 +350,11 @@ def _check_length_budget(
             prompts.append(prompt_of(row))
         except (KeyError, TypeError) as exc:
             problems.append(
-                Problem(
-                    "no-prompt",
-                    f"row {index}: {exc}",
-                    "GRPOTrainer generates from each row's 'prompt'",
-                    "map the rows to {'prompt': [messages] or str, ...}",
+                Finding(
+                    found=f"row {index}: {exc}",
+                    why="GRPOTrainer generates from each row's 'prompt'",
+                    fix="map the rows to {'prompt': [messages] or str, ...}",
+                    code="no-prompt",
                 )
             )
             break
@@ -365,36 +367,36 @@ def _check_length_budget(
     odd = [i for i, p in enumerate(prompts) if not isinstance(p, list | str)]
     if odd:
         problems.append(
-            Problem(
-                "bad-prompt",
-                f"{len(odd)} prompts are neither text nor a message list, first: row {odd[0]} = "
-                f"{prompts[odd[0]]!r:.60}",
-                "GRPOTrainer cannot tokenize them",
-                "make every prompt a string or a list of {'role', 'content'} messages",
+            Finding(
+                found=f"{len(odd)} prompts are neither text nor a message list, first: row "
+                f"{odd[0]} = {prompts[odd[0]]!r:.60}",
+                why="GRPOTrainer cannot tokenize them",
+                fix="make every prompt a string or a list of {'role', 'content'} messages",
+                code="bad-prompt",
             )
         )
     if chats and texts:
         first, other = (chats, texts) if chats[0] < texts[0] else (texts, chats)
         kinds = ("conversational", "plain") if first is chats else ("plain", "conversational")
         problems.append(
-            Problem(
-                "mixed-prompts",
-                f"row {first[0]} is {kinds[0]} but {len(other)} rows are {kinds[1]}, first: row "
-                f"{other[0]}",
-                "TRL picks the chat template or plain tokenization from the first prompt of each "
-                "batch, so a batch mixing both fails or is tokenized wrongly",
-                "make every prompt the same kind (all message lists, or all strings)",
+            Finding(
+                found=f"row {first[0]} is {kinds[0]} but {len(other)} rows are {kinds[1]}, first: "
+                f"row {other[0]}",
+                why="TRL picks the chat template or plain tokenization from the first prompt of "
+                "each batch, so a batch mixing both fails or is tokenized wrongly",
+                fix="make every prompt the same kind (all message lists, or all strings)",
+                code="mixed-prompts",
             )
         )
     if chats and not getattr(tokenizer, "chat_template", None):
         problems.append(
-            Problem(
-                "no-chat-template",
-                f"the tokenizer ({type(tokenizer).__name__}) has no chat_template, but the prompts "
-                "are conversational",
-                "TRL renders conversational prompts with apply_chat_template, which raises "
+            Finding(
+                found=f"the tokenizer ({type(tokenizer).__name__}) has no chat_template, but the "
+                "prompts are conversational",
+                why="TRL renders conversational prompts with apply_chat_template, which raises "
                 "without a template",
-                "use the instruct model's tokenizer or set tokenizer.chat_template",
+                fix="use the instruct model's tokenizer or set tokenizer.chat_template",
+                code="no-chat-template",
             )
         )
         chats = []
@@ -404,11 +406,11 @@ def _check_length_budget(
         )
     if not getattr(tokenizer, "is_fast", True):
         problems.append(
-            Problem(
-                "slow-tokenizer",
-                f"{type(tokenizer).__name__} is a slow (Python) tokenizer",
-                "measuring and training tokenize far slower",
-                "load the fast tokenizer (use_fast=True, tokenizer.json)",
+            Finding(
+                found=f"{type(tokenizer).__name__} is a slow (Python) tokenizer",
+                why="measuring and training tokenize far slower",
+                fix="load the fast tokenizer (use_fast=True, tokenizer.json)",
+                code="slow-tokenizer",
                 severity="info",
             )
         )
@@ -429,32 +431,32 @@ def _check_length_budget(
     overflow = tuple((i, measured[i]) for i in order if measured[i] > budget)
     if max_completion_length >= limit:
         problems.append(
-            Problem(
-                "completion-too-long",
-                f"max_completion_length {max_completion_length} >= {limit_name} {limit}",
-                "no prompt leaves room for a full completion",
-                f"lower max_completion_length below {limit} or raise {limit_name}",
+            Finding(
+                found=f"max_completion_length {max_completion_length} >= {limit_name} {limit}",
+                why="no prompt leaves room for a full completion",
+                fix=f"lower max_completion_length below {limit} or raise {limit_name}",
+                code="completion-too-long",
             )
         )
     elif overflow:
         worst = ", ".join(f"row {i} ({n} tokens)" for i, n in overflow[:10])
         more = f" and {len(overflow) - 10} more" if len(overflow) > 10 else ""
         problems.append(
-            Problem(
-                "overflow",
-                f"{len(overflow)} of {len(lengths)} prompts are longer than {budget} tokens "
+            Finding(
+                found=f"{len(overflow)} of {len(lengths)} prompts are longer than {budget} tokens "
                 f"({limit_name} {limit} - max_completion_length {max_completion_length}): "
-                f"{worst}{more}; p50 {_percentile(ordered, 50)}, p95 "
-                f"{_percentile(ordered, 95)}, max {ordered[-1]}",
-                "TRL does not truncate prompts (max_prompt_length is gone), so these rows plus a "
-                f"full completion run past {limit_name}: generation is cut short or fails",
-                "drop or shorten those rows, "
+                f"{worst}{more}; p50 {_percentile(ordered, 50)}, p95 {_percentile(ordered, 95)}, "
+                f"max {ordered[-1]}",
+                why="TRL does not truncate prompts (max_prompt_length is gone), so these rows plus "
+                f"a full completion run past {limit_name}: generation is cut short or fails",
+                fix="drop or shorten those rows, "
                 + (
                     f"lower max_completion_length to {limit - ordered[-1]}, "
                     if limit - ordered[-1] >= 16
                     else ""
                 )
                 + f"or raise {limit_name} to {ordered[-1] + max_completion_length}",
+                code="overflow",
             )
         )
     return BudgetReport(

@@ -18,7 +18,8 @@ import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-from pytest_unsloth.grpo.problems import Problem, ReportText, errors, installed_version
+from pytest_unsloth.findings import Finding
+from pytest_unsloth.grpo.problems import ReportText, errors, installed_version
 
 __all__ = ["ConfigReport", "check_grpo_config"]
 
@@ -52,7 +53,7 @@ _REMOVED: dict[str, tuple[str, str, str]] = {
 class ConfigReport(ReportText):
     """Findings about one GRPO configuration, plus the effective values used."""
 
-    problems: tuple[Problem, ...]
+    problems: tuple[Finding, ...]
     values: Mapping[str, Any]
     trl_version: str | None
     transformers_version: str | None
@@ -187,7 +188,7 @@ def check_grpo_config(
     cls = _config_class()
     trl_version = installed_version("trl")
     tf_version = installed_version("transformers")
-    problems: list[Problem] = []
+    problems: list[Finding] = []
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     built: Any = None
     user: dict[str, Any]
@@ -205,11 +206,12 @@ def check_grpo_config(
                 where = f"{lib} {installed_version(lib)}"
                 why += ", so GRPOConfig(...) raises TypeError"
             problems.append(
-                Problem(
-                    "unknown-key",
-                    f"{key} = {user[key]!r} is not a GRPOConfig field in the installed {where}",
-                    why,
-                    fix,
+                Finding(
+                    found=f"{key} = {user[key]!r} is not a GRPOConfig field in the installed "
+                    f"{where}",
+                    why=why,
+                    fix=fix,
+                    code="unknown-key",
                 )
             )
         kwargs = {k: v for k, v in user.items() if k in fields}
@@ -239,12 +241,12 @@ def check_grpo_config(
                 pass  # unsloth rewrites the batch before TRL sees it; reported below
             else:
                 problems.append(
-                    Problem(
-                        "trl-error",
-                        f"GRPOConfig(...) raised {type(exc).__name__}: {message}",
-                        f"TRL {trl_version} validates the config when it is built, so "
+                    Finding(
+                        found=f"GRPOConfig(...) raised {type(exc).__name__}: {message}",
+                        why=f"TRL {trl_version} validates the config when it is built, so "
                         "GRPOTrainer never starts",
-                        _fix_for(message, values),
+                        fix=_fix_for(message, values),
+                        code="trl-error",
                     )
                 )
         if built is not None and substituted:
@@ -261,7 +263,7 @@ class _NotBuilt(Exception):
     """GRPOConfig is not built because a value has the wrong type (already reported)."""
 
 
-def _wrong_types(cls: Any, kwargs: Mapping[str, Any]) -> list[Problem]:
+def _wrong_types(cls: Any, kwargs: Mapping[str, Any]) -> list[Finding]:
     """A finding for each value whose type GRPOConfig's annotation does not allow."""
     import typing
 
@@ -269,7 +271,7 @@ def _wrong_types(cls: Any, kwargs: Mapping[str, Any]) -> list[Problem]:
         hints = typing.get_type_hints(cls)
     except Exception:  # unresolvable annotations in some TRL version: let TRL decide
         return []
-    problems: list[Problem] = []
+    problems: list[Finding] = []
     for key, value in kwargs.items():
         hint = hints.get(key)
         if hint is None:
@@ -277,13 +279,13 @@ def _wrong_types(cls: Any, kwargs: Mapping[str, Any]) -> list[Problem]:
         problem = _type_problem(value, hint)
         if problem:
             problems.append(
-                Problem(
-                    "wrong-type",
-                    f"{key} = {_short(value)} is {problem}, but GRPOConfig wants "
+                Finding(
+                    found=f"{key} = {_short(value)} is {problem}, but GRPOConfig wants "
                     f"{_hint_text(hint)}",
-                    "GRPOConfig(...) fails on it (or computes with a wrong value), often in "
+                    why="GRPOConfig(...) fails on it (or computes with a wrong value), often in "
                     "arithmetic that names another setting",
-                    f"write {key} as {_hint_text(hint)}, e.g. {key} = {_example(hint)}",
+                    fix=f"write {key} as {_hint_text(hint)}, e.g. {key} = {_example(hint)}",
+                    code="wrong-type",
                 )
             )
     return problems
@@ -435,30 +437,30 @@ def _effective(fields: Mapping[str, Any], user: Mapping[str, Any], built: Any) -
 
 def _extra_checks(
     values: Mapping[str, Any], gpus: Any, model_max_length: int | None, unsloth: bool
-) -> list[Problem]:
+) -> list[Finding]:
     """What TRL does not check: GPU bf16, vLLM installed, unsloth's rewrite, context, launcher."""
-    problems: list[Problem] = []
+    problems: list[Finding] = []
     devices = _devices(gpus)
     if values.get("bf16") and not values.get("use_cpu"):
         no_bf16 = [d for d in devices if getattr(d, "bf16", True) is False]
         if no_bf16:
             names = ", ".join(_label(d) for d in no_bf16)
             problems.append(
-                Problem(
-                    "bf16-unsupported",
-                    f"bf16 = True (TRL's default) but {names} has no bfloat16 support",
-                    "transformers raises 'Your setup doesn't support bf16/gpu' when the config "
+                Finding(
+                    found=f"bf16 = True (TRL's default) but {names} has no bfloat16 support",
+                    why="transformers raises 'Your setup doesn't support bf16/gpu' when the config "
                     "is built on this GPU (pre-Ampere: T4, V100, P100)",
-                    "set bf16 = False and fp16 = True",
+                    fix="set bf16 = False and fp16 = True",
+                    code="bf16-unsupported",
                 )
             )
     if values.get("use_vllm") and installed_version("vllm") is None:
         problems.append(
-            Problem(
-                "vllm-missing",
-                "use_vllm = True but the vllm distribution is not installed",
-                "GRPOTrainer imports vLLM for generation and fails at construction",
-                "pip install vllm (matching your torch), or set use_vllm = False",
+            Finding(
+                found="use_vllm = True but the vllm distribution is not installed",
+                why="GRPOTrainer imports vLLM for generation and fails at construction",
+                fix="pip install vllm (matching your torch), or set use_vllm = False",
+                code="vllm-missing",
             )
         )
     if unsloth:
@@ -466,42 +468,42 @@ def _extra_checks(
         if rewrite:
             old, new = rewrite
             problems.append(
-                Problem(
-                    "unsloth-batch-rewrite",
-                    f"per_device_train_batch_size {old} x gradient_accumulation_steps "
+                Finding(
+                    found=f"per_device_train_batch_size {old} x gradient_accumulation_steps "
                     f"{values.get('gradient_accumulation_steps')} x WORLD_SIZE "
                     f"{os.environ.get('WORLD_SIZE', '1')} is not a multiple of num_generations "
-                    f"{new}: unsloth ({installed_version('unsloth') or 'installed'}) silently "
-                    f"sets per_device_train_batch_size = {new}",
-                    "TRL alone would raise; unsloth's patched config changes the batch, so "
+                    f"{new}: unsloth ({installed_version('unsloth') or 'installed'}) silently sets "
+                    f"per_device_train_batch_size = {new}",
+                    why="TRL alone would raise; unsloth's patched config changes the batch, so "
                     "memory use and steps per epoch differ from what the config says",
-                    f"set per_device_train_batch_size = {new} yourself (or a batch x "
+                    fix=f"set per_device_train_batch_size = {new} yourself (or a batch x "
                     f"gradient_accumulation_steps that divides by {new})",
+                    code="unsloth-batch-rewrite",
                     severity="warning",
                 )
             )
     mcl = values.get("max_completion_length")
     if model_max_length is not None and isinstance(mcl, int) and mcl >= model_max_length:
         problems.append(
-            Problem(
-                "completion-beyond-context",
-                f"max_completion_length {mcl} >= the model's context {model_max_length}",
-                "prompt + completion cannot fit: generation stops early or positions overflow",
-                f"set max_completion_length well below {model_max_length} (leave room for the "
+            Finding(
+                found=f"max_completion_length {mcl} >= the model's context {model_max_length}",
+                why="prompt + completion cannot fit: generation stops early or positions overflow",
+                fix=f"set max_completion_length well below {model_max_length} (leave room for the "
                 "prompt)",
+                code="completion-beyond-context",
             )
         )
     if len(devices) > 1 and not (os.environ.get("WORLD_SIZE") or os.environ.get("LOCAL_RANK")):
         problems.append(
-            Problem(
-                "no-launcher",
-                f"{len(devices)} GPUs are visible to one process and WORLD_SIZE/LOCAL_RANK are "
-                "unset (no torchrun or accelerate launch)",
-                "one process on several GPUs makes transformers' Trainer wrap the model in "
+            Finding(
+                found=f"{len(devices)} GPUs are visible to one process and WORLD_SIZE/LOCAL_RANK "
+                "are unset (no torchrun or accelerate launch)",
+                why="one process on several GPUs makes transformers' Trainer wrap the model in "
                 "nn.DataParallel, or use only the first GPU for 4-bit models; GRPO's batch "
                 "arithmetic then assumes world size 1",
-                f"launch with accelerate launch --num_processes {len(devices)} (or torchrun), or "
-                "set CUDA_VISIBLE_DEVICES to one GPU",
+                fix=f"launch with accelerate launch --num_processes {len(devices)} (or torchrun), "
+                "or set CUDA_VISIBLE_DEVICES to one GPU",
+                code="no-launcher",
                 severity="warning",
             )
         )

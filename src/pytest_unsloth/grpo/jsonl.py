@@ -10,7 +10,7 @@ import time
 from collections import Counter
 from typing import Any
 
-from pytest_unsloth.grpo.problems import Problem
+from pytest_unsloth.findings import Finding
 from pytest_unsloth.readable import ReadableRepr
 
 __all__ = ["SCHEMAS", "JsonlReport", "LineProblem", "check_jsonl"]
@@ -48,7 +48,7 @@ class JsonlReport(ReadableRepr):
     seconds: float
     bad: tuple[LineProblem, ...]
     bad_count: int
-    problems: tuple[Problem, ...]
+    problems: tuple[Finding, ...]
 
     @property
     def ok(self) -> bool:
@@ -197,7 +197,7 @@ def check_jsonl(
     bad_count = 0
     records = 0
     number = 0
-    problems: list[Problem] = []
+    problems: list[Finding] = []
     detected = schema
 
     def flag(line: int, code: str, message: str) -> None:
@@ -264,13 +264,13 @@ def check_jsonl(
                 detected = _detect(record)
                 if detected is None:
                     problems.append(
-                        Problem(
-                            "unknown-schema",
-                            f"line {number} has fields {', '.join(record) or 'none'}: none of "
-                            "messages, instruction/output, prompt/answer",
-                            "a trainer cannot tell which field is the prompt",
-                            "set unsloth_dataset_schema, or use one of the schemas: "
+                        Finding(
+                            found=f"line {number} has fields {', '.join(record) or 'none'}: none "
+                            "of messages, instruction/output, prompt/answer",
+                            why="a trainer cannot tell which field is the prompt",
+                            fix="set unsloth_dataset_schema, or use one of the schemas: "
                             "instruction/input/output, prompt/answer, messages",
+                            code="unknown-schema",
                         )
                     )
                     break
@@ -281,11 +281,11 @@ def check_jsonl(
                 records += 1
     if number == 0:
         problems.append(
-            Problem(
-                "empty-file",
-                f"{name} is empty",
-                "there is nothing to train on",
-                "point unsloth_dataset at the real file",
+            Finding(
+                found=f"{name} is empty",
+                why="there is nothing to train on",
+                fix="point unsloth_dataset at the real file",
+                code="empty-file",
             )
         )
     return JsonlReport(

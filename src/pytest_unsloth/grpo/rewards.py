@@ -28,7 +28,8 @@ import traceback
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
-from pytest_unsloth.grpo.problems import Problem, errors, installed_version, shorten
+from pytest_unsloth.findings import Finding
+from pytest_unsloth.grpo.problems import errors, installed_version, shorten
 from pytest_unsloth.readable import ReadableRepr
 
 __all__ = [
@@ -42,7 +43,10 @@ __all__ = [
 ]
 
 Shape = Literal["conversational", "plain"]
-Status = Literal["pass", "fail", "model"]
+# The words pytest and the probes use; "model" marks a reward model, which is not called here.
+Status = Literal["passed", "failed", "model"]
+# How a status reads in FuncResult.format() (the text the report has always printed).
+_STATUS_TEXT: dict[Status, str] = {"passed": "pass", "failed": "fail", "model": "model"}
 
 # What TRL 1.15/1.16 do, used only when the installed grpo_trainer.py cannot be read.
 _ASSUMED_EXPLICIT = ("prompts", "completions", "completion_ids")
@@ -105,7 +109,7 @@ class FuncResult(ReadableRepr):
     name: str
     status: Status
     shapes: tuple[Shape, ...]
-    problems: tuple[Problem, ...]
+    problems: tuple[Finding, ...]
 
     @property
     def ok(self) -> bool:
@@ -114,7 +118,7 @@ class FuncResult(ReadableRepr):
 
     def format(self) -> str:
         """Render this function's status and every finding as found / why / fix."""
-        lines = [f"{self.name}: {'ok' if self.ok else 'FAILED'} ({self.status})"]
+        lines = [f"{self.name}: {'ok' if self.ok else 'FAILED'} ({_STATUS_TEXT[self.status]})"]
         for p in self.problems:
             lines += [f"  [{p.severity}] {p.code}", p.format("    ")]
         return "\n".join(lines)
@@ -128,7 +132,7 @@ class RewardReport(ReadableRepr):
     """The result of :func:`check_reward_funcs`: one :class:`FuncResult` per reward function."""
 
     results: tuple[FuncResult, ...]
-    problems: tuple[Problem, ...]
+    problems: tuple[Finding, ...]
     contract: RewardContract
     shape: Shape | None
     num_completions: int
@@ -138,7 +142,7 @@ class RewardReport(ReadableRepr):
         """Whether every function passed and the inputs themselves had no error."""
         return not errors(self.problems) and all(r.ok for r in self.results)
 
-    def failures(self) -> list[tuple[str, Problem]]:
+    def failures(self) -> list[tuple[str, Finding]]:
         """Return (function name, problem) for every error, report-level ones named ``*``."""
         out = [("*", p) for p in errors(self.problems)]
         for r in self.results:
@@ -155,7 +159,7 @@ class RewardReport(ReadableRepr):
         for p in self.problems:
             lines += [f"  [{p.severity}] inputs", p.format("    ")]
         for r in self.results:
-            mark = {"pass": "ok", "fail": "FAILED", "model": "reward model"}[r.status]
+            mark = {"passed": "ok", "failed": "FAILED", "model": "reward model"}[r.status]
             shapes = f" ({', '.join(r.shapes)})" if r.shapes else ""
             lines.append(f"  {r.name}: {mark}{shapes}")
             for p in r.problems:
@@ -480,27 +484,16 @@ def _is_async(func: Any) -> bool:
 
 def _in_thread(target: Callable[[], Any], timeout: float | None, name: str) -> Any:
     """Run ``target`` in a daemon thread (abandoned, not waited for, when it overruns)."""
-    box: dict[str, Any] = {}
+    from pytest_unsloth.util.timelimit import TimeLimitExceeded, call_in_thread
 
-    def run() -> None:
-        try:
-            box["value"] = target()
-        except BaseException as exc:  # re-raised in the caller's thread with its traceback
-            box["error"] = exc
-
-    thread = threading.Thread(target=run, name=name, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if thread.is_alive():
-        raise RewardTimeout(f"did not return within {timeout:g} s")
-    if "error" in box:
-        error = box["error"]
+    try:
+        return call_in_thread(target, timeout, name)
+    except TimeLimitExceeded as exc:
+        raise RewardTimeout(str(exc)) from None
+    except (SystemExit, KeyboardInterrupt) as exc:
         # Off the main thread these can only come from the function: a real Ctrl-C goes to the
         # main thread.
-        if isinstance(error, SystemExit | KeyboardInterrupt):
-            raise UserExit(error)
-        raise error
-    return box.get("value")
+        raise UserExit(exc) from None
 
 
 def _can_use_alarm() -> bool:
@@ -516,7 +509,12 @@ def _can_use_alarm() -> bool:
 @contextlib.contextmanager
 def _main_thread_call(timeout: float | None) -> Iterator[None]:
     """Bound a main-thread call with SIGALRM where that is safe, and tell a real Ctrl-C (the
-    SIGINT handler ran) from a KeyboardInterrupt the function raised itself."""
+    SIGINT handler ran) from a KeyboardInterrupt the function raised itself.
+
+    Not ``util.timelimit``: TRL calls sync reward functions on the main thread, and code that
+    sets its own ``signal.alarm`` (math_verify) works only there, so the check must call them
+    there too; the limit is then a timer signal, not a thread that could be abandoned.
+    """
     use_alarm = timeout is not None and _can_use_alarm()
     old_alarm: Any = None
     if use_alarm:
@@ -599,45 +597,45 @@ def _kwargs_for(
     return kwargs
 
 
-def _to_rewards(output: Any, n: int) -> tuple[list[Problem], list[float] | None]:
+def _to_rewards(output: Any, n: int) -> tuple[list[Finding], list[float] | None]:
     """Apply TRL's post-processing to one function's output.
 
     Returns the problems and, when TRL would accept the output, the rewards as floats with NaN
     where the function returned None (as TRL stores them).
     """
-    problems: list[Problem] = []
+    problems: list[Finding] = []
     if inspect.isawaitable(output):
         close = getattr(output, "close", None)
         if callable(close):
             close()  # never awaited: silence "coroutine was never awaited"
         problems.append(
-            Problem(
-                "not-a-list",
-                f"returned an awaitable ({type(output).__name__}) from a function that is not "
-                "async",
-                "TRL awaits only functions it recognises as async (async def, or an async "
+            Finding(
+                found=f"returned an awaitable ({type(output).__name__}) from a function that is "
+                "not async",
+                why="TRL awaits only functions it recognises as async (async def, or an async "
                 "__call__); this one's result is iterated as it is, so the first step raises "
                 f"TypeError: '{type(output).__name__}' object is not iterable",
-                "declare the reward function itself with async def",
+                fix="declare the reward function itself with async def",
+                code="not-a-list",
             )
         )
         return problems, None
     if isinstance(output, str | bytes | Mapping) or not isinstance(output, Iterable):
         kind = type(output).__name__
         problems.append(
-            Problem(
-                "not-a-list",
-                f"returned {kind} {shorten(output)}, not a list of {n} rewards",
-                "TRL iterates the result to turn None into NaN; "
+            Finding(
+                found=f"returned {kind} {shorten(output)}, not a list of {n} rewards",
+                why="TRL iterates the result to turn None into NaN; "
                 + (
-                    f"a {kind} is not iterable, so the first step raises TypeError: "
-                    f"'{kind}' object is not iterable"
+                    f"a {kind} is not iterable, so the first step raises TypeError: '{kind}' "
+                    "object is not iterable"
                     if not isinstance(output, Iterable)
                     else f"iterating a {kind} yields its {'keys' if kind == 'dict' else 'items'}, "
                     "which are not rewards"
                 ),
-                f"return a list with one float (or None) per completion, e.g. "
-                f"[score(c) for c in completions] (len {n})",
+                fix="return a list with one float (or None) per completion, e.g. [score(c) for c "
+                f"in completions] (len {n})",
+                code="not-a-list",
             )
         )
         return problems, None
@@ -646,13 +644,13 @@ def _to_rewards(output: Any, n: int) -> tuple[list[Problem], list[float] | None]
     if len(values) != n:
         nested = bool(values) and all(isinstance(v, list | tuple) for v in values)
         problems.append(
-            Problem(
-                "wrong-length",
-                f"returned {len(values)} rewards for {n} completions"
+            Finding(
+                found=f"returned {len(values)} rewards for {n} completions"
                 + (" (a list of lists: one list per group?)" if nested else ""),
-                f'TRL raises ValueError "The reward function returned {len(values)} rewards, but '
-                f'{n} were expected" at the first step; ' + _FLAT_SHAPE.format(n=n),
-                "return exactly one reward per completion: [score(c) for c in completions]",
+                why=f'TRL raises ValueError "The reward function returned {len(values)} rewards, '
+                f'but {n} were expected" at the first step; ' + _FLAT_SHAPE.format(n=n),
+                fix="return exactly one reward per completion: [score(c) for c in completions]",
+                code="wrong-length",
             )
         )
         return problems, None
@@ -661,13 +659,13 @@ def _to_rewards(output: Any, n: int) -> tuple[list[Problem], list[float] | None]
         i, v = bad[0]
         nested = any(isinstance(x, list | tuple) for _, x in bad)
         problems.append(
-            Problem(
-                "non-numeric",
-                f"{len(bad)} of {n} rewards are not numbers, first: rewards[{i}] = {shorten(v)} "
-                f"({type(v).__name__})",
-                "TRL builds torch.tensor(rewards, dtype=float32), which fails on "
+            Finding(
+                found=f"{len(bad)} of {n} rewards are not numbers, first: rewards[{i}] = "
+                f"{shorten(v)} ({type(v).__name__})",
+                why="TRL builds torch.tensor(rewards, dtype=float32), which fails on "
                 + ("nested lists; " + _FLAT_SHAPE.format(n=n) if nested else "this value"),
-                "return one float (or None when not applicable) per completion",
+                fix="return one float (or None when not applicable) per completion",
+                code="non-numeric",
             )
         )
         return problems, None
@@ -677,29 +675,29 @@ def _to_rewards(output: Any, n: int) -> tuple[list[Problem], list[float] | None]
     if infs:
         i = infs[0]
         problems.append(
-            Problem(
-                "inf-reward",
-                f"returned {len(infs)} infinite reward(s) of {n}, first: rewards[{i}] = "
+            Finding(
+                found=f"returned {len(infs)} infinite reward(s) of {n}, first: rewards[{i}] = "
                 f"{shorten(raw[i])}",
-                "TRL sums the rewards and subtracts the group mean: inf - inf is NaN, which it "
-                "then turns into a zero advantage (nan_to_num), so the whole group of "
-                "completions trains nothing, and the logged reward mean becomes inf",
-                "clip the reward to a finite range (e.g. min(max(r, -10.0), 10.0)); return None "
-                "for a completion the function cannot score",
+                why="TRL sums the rewards and subtracts the group mean: inf - inf is NaN, which it "
+                "then turns into a zero advantage (nan_to_num), so the whole group of completions "
+                "trains nothing, and the logged reward mean becomes inf",
+                fix="clip the reward to a finite range (e.g. min(max(r, -10.0), 10.0)); return "
+                "None for a completion the function cannot score",
+                code="inf-reward",
             )
         )
     if nans:
         i = nans[0]
         problems.append(
-            Problem(
-                "nan-reward",
-                f"returned NaN (not None) for {len(nans)} of {n} completions, first: rewards[{i}] "
-                f"= {shorten(raw[i])}",
-                "TRL stores None as NaN and cannot tell them apart: these completions count as "
-                "'not applicable' for this function, so a NaN from a failed computation (0/0, "
-                "an empty mean) silently drops the score instead of failing",
-                "return None on purpose for rows the function does not apply to, and a number "
+            Finding(
+                found=f"returned NaN (not None) for {len(nans)} of {n} completions, first: "
+                f"rewards[{i}] = {shorten(raw[i])}",
+                why="TRL stores None as NaN and cannot tell them apart: these completions count as "
+                "'not applicable' for this function, so a NaN from a failed computation (0/0, an "
+                "empty mean) silently drops the score instead of failing",
+                fix="return None on purpose for rows the function does not apply to, and a number "
                 "(e.g. 0.0) when scoring fails",
+                code="nan-reward",
                 severity="warning",
             )
         )
@@ -746,7 +744,7 @@ def _signature_problems(
     name: str,
     contract: RewardContract,
     columns: list[str] | None,
-) -> tuple[list[Problem], set[str] | None, list[str]]:
+) -> tuple[list[Finding], set[str] | None, list[str]]:
     """Compare parameters with TRL's keywords: problems, accepted names, missing columns."""
     try:
         sig = inspect.signature(func)
@@ -755,15 +753,15 @@ def _signature_problems(
     params = list(sig.parameters.values())
     has_var_kw = any(p.kind is p.VAR_KEYWORD for p in params)
     passed = contract.keywords(columns or [])
-    problems: list[Problem] = []
+    problems: list[Finding] = []
     positional_only = [p.name for p in params if p.kind is p.POSITIONAL_ONLY]
     if positional_only:
         problems.append(
-            Problem(
-                "positional-only",
-                f"parameters {', '.join(positional_only)} are positional-only",
-                "TRL passes everything by keyword",
-                "remove the '/' from the signature",
+            Finding(
+                found=f"parameters {', '.join(positional_only)} are positional-only",
+                why="TRL passes everything by keyword",
+                fix="remove the '/' from the signature",
+                code="positional-only",
             )
         )
     names = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
@@ -772,14 +770,14 @@ def _signature_problems(
         unexpected = [k for k in passed if k not in names]
         if unexpected:
             problems.append(
-                Problem(
-                    "missing-kwargs",
-                    f"{name}{sig} has no **kwargs, but TRL {contract.trl_version or ''} also "
+                Finding(
+                    found=f"{name}{sig} has no **kwargs, but TRL {contract.trl_version or ''} also "
                     f"passes {', '.join(unexpected)}".replace("TRL  ", "TRL "),
-                    f"the first step raises TypeError: {name}() got an unexpected keyword "
+                    why=f"the first step raises TypeError: {name}() got an unexpected keyword "
                     f"argument '{unexpected[0]}'",
-                    f"add **kwargs to the signature: def {name}(prompts, completions, ..., "
+                    fix=f"add **kwargs to the signature: def {name}(prompts, completions, ..., "
                     "**kwargs)",
+                    code="missing-kwargs",
                 )
             )
             accepted = names
@@ -793,25 +791,25 @@ def _signature_problems(
     if required and columns is not None:
         have = ", ".join(c for c in columns) or "none"
         problems.append(
-            Problem(
-                "missing-column",
-                f"parameter{'s' if len(required) > 1 else ''} {', '.join(required)} "
-                f"{'have' if len(required) > 1 else 'has'} no default and the dataset has no "
-                f"such column (columns: {have})",
-                "TRL fills reward parameters from dataset columns by name; the first step raises "
-                f"TypeError: {name}() missing required keyword argument '{required[0]}'",
-                f"add the column '{required[0]}' to the dataset (dataset.map) or give the "
+            Finding(
+                found=f"parameter{'s' if len(required) > 1 else ''} {', '.join(required)} "
+                f"{'have' if len(required) > 1 else 'has'} no default and the dataset has no such "
+                f"column (columns: {have})",
+                why="TRL fills reward parameters from dataset columns by name; the first step "
+                f"raises TypeError: {name}() missing required keyword argument '{required[0]}'",
+                fix=f"add the column '{required[0]}' to the dataset (dataset.map) or give the "
                 "parameter a default",
+                code="missing-column",
             )
         )
     elif required:
         problems.append(
-            Problem(
-                "needs-column",
-                f"needs dataset column{'s' if len(required) > 1 else ''} "
+            Finding(
+                found=f"needs dataset column{'s' if len(required) > 1 else ''} "
                 f"{', '.join(required)} (checked with placeholder strings)",
-                "TRL fills reward parameters from dataset columns by name",
-                f"make sure the training dataset has {', '.join(repr(r) for r in required)}",
+                why="TRL fills reward parameters from dataset columns by name",
+                fix=f"make sure the training dataset has {', '.join(repr(r) for r in required)}",
+                code="needs-column",
                 severity="info",
             )
         )
@@ -830,7 +828,7 @@ def _raised_problem(
     contract: RewardContract,
     accepted: set[str] | None,
     timeout: float | None,
-) -> Problem:
+) -> Finding:
     """Describe an exception, naming the first single completion that reproduces it."""
     culprit = ""
     if len(batch) > 1:
@@ -844,12 +842,12 @@ def _raised_problem(
                 break
     original = exc.original if isinstance(exc, UserExit) else exc
     why, fix = _advice(original, name, batch, contract)
-    return Problem(
-        "raised",
-        f"raised {type(original).__name__}: {_clip(str(original), 120)} at {_user_frame(exc)} "
-        f"({batch.shape} input{culprit})",
-        why,
-        fix,
+    return Finding(
+        found=f"raised {type(original).__name__}: {_clip(str(original), 120)} at "
+        f"{_user_frame(exc)} ({batch.shape} input{culprit})",
+        why=why,
+        fix=fix,
+        code="raised",
     )
 
 
@@ -989,17 +987,17 @@ def _check_one(
     if _is_module(func):
         return FuncResult(index, name, "model", (), ()), {}
     if not callable(func):
-        problem = Problem(
-            "not-callable",
-            f"reward_funcs[{index}] is {type(func).__name__} {shorten(func)}",
-            "TRL accepts functions, callable objects, reward models or model ids",
-            "pass the reward function object",
+        problem = Finding(
+            found=f"reward_funcs[{index}] is {type(func).__name__} {shorten(func)}",
+            why="TRL accepts functions, callable objects, reward models or model ids",
+            fix="pass the reward function object",
+            code="not-callable",
         )
-        return FuncResult(index, name, "fail", (), (problem,)), {}
+        return FuncResult(index, name, "failed", (), (problem,)), {}
     sig_problems, accepted, required = _signature_problems(func, name, contract, columns)
-    per_shape: dict[Shape, list[Problem]] = {}
+    per_shape: dict[Shape, list[Finding]] = {}
     rewards: dict[Shape, list[float]] = {}
-    mutated: list[Problem] = []
+    mutated: list[Finding] = []
     for b, batch in enumerate(batches):
         for r in required:
             batch.columns.setdefault(r, [f"placeholder {r}"] * len(batch))
@@ -1009,13 +1007,13 @@ def _check_one(
             output = _call(func, kwargs, timeout)
         except RewardTimeout as exc:
             per_shape[batch.shape] = [
-                Problem(
-                    "timeout",
-                    f"{exc} on {len(batch)} {batch.shape} completions",
-                    "GRPOTrainer calls every reward function at every step; one this slow (a "
+                Finding(
+                    found=f"{exc} on {len(batch)} {batch.shape} completions",
+                    why="GRPOTrainer calls every reward function at every step; one this slow (a "
                     "remote judge, a loop that never ends) stalls training",
-                    "make it return in well under a second per batch (batch or cache remote "
+                    fix="make it return in well under a second per batch (batch or cache remote "
                     "calls), or raise the timeout if it is really this slow",
+                    code="timeout",
                 )
             ]
             break  # the function may still be running; do not start it again
@@ -1031,15 +1029,15 @@ def _check_one(
             _restore(batch, pristine[b])
         if changed and not mutated:
             mutated.append(
-                Problem(
-                    "mutates-inputs",
-                    f"changes its input{'s' if len(changed) > 1 else ''} "
+                Finding(
+                    found=f"changes its input{'s' if len(changed) > 1 else ''} "
                     f"{', '.join(changed)} in place",
-                    "TRL passes the same prompts, completions and column lists to every reward "
+                    why="TRL passes the same prompts, completions and column lists to every reward "
                     "function in turn and logs the completions afterwards: the functions after "
                     "this one score (and the logs show) the changed data",
-                    "work on copies: text = completion[0]['content'].strip() instead of "
+                    fix="work on copies: text = completion[0]['content'].strip() instead of "
                     "assigning into completions, prompts or a column list",
+                    code="mutates-inputs",
                     severity="warning",
                 )
             )
@@ -1075,7 +1073,7 @@ def _check_one(
                 if key not in seen:
                     seen.add(key)
                     problems.append(p)
-    status: Status = "fail" if errors(problems) else "pass"
+    status: Status = "failed" if errors(problems) else "passed"
     usable = {s: v for s, v in rewards.items() if s in shapes}
     return FuncResult(index, name, status, shapes, tuple(problems)), usable
 
@@ -1096,35 +1094,36 @@ def _check_string(index: int, value: str) -> FuncResult:
         "from_pretrained(..., num_labels=1) as a Hugging Face Hub model id or local folder"
     )
     if path.is_dir():
-        problem = Problem(
-            "string-func",
-            f"reward_funcs[{index}] = {value!r} is a folder without config.json",
-            why + ", and this folder is not a saved model",
-            "point at a folder written by save_pretrained, or pass a reward function object",
+        problem = Finding(
+            found=f"reward_funcs[{index}] = {value!r} is a folder without config.json",
+            why=why + ", and this folder is not a saved model",
+            fix="point at a folder written by save_pretrained, or pass a reward function object",
+            code="string-func",
         )
     elif "/" in value and not value.startswith((".", "/", "~")) and value.count("/") == 1:
-        problem = Problem(
-            "string-func",
-            f"reward_funcs[{index}] = {value!r} is not a local folder: TRL will treat it as a Hub "
-            "model id",
-            why + "; it is downloaded when the trainer is built, which fails offline (after a "
+        problem = Finding(
+            found=f"reward_funcs[{index}] = {value!r} is not a local folder: TRL will treat it as "
+            "a Hub model id",
+            why=why + "; it is downloaded when the trainer is built, which fails offline (after a "
             "long Hub timeout unless HF_HUB_OFFLINE=1)",
-            "download the reward model first and pass its local folder, or pass a function",
+            fix="download the reward model first and pass its local folder, or pass a function",
+            code="string-func",
             severity="warning",
         )
     else:
-        problem = Problem(
-            "string-func",
-            f"reward_funcs[{index}] = {value!r} is a string, not a function, and no such folder "
-            "exists",
-            why + f"; {value!r} is treated as a Hub model id, so GRPOTrainer(...) fails with an "
+        problem = Finding(
+            found=f"reward_funcs[{index}] = {value!r} is a string, not a function, and no such "
+            "folder exists",
+            why=why
+            + f"; {value!r} is treated as a Hub model id, so GRPOTrainer(...) fails with an "
             "OSError (after a ~50 s Hub timeout when offline)",
-            f"pass the function object without quotes: reward_funcs=[{value}]"
+            fix=f"pass the function object without quotes: reward_funcs=[{value}]"
             if value.isidentifier()
             else "pass the reward function object, or an existing reward-model folder",
+            code="string-func",
         )
     return FuncResult(
-        index, value, "fail" if problem.severity == "error" else "pass", (), (problem,)
+        index, value, "failed" if problem.severity == "error" else "passed", (), (problem,)
     )
 
 
@@ -1170,15 +1169,15 @@ def _none_problems(
     results: list[FuncResult],
     rewards: list[dict[Shape, list[float]]],
     batches: list[_Batch],
-) -> tuple[list[Problem], dict[int, Problem]]:
+) -> tuple[list[Finding], dict[int, Finding]]:
     """Judge None (NaN) across all functions per completion, as TRL does.
 
     Returns report-level problems and, per function index, an 'all-none' finding.
     """
-    scoring = [i for i, r in enumerate(results) if r.status != "fail" or rewards[i]]
+    scoring = [i for i, r in enumerate(results) if r.status != "failed" or rewards[i]]
     models = [i for i in scoring if results[i].status == "model"]
-    report: list[Problem] = []
-    per_func: dict[int, Problem] = {}
+    report: list[Finding] = []
+    per_func: dict[int, Finding] = {}
     if not scoring or models:
         return report, per_func  # nothing to judge, or a reward model scores every row
     scored_any = False
@@ -1203,37 +1202,37 @@ def _none_problems(
     )
     if not scored_any:
         for i in never:
-            per_func[i] = Problem(
-                "all-none",
-                f"returned None (or NaN) for all {shown[i]} completions, and no other function "
-                "scored them either",
-                why + "; when no completion is ever scored, no step trains anything",
-                "return a number for the completions this function applies to (check the "
+            per_func[i] = Finding(
+                found=f"returned None (or NaN) for all {shown[i]} completions, and no other "
+                "function scored them either",
+                why=why + "; when no completion is ever scored, no step trains anything",
+                fix="return a number for the completions this function applies to (check the "
                 "columns it reads)",
+                code="all-none",
             )
         return report, per_func
     for i in never:
-        per_func[i] = Problem(
-            "all-none",
-            f"returned None (or NaN) for all {shown[i]} completions it was shown; other "
+        per_func[i] = Finding(
+            found=f"returned None (or NaN) for all {shown[i]} completions it was shown; other "
             "functions scored them",
-            "TRL treats None as 'not applicable' (multi-task reward functions do this on "
+            why="TRL treats None as 'not applicable' (multi-task reward functions do this on "
             "purpose), so this is fine only if the function applies to rows not in this sample",
-            "check the column it reads decides applicability as intended; include rows it "
+            fix="check the column it reads decides applicability as intended; include rows it "
             "applies to in the dataset",
+            code="all-none",
             severity="warning",
         )
     if unscored:
         batch, row = unscored[0]
         total = sum(len(b) for b in batches if any(b.shape in r for r in rewards))
         report.append(
-            Problem(
-                "unscored-rows",
-                f"{len(unscored)} of {total} completions got None from every reward function, "
-                f"first: completion #{row} of prompt {shorten(batch.prompts[row], 70)}",
-                why,
-                "make sure at least one reward function scores every kind of row (a general "
+            Finding(
+                found=f"{len(unscored)} of {total} completions got None from every reward "
+                f"function, first: completion #{row} of prompt {shorten(batch.prompts[row], 70)}",
+                why=why,
+                fix="make sure at least one reward function scores every kind of row (a general "
                 "format reward, or the task's own function)",
+                code="unscored-rows",
                 severity="warning",
             )
         )
@@ -1261,7 +1260,7 @@ def check_reward_funcs(
         )
     items = [funcs] if callable(funcs) or isinstance(funcs, str) else list(funcs)
     contract = reward_contract()
-    report_problems: list[Problem] = []
+    report_problems: list[Finding] = []
     rows: list[dict[str, Any]] | None = None
     columns: list[str] | None = None
     shape: Shape | None = None
@@ -1269,11 +1268,11 @@ def check_reward_funcs(
         rows, _ = _select_rows(_rows(dataset, max(num_prompts, _WINDOW)), num_prompts)
         if not rows:
             report_problems.append(
-                Problem(
-                    "empty-dataset",
-                    "the dataset has no rows",
-                    "GRPOTrainer has nothing to sample",
-                    "pass a dataset with at least one row",
+                Finding(
+                    found="the dataset has no rows",
+                    why="GRPOTrainer has nothing to sample",
+                    fix="pass a dataset with at least one row",
+                    code="empty-dataset",
                 )
             )
             rows = None
@@ -1281,11 +1280,11 @@ def check_reward_funcs(
             columns = list(dict.fromkeys(k for row in rows for k in row))
             if "prompt" not in columns:
                 report_problems.append(
-                    Problem(
-                        "no-prompt",
-                        f"the dataset has no 'prompt' column (columns: {', '.join(columns)})",
-                        "GRPOTrainer reads each example's 'prompt' to generate completions",
-                        "map the rows to {'prompt': [...messages...] or str, <other columns>}",
+                    Finding(
+                        found=f"the dataset has no 'prompt' column (columns: {', '.join(columns)})",
+                        why="GRPOTrainer reads each example's 'prompt' to generate completions",
+                        fix="map the rows to {'prompt': [...messages...] or str, <other columns>}",
+                        code="no-prompt",
                     )
                 )
             shape = "conversational" if _is_conversational(rows[0].get("prompt")) else "plain"
@@ -1315,7 +1314,7 @@ def check_reward_funcs(
     for i, problem in per_func.items():
         r = results[i]
         problems = (*r.problems, problem)
-        status: Status = "fail" if errors(problems) else r.status
+        status: Status = "failed" if errors(problems) else r.status
         results[i] = dataclasses.replace(r, problems=problems, status=status)
     return RewardReport(tuple(results), tuple(report_problems), contract, shape, len(batches[0]))
 

@@ -34,6 +34,8 @@ import pytest
 if TYPE_CHECKING:
     import torch
 
+    from pytest_unsloth.models.lora import ModelState
+
 __all__ = [
     "BACKENDS",
     "DEFAULT_MODEL",
@@ -133,7 +135,7 @@ class LoadedModel:
     loaded_bytes: int = 0
     released: bool = False
     # The model's pristine state (lora.snapshot_state), taken once; tests are compared to it.
-    state: tuple[Any, ...] | None = None
+    state: ModelState | None = None
 
     def __iter__(self) -> Iterator[Any]:
         """Yield model then tokenizer, for ``model, tokenizer = loaded_4bit_model``."""
@@ -477,21 +479,11 @@ def _import_on_a_clean_stack(module: str) -> None:
     """
     if module in sys.modules:
         return
-    import threading
+    from pytest_unsloth.util.timelimit import call_in_thread
 
-    errors: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            importlib.import_module(module)
-        except BaseException as exc:  # re-raised below, in the caller's thread
-            errors.append(exc)
-
-    thread = threading.Thread(target=target, name=f"pytest-unsloth-import-{module}")
-    thread.start()
-    thread.join()
-    if errors:
-        raise errors[0]
+    call_in_thread(
+        lambda: importlib.import_module(module), None, name=f"pytest-unsloth-import-{module}"
+    )
 
 
 def _load_transformers(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from pytest_unsloth.models.loader import LoadedModel, ModelCheckError, cpu_packed_layers
 
@@ -17,6 +17,7 @@ __all__ = [
     "GRADIENT_CHECKPOINTING_MODES",
     "AppliedLora",
     "LoraSettings",
+    "ModelState",
     "apply_lora",
     "checkpointing_enabled",
     "describe_state_change",
@@ -53,7 +54,7 @@ class AppliedLora:
     lora_tensors: int
     trainable_parameters: int
     gradient_checkpointing: str
-    state_before: tuple[Any, ...]
+    state_before: ModelState
 
     def describe(self) -> str:
         """One line: adapter layout and gradient checkpointing mode."""
@@ -96,35 +97,45 @@ def set_checkpointing(model: Any, enabled: bool) -> None:
         model.gradient_checkpointing_disable()
 
 
-def snapshot_state(model: Any) -> tuple[Any, ...]:
+class ModelState(NamedTuple):
+    """What a test could change on a shared model (a snapshot, compared with ``==``)."""
+
+    modules: tuple[tuple[str, str], ...]  # (name, type name) of every module
+    requires_grad: tuple[tuple[str, bool], ...]  # (name, requires_grad) of every parameter
+    training: bool
+    checkpointing: bool
+    has_peft_config: bool
+
+
+def snapshot_state(model: Any) -> ModelState:
     """Capture what a test could change on a shared model: modules, requires_grad, modes."""
-    modules = tuple((name, type(m).__name__) for name, m in model.named_modules())
-    grads = tuple((name, bool(p.requires_grad)) for name, p in model.named_parameters())
-    return (
-        modules,
-        grads,
-        bool(model.training),
-        checkpointing_enabled(model),
-        hasattr(model, "peft_config"),
+    return ModelState(
+        modules=tuple((name, type(m).__name__) for name, m in model.named_modules()),
+        requires_grad=tuple((name, bool(p.requires_grad)) for name, p in model.named_parameters()),
+        training=bool(model.training),
+        checkpointing=checkpointing_enabled(model),
+        has_peft_config=hasattr(model, "peft_config"),
     )
 
 
 def describe_state_change(before: tuple[Any, ...], after: tuple[Any, ...]) -> str:
-    """Say in a few words what changed between two snapshots."""
+    """Say in a few words what changed between two snapshots (``ModelState`` or plain tuples)."""
+    old, new = ModelState(*before), ModelState(*after)
     changes: list[str] = []
-    if before[0] != after[0]:
-        added = sorted({t for _, t in after[0]} - {t for _, t in before[0]})
+    if old.modules != new.modules:
+        added = sorted({t for _, t in new.modules} - {t for _, t in old.modules})
         changes.append(
             "modules replaced" + (f" (new types: {', '.join(added[:4])})" if added else "")
         )
-    if before[1] != after[1]:
-        flipped = [n for (n, g), (_, h) in zip(before[1], after[1], strict=False) if g != h]
+    if old.requires_grad != new.requires_grad:
+        pairs = zip(old.requires_grad, new.requires_grad, strict=False)
+        flipped = [n for (n, g), (_, h) in pairs if g != h]
         changes.append(f"requires_grad changed on {len(flipped) or 'some'} parameters")
-    if before[2] != after[2]:
+    if old.training != new.training:
         changes.append("train/eval mode changed")
-    if before[3] != after[3]:
+    if old.checkpointing != new.checkpointing:
         changes.append("gradient checkpointing switched")
-    if before[4] != after[4]:
+    if old.has_peft_config != new.has_peft_config:
         changes.append("peft_config added")
     return "; ".join(changes) or "no change"
 
@@ -367,13 +378,13 @@ def remove_lora(applied: AppliedLora) -> bool:
         unloaded = applied.model.unload()
         if unloaded is not base:
             return False
-        if checkpointing_enabled(base) and not applied.state_before[3]:
+        if checkpointing_enabled(base) and not applied.state_before.checkpointing:
             set_checkpointing(base, False)
-        wanted = dict(applied.state_before[1])
+        wanted = dict(applied.state_before.requires_grad)
         for name, param in base.named_parameters():
             if name in wanted:
                 param.requires_grad_(wanted[name])
-        base.train(applied.state_before[2])
+        base.train(applied.state_before.training)
     except Exception:
         return False
     finally:
