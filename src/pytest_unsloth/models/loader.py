@@ -577,6 +577,13 @@ def verify_4bit(loaded: LoadedModel) -> None:
             f"{what} returned a {type(model).__name__}, not a torch.nn.Module; "
             "the loader did not produce a model"
         )
+    _check_4bit_layers(loaded, model, what)
+    _check_tokenizer(loaded, what)
+    _check_sequence_length(loaded, model, what)
+
+
+def _check_4bit_layers(loaded: LoadedModel, model: Any, what: str) -> None:
+    """The Linear layers are bitsandbytes 4-bit, all on the device, computing in the dtype."""
     quantized, linear, plain = count_4bit_layers(model)
     loaded.quantized_layers, loaded.linear_layers = quantized, linear
     if quantized == 0:
@@ -612,6 +619,10 @@ def verify_4bit(loaded: LoadedModel) -> None:
         raise ModelCheckError(
             f"{what}: input embeddings are {embedding.weight.dtype}, expected {loaded.dtype}"
         )
+
+
+def _check_tokenizer(loaded: LoadedModel, what: str) -> None:
+    """A tokenizer came with the model, and it has a pad token."""
     if loaded.tokenizer is None:
         raise ModelCheckError(f"{what} loaded no tokenizer")
     if getattr(loaded.tokenizer, "pad_token", None) is None:
@@ -621,6 +632,10 @@ def verify_4bit(loaded: LoadedModel) -> None:
             "trainers need one. Fix: add pad_token to the model's tokenizer_config.json "
             "(a reserved token, not eos, so the model still learns to stop)"
         )
+
+
+def _check_sequence_length(loaded: LoadedModel, model: Any, what: str) -> None:
+    """The model records the max_seq_length asked for, and its positions reach that far."""
     recorded = getattr(model, "max_seq_length", None)
     if recorded != loaded.max_seq_length:
         raise ModelCheckError(

@@ -215,77 +215,15 @@ def apply_lora(loaded: LoadedModel, settings: LoraSettings) -> AppliedLora:
     """Add LoRA adapters to a loaded model (unsloth's or peft's get_peft_model) and verify them."""
     if loaded.released or loaded.model is None:
         raise ModelCheckError("cannot add LoRA adapters: the model was already released")
-    if settings.gradient_checkpointing not in GRADIENT_CHECKPOINTING_MODES:
-        raise ModelCheckError(
-            f"unknown gradient checkpointing mode {settings.gradient_checkpointing!r}; choose "
-            f"one of {', '.join(GRADIENT_CHECKPOINTING_MODES)}"
-        )
-    if settings.r <= 0:
-        raise ModelCheckError(f"LoRA r must be positive, got {settings.r}")
-    if not 0.0 <= settings.dropout < 1.0:
-        raise ModelCheckError(f"LoRA dropout must be in [0, 1), got {settings.dropout}")
+    _check_settings(settings)
     base = loaded.model
-    if _lora_layer_names(base):
-        raise ModelCheckError(
-            "the shared 4-bit model already carries LoRA adapters; another fixture or test "
-            "added them and did not remove them"
-        )
-    packed = cpu_packed_layers(base)
-    if packed:
-        raise ModelCheckError(
-            f"{len(packed)} 4-bit layers (e.g. {packed[0]}) were repacked by bitsandbytes for CPU "
-            "inference (an eval-mode forward without grad on an AVX512-BF16 CPU); backward through "
-            "them is not implemented, so LoRA training would silently get no gradient there. "
-            "Fix: load a fresh model, or set support_avx512bf16_for_cpu = False on its Linear4bit "
-            "layers before any inference (pytest_unsloth.models.loader.keep_cpu_layout_trainable)"
-        )
+    _check_base(base)
     matched = match_target_modules(base, settings.target_modules)
     state = snapshot_state(base)
-    targets = list(matched)
     if loaded.backend == "unsloth":
-        from unsloth import FastLanguageModel
-
-        mode: Any = {"unsloth": "unsloth", "true": True, "false": False}[
-            settings.gradient_checkpointing
-        ]
-        peft_model = FastLanguageModel.get_peft_model(
-            base,
-            r=settings.r,
-            lora_alpha=settings.alpha,
-            lora_dropout=settings.dropout,
-            target_modules=targets,
-            bias="none",
-            use_gradient_checkpointing=mode,
-            random_state=settings.seed,
-        )
-        used_mode = settings.gradient_checkpointing
+        peft_model, used_mode = _unsloth_peft_model(base, settings, list(matched))
     else:
-        import peft
-        import torch
-
-        config = peft.LoraConfig(
-            r=settings.r,
-            lora_alpha=settings.alpha,
-            lora_dropout=settings.dropout,
-            target_modules=targets,
-            bias="none",
-            task_type="CAUSAL_LM",
-        )
-        # Seed only the adapter init (lora_A is random) without disturbing the test's stream.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(settings.seed)
-            peft_model = peft.get_peft_model(base, config)
-        if settings.gradient_checkpointing == "false":
-            used_mode = "off"
-        else:
-            # "unsloth" mode exists only in unsloth; transformers' own checkpointing is the
-            # nearest equivalent (non-reentrant, so 4-bit inputs need no requires_grad hook).
-            set_checkpointing(base, True)
-            used_mode = (
-                "on (transformers; 'unsloth' mode needs the unsloth backend)"
-                if settings.gradient_checkpointing == "unsloth"
-                else "on (transformers)"
-            )
+        peft_model, used_mode = _peft_model(base, settings, list(matched))
     applied = AppliedLora(
         model=peft_model,
         base=loaded,
@@ -302,6 +240,84 @@ def apply_lora(loaded: LoadedModel, settings: LoraSettings) -> AppliedLora:
         remove_lora(applied)
         raise
     return applied
+
+
+def _check_settings(settings: LoraSettings) -> None:
+    """Raise ModelCheckError for a LoRA setting no backend accepts."""
+    if settings.gradient_checkpointing not in GRADIENT_CHECKPOINTING_MODES:
+        raise ModelCheckError(
+            f"unknown gradient checkpointing mode {settings.gradient_checkpointing!r}; choose "
+            f"one of {', '.join(GRADIENT_CHECKPOINTING_MODES)}"
+        )
+    if settings.r <= 0:
+        raise ModelCheckError(f"LoRA r must be positive, got {settings.r}")
+    if not 0.0 <= settings.dropout < 1.0:
+        raise ModelCheckError(f"LoRA dropout must be in [0, 1), got {settings.dropout}")
+
+
+def _check_base(base: Any) -> None:
+    """Raise ModelCheckError when the base model cannot take fresh, trainable adapters."""
+    if _lora_layer_names(base):
+        raise ModelCheckError(
+            "the shared 4-bit model already carries LoRA adapters; another fixture or test "
+            "added them and did not remove them"
+        )
+    packed = cpu_packed_layers(base)
+    if packed:
+        raise ModelCheckError(
+            f"{len(packed)} 4-bit layers (e.g. {packed[0]}) were repacked by bitsandbytes for CPU "
+            "inference (an eval-mode forward without grad on an AVX512-BF16 CPU); backward through "
+            "them is not implemented, so LoRA training would silently get no gradient there. "
+            "Fix: load a fresh model, or set support_avx512bf16_for_cpu = False on its Linear4bit "
+            "layers before any inference (pytest_unsloth.models.loader.keep_cpu_layout_trainable)"
+        )
+
+
+def _unsloth_peft_model(base: Any, settings: LoraSettings, targets: list[str]) -> tuple[Any, str]:
+    """unsloth's get_peft_model, and the gradient checkpointing mode it used."""
+    from unsloth import FastLanguageModel
+
+    mode: Any = {"unsloth": "unsloth", "true": True, "false": False}[
+        settings.gradient_checkpointing
+    ]
+    peft_model = FastLanguageModel.get_peft_model(
+        base,
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=targets,
+        bias="none",
+        use_gradient_checkpointing=mode,
+        random_state=settings.seed,
+    )
+    return peft_model, settings.gradient_checkpointing
+
+
+def _peft_model(base: Any, settings: LoraSettings, targets: list[str]) -> tuple[Any, str]:
+    """peft's get_peft_model with transformers' checkpointing, and the mode it used."""
+    import peft
+    import torch
+
+    config = peft.LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=targets,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    # Seed only the adapter init (lora_A is random) without disturbing the test's stream.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(settings.seed)
+        peft_model = peft.get_peft_model(base, config)
+    if settings.gradient_checkpointing == "false":
+        return peft_model, "off"
+    # "unsloth" mode exists only in unsloth; transformers' own checkpointing is the nearest
+    # equivalent (non-reentrant, so 4-bit inputs need no requires_grad hook).
+    set_checkpointing(base, True)
+    if settings.gradient_checkpointing == "unsloth":
+        return peft_model, "on (transformers; 'unsloth' mode needs the unsloth backend)"
+    return peft_model, "on (transformers)"
 
 
 def verify_lora(applied: AppliedLora, matched: Mapping[str, Sequence[str]]) -> None:
