@@ -54,6 +54,15 @@ FUSED_NAMES = {
 }
 
 
+class Linear(NamedTuple):
+    """One kind of decoder linear layer."""
+
+    name: str  # module name in a decoder layer (q_proj, shared_expert.up_proj, ...)
+    in_features: int
+    out_features: int
+    per_layer: int  # how many a decoder layer has (the experts of an MoE layer)
+
+
 @dataclasses.dataclass(frozen=True)
 class Arch:
     """The numbers the memory model needs, read from one config."""
@@ -67,8 +76,7 @@ class Arch:
     head_dim: int
     vocab: int
     tied: bool
-    # (module name, in_features, out_features, count per layer) of every decoder linear layer
-    linears: tuple[tuple[str, int, int, int], ...]
+    linears: tuple[Linear, ...]  # every kind of decoder linear layer
     norm_params: int
     bias_params: int
     experts: int = 0
@@ -91,7 +99,7 @@ class Arch:
     @property
     def linear_params(self) -> int:
         """Parameters in the decoder's linear layers (what 4-bit/8-bit quantization touches)."""
-        return self.layers * sum(i * o * n for _, i, o, n in self.linears)
+        return self.layers * sum(m.in_features * m.out_features * m.per_layer for m in self.linears)
 
     @property
     def embed_params(self) -> int:
@@ -183,33 +191,33 @@ def _language_model_config(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def _linear_layers(
     cfg: Mapping[str, Any], fused: bool, h: int, q: int, kvd: int, inter: int, experts: int
-) -> list[tuple[str, int, int, int]]:
-    """(module name, in_features, out_features, count per layer) of each decoder linear layer."""
+) -> list[Linear]:
+    """Each kind of decoder linear layer, with its sizes."""
     if fused:
         return [
-            ("qkv_proj", h, q + 2 * kvd, 1),
-            ("o_proj", q, h, 1),
-            ("gate_up_proj", h, 2 * inter, 1),
-            ("down_proj", inter, h, 1),
+            Linear("qkv_proj", h, q + 2 * kvd, 1),
+            Linear("o_proj", q, h, 1),
+            Linear("gate_up_proj", h, 2 * inter, 1),
+            Linear("down_proj", inter, h, 1),
         ]
     mlp_n = experts or 1
     lin = [
-        ("q_proj", h, q, 1),
-        ("k_proj", h, kvd, 1),
-        ("v_proj", h, kvd, 1),
-        ("o_proj", q, h, 1),
-        ("gate_proj", h, inter, mlp_n),
-        ("up_proj", h, inter, mlp_n),
-        ("down_proj", inter, h, mlp_n),
+        Linear("q_proj", h, q, 1),
+        Linear("k_proj", h, kvd, 1),
+        Linear("v_proj", h, kvd, 1),
+        Linear("o_proj", q, h, 1),
+        Linear("gate_proj", h, inter, mlp_n),
+        Linear("up_proj", h, inter, mlp_n),
+        Linear("down_proj", inter, h, mlp_n),
     ]
     if experts:
-        lin.append(("router", h, experts, 1))
+        lin.append(Linear("router", h, experts, 1))
         shared = int(cfg.get("shared_expert_intermediate_size") or 0)
         if shared:
             lin += [
-                ("shared_expert.gate_proj", h, shared, 1),
-                ("shared_expert.up_proj", h, shared, 1),
-                ("shared_expert.down_proj", shared, h, 1),
+                Linear("shared_expert.gate_proj", h, shared, 1),
+                Linear("shared_expert.up_proj", h, shared, 1),
+                Linear("shared_expert.down_proj", shared, h, 1),
             ]
     return lin
 
@@ -245,7 +253,7 @@ def count_on_meta(cfg: Mapping[str, Any]) -> Arch:
             i, o, n = per_layer.get(short, (mod.in_features, mod.out_features, 0))
             per_layer[short] = (i, o, n + 1)
             linear_total += mod.in_features * mod.out_features
-    lin = tuple((k, i, o, max(1, n // layers)) for k, (i, o, n) in per_layer.items())
+    lin = tuple(Linear(k, i, o, max(1, n // layers)) for k, (i, o, n) in per_layer.items())
     total = sum(p.numel() for p in model.parameters())
     emb_total = vocab * h * (1 if tied else 2)
     inter = int(getattr(text, "intermediate_size", 4 * h) or 4 * h)
@@ -266,12 +274,10 @@ def count_on_meta(cfg: Mapping[str, Any]) -> Arch:
     )
 
 
-def lora_modules(
-    arch: Arch, targets: str | list[str] | tuple[str, ...] | None
-) -> list[tuple[str, int, int, int]]:
+def lora_modules(arch: Arch, targets: str | list[str] | tuple[str, ...] | None) -> list[Linear]:
     """The decoder linear layers a LoRA target list hits ("all-linear"/None: all but a router)."""
     if targets is None or targets == "all-linear":
-        return [m for m in arch.linears if m[0] != "router"]
+        return [m for m in arch.linears if m.name != "router"]
     names = [targets] if isinstance(targets, str) else list(targets)
     wanted = set(names) | {FUSED_NAMES[n] for n in names if n in FUSED_NAMES}
-    return [m for m in arch.linears if m[0] in wanted or m[0].rsplit(".", 1)[-1] in wanted]
+    return [m for m in arch.linears if m.name in wanted or m.name.rsplit(".", 1)[-1] in wanted]

@@ -274,10 +274,10 @@ def weight_bytes(arch: Arch, s: Mapping[str, Any]) -> int:
         # with double quantization uint8 plus one fp32 absmax (and offset) per 256 blocks
         blocks = n_lin / 64
         absmax = blocks * (1 + 8 / 256) if s["bnb_4bit_use_double_quant"] else blocks * 4
-        n_tensors = arch.layers * sum(n for *_, n in arch.linears)
+        n_tensors = arch.layers * sum(m.per_layer for m in arch.linears)
         return int(n_lin / 2 + absmax + n_tensors * 1024 + rest * dt)
     if s["load_in_8bit"] and not s["full_finetuning"]:
-        rows = arch.layers * sum(o * n for _, _, o, n in arch.linears)
+        rows = arch.layers * sum(m.out_features * m.per_layer for m in arch.linears)
         return int(n_lin + rows * 4 + rest * dt)
     return int((n_lin + rest) * dt)
 
@@ -286,7 +286,8 @@ def lora_params(arch: Arch, s: Mapping[str, Any]) -> int:
     """Trainable LoRA parameters: r x (in + out) for each targeted linear layer."""
     r = int(s["lora_r"])
     return arch.layers * sum(
-        r * (i + o) * n for _, i, o, n in lora_modules(arch, s["target_modules"])
+        r * (m.in_features + m.out_features) * m.per_layer
+        for m in lora_modules(arch, s["target_modules"])
     )
 
 
