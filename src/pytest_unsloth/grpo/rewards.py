@@ -1272,8 +1272,9 @@ def _tally_none(
     scoring: list[int], rewards: list[dict[Shape, list[float]]], batches: list[_Batch]
 ) -> _NoneTally:
     """Count, per completion, whether any of the ``scoring`` functions gave it a number."""
-    tally = _NoneTally(False, [], {})
     scored_any = False
+    unscored: list[tuple[_Batch, int]] = []
+    shown: dict[int, int] = {}
     for batch in batches:
         funcs = [i for i in scoring if batch.shape in rewards[i]]
         if not funcs:
@@ -1282,10 +1283,10 @@ def _tally_none(
             if any(not math.isnan(rewards[i][batch.shape][row]) for i in funcs):
                 scored_any = True
             else:
-                tally.unscored.append((batch, row))
+                unscored.append((batch, row))
         for i in funcs:
-            tally.shown[i] = tally.shown.get(i, 0) + len(batch)
-    return tally._replace(scored_any=scored_any)
+            shown[i] = shown.get(i, 0) + len(batch)
+    return _NoneTally(scored_any, unscored, shown)
 
 
 def _none_problems(
