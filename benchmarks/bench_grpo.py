@@ -108,7 +108,8 @@ def bench_rewards() -> float:
 
 
 def bench_budget() -> float:
-    from pytest_unsloth import check_length_budget, tiny
+    from pytest_unsloth import check_length_budget
+    from pytest_unsloth.models import tiny
 
     tokenizer = tiny.load_tokenizer(tiny.build("llama"))
     rng = random.Random(0)

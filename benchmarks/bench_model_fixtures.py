@@ -74,7 +74,7 @@ BUILD = textwrap.dedent(
     )
     import tokenizers
     model_code = time.perf_counter() - t0
-    from pytest_unsloth import tiny
+    from pytest_unsloth.models import tiny
     d = tempfile.mkdtemp()
     t1 = time.perf_counter()
     tiny.build("llama", cache_dir=d)

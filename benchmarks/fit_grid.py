@@ -429,7 +429,7 @@ def quantize_linears(model: Any, device: str) -> None:
 
 def tokenizer_dir(path: str) -> None:
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
-    from pytest_unsloth import tiny
+    from pytest_unsloth.models import tiny
 
     tiny._make_tokenizer().save_pretrained(path)
 

@@ -17,7 +17,7 @@ def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Any:
     # The tiny model is built with torch and its tokenizer trained with tokenizers.
     for module in ("torch", "transformers", "tokenizers"):
         pytest.importorskip(module)
-    from pytest_unsloth import tiny
+    from pytest_unsloth.models import tiny
 
     return tiny.load_tokenizer(tiny.build("llama", cache_dir=tmp_path_factory.mktemp("tiny")))
 

@@ -72,7 +72,7 @@ def _preload_stack() -> None:
 
 @pytest.fixture
 def tiny_folder(pytester: pytest.Pytester) -> Path:
-    from pytest_unsloth import tiny
+    from pytest_unsloth.models import tiny
 
     return tiny.build("llama", cache_dir=pytester.path / "models")
 

@@ -203,7 +203,7 @@ def test_article_002_functions_pass_with_their_dataset() -> None:
     assert report.ok, report.format()
     assert report.shape == "conversational"
     assert report.num_completions == 24
-    assert all(r.status == "pass" and r.shapes == ("conversational",) for r in report.results)
+    assert all(r.status == "passed" and r.shapes == ("conversational",) for r in report.results)
 
 
 def test_article_002_without_dataset_is_conversational_only_info() -> None:
@@ -378,7 +378,7 @@ def tiny_lm(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from pytest_unsloth import tiny
+    from pytest_unsloth.models import tiny
 
     path = tiny.build("llama", seed=0, cache_dir=tmp_path_factory.mktemp("tiny"))
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)

@@ -88,7 +88,7 @@ def test_own_dataset_and_model(grpo_trainer: Any, tmp_path: Any) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from pytest_unsloth import tiny
+    from pytest_unsloth.models import tiny
 
     path = tiny.build("qwen2", cache_dir=tmp_path)
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)

@@ -215,7 +215,7 @@ def test_length_budget_reports_a_missing_tokenizer_without_a_lookup(
 
 @needs_hub
 def test_model_fixture_path_reports_a_missing_hub_model_without_a_lookup(no_network):
-    from pytest_unsloth.models import ModelLoadError, ModelRequest, load_4bit
+    from pytest_unsloth.models.loader import ModelLoadError, ModelRequest, load_4bit
 
     with pytest.raises(
         ModelLoadError, match="nor in the Hugging Face cache, and downloads are off"

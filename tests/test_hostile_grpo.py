@@ -340,7 +340,7 @@ def test_rows_no_function_scores_are_a_warning_and_a_set_that_never_scores_an_er
 @pytest.fixture(scope="module")
 def tiny_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Any:
     pytest.importorskip("transformers")
-    from pytest_unsloth import tiny
+    from pytest_unsloth.models import tiny
 
     return tiny.load_tokenizer(tiny.build("llama", cache_dir=tmp_path_factory.mktemp("tiny")))
 
@@ -614,7 +614,7 @@ def test_trl_trains_with_multitask_none_and_signal_based_rewards(
     from transformers import AutoModelForCausalLM
     from trl import GRPOConfig, GRPOTrainer
 
-    from pytest_unsloth import tiny
+    from pytest_unsloth.models import tiny
 
     funcs = [math_reward, code_reward, signal_reward]
     data = multitask_rows(8)

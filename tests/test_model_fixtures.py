@@ -27,7 +27,8 @@ def _ml_stack_stays_imported(tmp_path_factory: pytest.TempPathFactory) -> None:
     crashes. Modules imported before the run are kept. A load with LoRA of each architecture
     the tests use pulls in the lazily imported transformers and peft modules too.
     """
-    from pytest_unsloth import lora, models
+    from pytest_unsloth.models import loader as models
+    from pytest_unsloth.models import lora
 
     for arch in ("llama", "qwen2", "mistral", "gemma", "qwen3"):
         loaded = models.load_4bit(
@@ -344,7 +345,7 @@ def test_lora_settings_fixture_can_be_overridden(pytester: pytest.Pytester) -> N
 
         @pytest.fixture(params=[("q_proj",), ("all-linear",)])
         def unsloth_lora_settings(request):
-            from pytest_unsloth.lora import LoraSettings
+            from pytest_unsloth.models.lora import LoraSettings
             return LoraSettings(r=2, target_modules=request.param)
 
         def test_peft(peft_model, unsloth_lora_settings):
@@ -433,7 +434,8 @@ def test_fixtures_module_imports_nothing_heavy(pytester: pytest.Pytester) -> Non
     result = pytester.run(
         sys.executable,
         "-c",
-        "import sys, pytest_unsloth.fixtures, pytest_unsloth.models, pytest_unsloth.tiny; "
+        "import sys, pytest_unsloth.fixtures, pytest_unsloth.models.loader, "
+        "pytest_unsloth.models.tiny; "
         "heavy = ('torch', 'transformers', 'peft', 'bitsandbytes', 'tokenizers', 'unsloth'); "
         "print(sorted(m for m in heavy if m in sys.modules))",
         timeout=60,

@@ -20,15 +20,16 @@ from typing import Any
 
 import pytest
 
-from pytest_unsloth import lora, models, tiny
-from pytest_unsloth.lora import LoraSettings
-from pytest_unsloth.models import (
+from pytest_unsloth.models import loader as models
+from pytest_unsloth.models import lora, tiny
+from pytest_unsloth.models.loader import (
     LoadedModel,
     ModelCache,
     ModelCheckError,
     ModelLoadError,
     ModelRequest,
 )
+from pytest_unsloth.models.lora import LoraSettings
 
 for _module in ("torch", "transformers", "bitsandbytes", "peft"):
     pytest.importorskip(_module)  # every test here loads or trains a real model
@@ -181,7 +182,7 @@ def test_uncached_hub_id_does_not_wait_on_the_network(
     code = textwrap.dedent(
         """
         import time
-        from pytest_unsloth import models
+        from pytest_unsloth.models import loader as models
         start = time.perf_counter()
         try:
             models.resolve_model_path("nobody/no-such-model")
@@ -509,7 +510,7 @@ GPU_TEST = textwrap.dedent(
 
     @pytest.mark.parametrize("arch", ["llama", "qwen2"])
     def test_unsloth_4bit_lora_step_and_release(arch):
-        from pytest_unsloth import lora, models
+        from pytest_unsloth.models import loader as models, lora
         baseline = torch.cuda.memory_allocated() if torch.cuda.is_initialized() else 0
         loaded = models.load_4bit(models.ModelRequest(f"tiny:{arch}"))
         assert loaded.backend == "unsloth", loaded.describe()

@@ -89,7 +89,10 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # Built in a child: importing torch here could make it a second import in this process
     # (pytester's in-process runs drop modules they imported), which torch refuses.
     cache = tmp_path_factory.mktemp("tiny-models")
-    code = f"from pytest_unsloth import tiny; print(tiny.build('llama', cache_dir={str(cache)!r}))"
+    code = (
+        "from pytest_unsloth.models import tiny; "
+        f"print(tiny.build('llama', cache_dir={str(cache)!r}))"
+    )
     proc = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True
     )

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from pytest_unsloth import tiny
+from pytest_unsloth.models import tiny
 
 pytestmark = pytest.mark.slow
 
@@ -133,7 +133,7 @@ def test_build_is_identical_in_another_process(
     result = pytester.run(
         sys.executable,
         "-c",
-        "import sys; from pytest_unsloth import tiny; "
+        "import sys; from pytest_unsloth.models import tiny; "
         "print(tiny.build('gemma', cache_dir=sys.argv[1], seed=5))",
         str(tmp_path / "there"),
         timeout=120,
@@ -221,7 +221,7 @@ def test_importing_tiny_is_light(pytester: pytest.Pytester) -> None:
     result = pytester.run(
         sys.executable,
         "-c",
-        "import sys, pytest_unsloth.tiny as t; "
+        "import sys, pytest_unsloth.models.tiny as t; "
         "assert t.ARCHITECTURES; "
         "print(sorted(m for m in ('torch', 'transformers', 'tokenizers') if m in sys.modules))",
         timeout=60,

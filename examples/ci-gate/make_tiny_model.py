@@ -8,7 +8,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from pytest_unsloth import tiny
+from pytest_unsloth.models import tiny
 
 if __name__ == "__main__":
     target = Path(__file__).parent / "models" / "base"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -52,12 +54,22 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    """Import a public helper's module on first access."""
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
+def _lazy_attributes(package: str, where: Mapping[str, str]) -> Callable[[str], Any]:
+    """A module ``__getattr__`` importing the module ``where[name]`` on first access.
 
-    # Not cached in globals(): the module in sys.modules stays the single source of each class.
-    return getattr(importlib.import_module(module), name)
+    Defined here, not in a utility module, so ``import pytest_unsloth`` reads one file;
+    ``pytest_unsloth.grpo`` uses it too. Nothing is cached in the package's globals: the
+    defining module in ``sys.modules`` stays the single source of each class.
+    """
+
+    def __getattr__(name: str) -> Any:
+        module = where.get(name)
+        if module is None:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        return getattr(importlib.import_module(module), name)
+
+    return __getattr__
+
+
+# Public helpers, imported on first use (see _LAZY).
+__getattr__ = _lazy_attributes(__name__, _LAZY)

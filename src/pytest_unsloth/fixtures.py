@@ -45,7 +45,7 @@ from pytest_unsloth.markers import (
     torch_cached_bytes,
     visibility_problem,
 )
-from pytest_unsloth.models import (
+from pytest_unsloth.models.loader import (
     BACKENDS,
     DEFAULT_MODEL,
     DTYPES,
@@ -60,8 +60,8 @@ from pytest_unsloth.models import (
 from pytest_unsloth.pinning import PIN_KEY
 
 if TYPE_CHECKING:
-    from pytest_unsloth.lora import LoraSettings
-    from pytest_unsloth.models import LoadedModel, ModelCache
+    from pytest_unsloth.models.loader import LoadedModel, ModelCache
+    from pytest_unsloth.models.lora import LoraSettings
     from pytest_unsloth.settings import Settings
 
 T = TypeVar("T")
@@ -345,7 +345,7 @@ def unsloth_model_name(request: pytest.FixtureRequest) -> str | None:
 @pytest.fixture
 def unsloth_lora_settings(request: pytest.FixtureRequest) -> LoraSettings:
     """LoRA settings for peft_model from ini unsloth_lora_*; override or parametrize it."""
-    from pytest_unsloth.lora import LoraSettings
+    from pytest_unsloth.models.lora import LoraSettings
 
     s = _settings(request.config)
     return LoraSettings(
@@ -362,7 +362,7 @@ def unsloth_model_cache(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Generator[ModelCache, None, None]:
     """Session cache of 4-bit loads; releases them at the end and checks the memory came back."""
-    from pytest_unsloth.models import ModelCache
+    from pytest_unsloth.models.loader import ModelCache
 
     cache = ModelCache(tiny_cache_dir=tmp_path_factory.mktemp("unsloth-tiny-models"))
     yield cache
@@ -392,7 +392,7 @@ def loaded_4bit_model(
     from pytest_unsloth.compat.distributions import require_installed
 
     require_installed(("torch", "transformers", "bitsandbytes"), "the loaded_4bit_model fixture")
-    from pytest_unsloth.lora import describe_state_change, snapshot_state
+    from pytest_unsloth.models.lora import describe_state_change, snapshot_state
 
     item = request.node
     req = _call(item, lambda: build_request(item, _settings(request.config), unsloth_model_name))
@@ -424,7 +424,7 @@ def loaded_4bit_model(
 
 def _restore_flags(model: Any, before: tuple[Any, ...]) -> None:
     """Undo what a trainer flips on a model: requires_grad, train mode, gradient checkpointing."""
-    from pytest_unsloth.lora import checkpointing_enabled, set_checkpointing
+    from pytest_unsloth.models.lora import checkpointing_enabled, set_checkpointing
 
     wanted = dict(before[1])
     for name, param in model.named_parameters():
@@ -447,7 +447,7 @@ def peft_model(
 ) -> Generator[Any, None, None]:
     """The 4-bit model with fresh LoRA adapters for this test (a PEFT model); removed after it."""
     from pytest_unsloth.compat.distributions import require_installed
-    from pytest_unsloth.lora import apply_lora, remove_lora
+    from pytest_unsloth.models.lora import apply_lora, remove_lora
 
     require_installed(("peft",), "the peft_model fixture")
     item = request.node

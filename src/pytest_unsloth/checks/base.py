@@ -9,6 +9,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pytest_unsloth.findings import Finding
+
 if TYPE_CHECKING:
     import pytest
 
@@ -27,18 +29,26 @@ class CheckFailed(Exception):
 
     def __init__(self, found: str, why: str = "", fix: str = "") -> None:
         super().__init__(found)
-        self.found = found
-        self.why = why
-        self.fix = fix
+        self.finding = Finding(found, why, fix)
+
+    @property
+    def found(self) -> str:
+        """What the check found."""
+        return self.finding.found
+
+    @property
+    def why(self) -> str:
+        """Why it matters (may be empty)."""
+        return self.finding.why
+
+    @property
+    def fix(self) -> str:
+        """How to fix it (may be empty)."""
+        return self.finding.fix
 
     def render(self) -> str:
         """The three lines shown under the failing item (no traceback)."""
-        lines = [f"found: {self.found}"]
-        if self.why:
-            lines.append(f"why:   {self.why}")
-        if self.fix:
-            lines.append(f"fix:   {self.fix}")
-        return "\n".join(lines)
+        return self.finding.render()
 
 
 class CheckSkipped(Exception):

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from pytest_unsloth.checks.base import CheckContext, CheckFailed, CheckSkipped
 from pytest_unsloth.probes import stage
+from pytest_unsloth.util.timelimit import ThreadCall
 
 if TYPE_CHECKING:
     from pytest_unsloth.grpo.problems import Problem
@@ -210,7 +211,7 @@ def _reward_funcs_body(ctx: CheckContext) -> str | None:
             funcs.append(import_object(spec, ctx.rootpath, source))
             specs.append(spec)
         except CheckFailed as exc:
-            import_failures.append(("", Problem("import", exc.found, exc.why, exc.fix)))
+            import_failures.append(("", Problem(exc.found, exc.why, exc.fix, code="import")))
 
     rows: list[dict[str, Any]] | None = None
     note = ""
@@ -278,7 +279,7 @@ def _load_tokenizer(ctx: CheckContext) -> Any:
     target = str(path) if path.exists() else value
     stage(f"load the tokenizer {value}")
     try:
-        from pytest_unsloth import tiny
+        from pytest_unsloth.models import tiny
 
         if path.is_dir() and tiny.is_tiny_model(path):
             return tiny.load_tokenizer(path)
@@ -476,33 +477,27 @@ class _ChildRuns:
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.events: dict[str, threading.Event] = {}
-        self.results: dict[str, ProbeResult] = {}
+        self.calls: dict[str, ThreadCall[ProbeResult]] = {}
 
     def start(self, name: str, ctx: CheckContext) -> None:
         """Start the child of check ``name`` unless it is started already."""
-        with self.lock:
-            if name in self.events:
-                return
-            self.events[name] = threading.Event()
 
-        def run() -> None:
+        def run() -> ProbeResult:
             try:
-                result = _run_child(name, ctx)
+                return _run_child(name, ctx)
             except Exception as exc:  # a bug here must fail one check, not the session
                 from pytest_unsloth.probes.protocol import ProbeResult
 
-                result = ProbeResult(f"grpo-{name}", "error", f"{type(exc).__name__}: {exc}")
-            self.results[name] = result
-            self.events[name].set()
+                return ProbeResult(f"grpo-{name}", "error", f"{type(exc).__name__}: {exc}")
 
-        threading.Thread(target=run, name=f"unsloth-grpo-{name}", daemon=True).start()
+        with self.lock:
+            if name not in self.calls:
+                self.calls[name] = ThreadCall(run, name=f"unsloth-grpo-{name}")
 
     def get(self, name: str, ctx: CheckContext) -> ProbeResult:
         """The child's result, starting it if needed and waiting for it."""
         self.start(name, ctx)
-        self.events[name].wait()
-        return self.results[name]
+        return self.calls[name].result()
 
 
 _RUNS: weakref.WeakKeyDictionary[CheckContext, _ChildRuns] = weakref.WeakKeyDictionary()

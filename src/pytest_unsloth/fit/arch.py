@@ -11,24 +11,37 @@ import json
 import os
 import pathlib
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
-# model_type -> (fused qkv/gate_up like Phi-3, q/k/v bias default, tie_word_embeddings default,
-# norms per layer). Defaults are the transformers config classes' own defaults.
-FAMILIES: dict[str, tuple[bool, bool, bool, int]] = {
-    "llama": (False, False, False, 2),
-    "mistral": (False, False, False, 2),
-    "mixtral": (False, False, False, 2),
-    "qwen2": (False, True, False, 2),
-    "qwen2_moe": (False, True, False, 2),
-    "qwen3": (False, False, False, 2),
-    "qwen3_moe": (False, False, False, 2),
-    "gemma": (False, False, True, 2),
-    "gemma2": (False, False, True, 4),
-    "gemma3": (False, False, True, 4),
-    "gemma3_text": (False, False, True, 4),
-    "phi3": (True, False, False, 2),
-    "granite": (False, False, True, 2),
+
+class Family(NamedTuple):
+    """What a model family's config leaves implicit (the transformers config classes' defaults)."""
+
+    fused: bool  # one qkv_proj and one gate_up_proj module, like Phi-3
+    qkv_bias: bool  # attention_bias default: q/k/v projections carry a bias
+    tied: bool  # tie_word_embeddings default
+    norms_per_layer: int
+
+
+_PLAIN = Family(fused=False, qkv_bias=False, tied=False, norms_per_layer=2)
+_GEMMA = Family(fused=False, qkv_bias=False, tied=True, norms_per_layer=2)
+_GEMMA2 = Family(fused=False, qkv_bias=False, tied=True, norms_per_layer=4)
+_QWEN2 = Family(fused=False, qkv_bias=True, tied=False, norms_per_layer=2)
+
+FAMILIES: dict[str, Family] = {
+    "llama": _PLAIN,
+    "mistral": _PLAIN,
+    "mixtral": _PLAIN,
+    "qwen2": _QWEN2,
+    "qwen2_moe": _QWEN2,
+    "qwen3": _PLAIN,
+    "qwen3_moe": _PLAIN,
+    "gemma": _GEMMA,
+    "gemma2": _GEMMA2,
+    "gemma3": _GEMMA2,
+    "gemma3_text": _GEMMA2,
+    "phi3": Family(fused=True, qkv_bias=False, tied=False, norms_per_layer=2),
+    "granite": _GEMMA,  # tied embeddings, two norms per layer
 }
 
 # The LoRA target names users write (and unsloth/peft accept) mapped onto fused Phi-3 modules.
@@ -39,6 +52,15 @@ FUSED_NAMES = {
     "gate_proj": "gate_up_proj",
     "up_proj": "gate_up_proj",
 }
+
+
+class Linear(NamedTuple):
+    """One kind of decoder linear layer."""
+
+    name: str  # module name in a decoder layer (q_proj, shared_expert.up_proj, ...)
+    in_features: int
+    out_features: int
+    per_layer: int  # how many a decoder layer has (the experts of an MoE layer)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,8 +76,7 @@ class Arch:
     head_dim: int
     vocab: int
     tied: bool
-    # (module name, in_features, out_features, count per layer) of every decoder linear layer
-    linears: tuple[tuple[str, int, int, int], ...]
+    linears: tuple[Linear, ...]  # every kind of decoder linear layer
     norm_params: int
     bias_params: int
     experts: int = 0
@@ -79,7 +100,7 @@ class Arch:
     @property
     def linear_params(self) -> int:
         """Parameters in the decoder's linear layers (what 4-bit/8-bit quantization touches)."""
-        return self.layers * sum(i * o * n for _, i, o, n in self.linears)
+        return self.layers * sum(m.in_features * m.out_features * m.per_layer for m in self.linears)
 
     @property
     def embed_params(self) -> int:
@@ -115,67 +136,28 @@ def _int(cfg: Mapping[str, Any], key: str, default: int | None = None) -> int:
 
 def arch_from_config(config_or_path: Mapping[str, Any] | str | os.PathLike[str]) -> Arch:
     """Read the architecture numbers; unknown families are counted on the meta device."""
-    cfg = read_config(config_or_path)
-    # multimodal wrappers (Gemma 3, Llama 4, ...) keep the language model in text_config
-    text = cfg.get("text_config")
-    if isinstance(text, Mapping) and "hidden_size" in text:
-        outer_tie = cfg.get("tie_word_embeddings")
-        cfg = {**text, **({"tie_word_embeddings": outer_tie} if outer_tie is not None else {})}
-        cfg.setdefault("model_type", "gemma3_text")
+    cfg = _language_model_config(read_config(config_or_path))
     model_type = str(cfg.get("model_type", ""))
     family = FAMILIES.get(model_type)
     if family is None:
         return count_on_meta(cfg)
-    fused, qkv_bias_default, tie_default, norms = family
     h = _int(cfg, "hidden_size")
     layers = _int(cfg, "num_hidden_layers")
     heads = _int(cfg, "num_attention_heads")
     kv = _int(cfg, "num_key_value_heads", heads)
     head_dim = cfg.get("head_dim") or h // heads
     vocab = _int(cfg, "vocab_size")
-    tied = bool(cfg.get("tie_word_embeddings", tie_default))
     experts = int(cfg.get("num_local_experts") or cfg.get("num_experts") or 0)
     if experts:
         inter = int(cfg.get("moe_intermediate_size") or cfg["intermediate_size"])
     else:
         inter = _int(cfg, "intermediate_size")
     q, kvd = heads * head_dim, kv * head_dim
-    if fused:
-        lin: list[tuple[str, int, int, int]] = [
-            ("qkv_proj", h, q + 2 * kvd, 1),
-            ("o_proj", q, h, 1),
-            ("gate_up_proj", h, 2 * inter, 1),
-            ("down_proj", inter, h, 1),
-        ]
-    else:
-        lin = [
-            ("q_proj", h, q, 1),
-            ("k_proj", h, kvd, 1),
-            ("v_proj", h, kvd, 1),
-            ("o_proj", q, h, 1),
-        ]
-        mlp_n = experts or 1
-        lin += [
-            ("gate_proj", h, inter, mlp_n),
-            ("up_proj", h, inter, mlp_n),
-            ("down_proj", inter, h, mlp_n),
-        ]
-        if experts:
-            lin.append(("router", h, experts, 1))
-            shared = int(cfg.get("shared_expert_intermediate_size") or 0)
-            if shared:
-                lin += [
-                    ("shared_expert.gate_proj", h, shared, 1),
-                    ("shared_expert.up_proj", h, shared, 1),
-                    ("shared_expert.down_proj", shared, h, 1),
-                ]
-    bias = bool(cfg.get("attention_bias", qkv_bias_default))
-    bias_params = layers * (q + 2 * kvd) if bias else 0
-    norm_params = layers * norms * h + h
+    bias = bool(cfg.get("attention_bias", family.qkv_bias))
+    norm_params = layers * family.norms_per_layer * h + h
     if model_type.startswith("qwen3") or model_type == "gemma3_text" or model_type == "gemma3":
         norm_params += layers * 2 * head_dim  # q_norm / k_norm
     window = cfg.get("sliding_window")
-    attention = "eager" if model_type == "gemma2" else "sdpa"
     # Gemma 2 caps its logits (divide, tanh, multiply: more vocab-sized buffers); transformers'
     # Gemma2Config defaults final_logit_softcapping to 30.0, so a config without the key has it.
     softcap = cfg.get("final_logit_softcapping", 30.0 if model_type == "gemma2" else None)
@@ -188,17 +170,61 @@ def arch_from_config(config_or_path: Mapping[str, Any] | str | os.PathLike[str])
         kv_heads=kv,
         head_dim=int(head_dim),
         vocab=vocab,
-        tied=tied,
-        linears=tuple(lin),
+        tied=bool(cfg.get("tie_word_embeddings", family.tied)),
+        linears=tuple(_linear_layers(cfg, family.fused, h, q, kvd, inter, experts)),
         norm_params=norm_params,
-        bias_params=bias_params,
+        bias_params=layers * (q + 2 * kvd) if bias else 0,
         experts=experts,
         experts_per_token=int(cfg.get("num_experts_per_tok") or 0),
         sliding_window=int(window) if isinstance(window, int) else None,
-        attention=attention,
-        norms_per_layer=norms,
+        attention="eager" if model_type == "gemma2" else "sdpa",
+        norms_per_layer=family.norms_per_layer,
         logit_softcap=softcap is not None,
     )
+
+
+def _language_model_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The language model's config: multimodal wrappers (Gemma 3, Llama 4, ...) nest it."""
+    text = cfg.get("text_config")
+    if not (isinstance(text, Mapping) and "hidden_size" in text):
+        return cfg
+    outer_tie = cfg.get("tie_word_embeddings")
+    inner = {**text, **({"tie_word_embeddings": outer_tie} if outer_tie is not None else {})}
+    inner.setdefault("model_type", "gemma3_text")
+    return inner
+
+
+def _linear_layers(
+    cfg: Mapping[str, Any], fused: bool, h: int, q: int, kvd: int, inter: int, experts: int
+) -> list[Linear]:
+    """Each kind of decoder linear layer, with its sizes."""
+    if fused:
+        return [
+            Linear("qkv_proj", h, q + 2 * kvd, 1),
+            Linear("o_proj", q, h, 1),
+            Linear("gate_up_proj", h, 2 * inter, 1),
+            Linear("down_proj", inter, h, 1),
+        ]
+    mlp_n = experts or 1
+    lin = [
+        Linear("q_proj", h, q, 1),
+        Linear("k_proj", h, kvd, 1),
+        Linear("v_proj", h, kvd, 1),
+        Linear("o_proj", q, h, 1),
+        Linear("gate_proj", h, inter, mlp_n),
+        Linear("up_proj", h, inter, mlp_n),
+        Linear("down_proj", inter, h, mlp_n),
+    ]
+    if experts:
+        lin.append(Linear("router", h, experts, 1))
+        shared = int(cfg.get("shared_expert_intermediate_size") or 0)
+        if shared:
+            lin += [
+                Linear("shared_expert.gate_proj", h, shared, 1),
+                Linear("shared_expert.up_proj", h, shared, 1),
+                Linear("shared_expert.down_proj", shared, h, 1),
+            ]
+    return lin
 
 
 def count_on_meta(cfg: Mapping[str, Any]) -> Arch:
@@ -232,7 +258,7 @@ def count_on_meta(cfg: Mapping[str, Any]) -> Arch:
             i, o, n = per_layer.get(short, (mod.in_features, mod.out_features, 0))
             per_layer[short] = (i, o, n + 1)
             linear_total += mod.in_features * mod.out_features
-    lin = tuple((k, i, o, max(1, n // layers)) for k, (i, o, n) in per_layer.items())
+    lin = tuple(Linear(k, i, o, max(1, n // layers)) for k, (i, o, n) in per_layer.items())
     total = sum(p.numel() for p in model.parameters())
     emb_total = vocab * h * (1 if tied else 2)
     inter = int(getattr(text, "intermediate_size", 4 * h) or 4 * h)
@@ -253,12 +279,10 @@ def count_on_meta(cfg: Mapping[str, Any]) -> Arch:
     )
 
 
-def lora_modules(
-    arch: Arch, targets: str | list[str] | tuple[str, ...] | None
-) -> list[tuple[str, int, int, int]]:
+def lora_modules(arch: Arch, targets: str | list[str] | tuple[str, ...] | None) -> list[Linear]:
     """The decoder linear layers a LoRA target list hits ("all-linear"/None: all but a router)."""
     if targets is None or targets == "all-linear":
-        return [m for m in arch.linears if m[0] != "router"]
+        return [m for m in arch.linears if m.name != "router"]
     names = [targets] if isinstance(targets, str) else list(targets)
     wanted = set(names) | {FUSED_NAMES[n] for n in names if n in FUSED_NAMES}
-    return [m for m in arch.linears if m[0] in wanted or m[0].rsplit(".", 1)[-1] in wanted]
+    return [m for m in arch.linears if m.name in wanted or m.name.rsplit(".", 1)[-1] in wanted]

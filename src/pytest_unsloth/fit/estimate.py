@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from pytest_unsloth.fit import vllm as vllm_sizing
 from pytest_unsloth.fit.arch import Arch, arch_from_config, lora_modules
@@ -277,10 +277,10 @@ def weight_bytes(arch: Arch, s: Mapping[str, Any]) -> int:
         # with double quantization uint8 plus one fp32 absmax (and offset) per 256 blocks
         blocks = n_lin / 64
         absmax = blocks * (1 + 8 / 256) if s["bnb_4bit_use_double_quant"] else blocks * 4
-        n_tensors = arch.layers * sum(n for *_, n in arch.linears)
+        n_tensors = arch.layers * sum(m.per_layer for m in arch.linears)
         return int(n_lin / 2 + absmax + n_tensors * 1024 + rest * dt)
     if s["load_in_8bit"] and not s["full_finetuning"]:
-        rows = arch.layers * sum(o * n for _, _, o, n in arch.linears)
+        rows = arch.layers * sum(m.out_features * m.per_layer for m in arch.linears)
         return int(n_lin + rows * 4 + rest * dt)
     return int((n_lin + rest) * dt)
 
@@ -289,7 +289,8 @@ def lora_params(arch: Arch, s: Mapping[str, Any]) -> int:
     """Trainable LoRA parameters: r x (in + out) for each targeted linear layer."""
     r = int(s["lora_r"])
     return arch.layers * sum(
-        r * (i + o) * n for _, i, o, n in lora_modules(arch, s["target_modules"])
+        r * (m.in_features + m.out_features) * m.per_layer
+        for m in lora_modules(arch, s["target_modules"])
     )
 
 
@@ -335,6 +336,25 @@ def training_transient(
     return act, logit_rows * arch.vocab * coeff
 
 
+class _Step(NamedTuple):
+    """The shape of one training step."""
+
+    batch: int  # sequences per device
+    seq: int  # tokens per sequence (prompt + completion for GRPO)
+    logit_rows: int  # rows of the logits tensor the loss needs
+
+
+def _step_shape(s: Mapping[str, Any]) -> _Step:
+    """Batch, sequence length and logit rows of one step, as TRL runs it."""
+    if s["task"] == "grpo":
+        batch = s["per_device_train_batch_size"] or s["num_generations"]
+        completion = s["max_completion_length"]
+        seq = s["max_prompt_length"] + completion
+        return _Step(batch, seq, batch * (completion + 1))  # TRL: logits_to_keep = completion + 1
+    batch = s["per_device_train_batch_size"] or 1
+    return _Step(batch, s["max_seq_length"], batch * s["max_seq_length"])
+
+
 def estimate_memory(
     config_or_path: Mapping[str, Any] | str | os.PathLike[str],
     coefficients: Coefficients | None = None,
@@ -346,17 +366,7 @@ def estimate_memory(
     s = normalize_settings(settings)
     notes: list[str] = []
     grpo = s["task"] == "grpo"
-    if grpo:
-        batch = s["per_device_train_batch_size"] or s["num_generations"]
-        prompt, completion = s["max_prompt_length"], s["max_completion_length"]
-        seq = prompt + completion
-        logit_rows = batch * (completion + 1)  # TRL: logits_to_keep = completion + 1
-    else:
-        batch = s["per_device_train_batch_size"] or 1
-        seq = s["max_seq_length"]
-        logit_rows = batch * seq
-    tokens = batch * seq
-
+    step = _step_shape(s)
     weights = weight_bytes(arch, s)
     parts = dict.fromkeys(PART_ORDER, 0)
     parts["weights"] = weights
@@ -365,33 +375,11 @@ def estimate_memory(
         + (c.grpo_context_bytes if grpo else 0)
         + (c.unsloth_4bit_context_bytes if s["stack"] == "unsloth" and s["load_in_4bit"] else 0)
     )
-    optim = str(s["optim"]).lower()
-    if s["full_finetuning"]:
-        dt = DTYPE_BYTES[str(s["dtype"]).lower()]
-        trainable = arch.total_params
-        parts["gradients"] = trainable * dt
-        # torch optimizers keep states in the parameters' dtype; 8-bit ones one byte each
-        per_state = OPTIMIZERS[optim] / 8 * 2 * dt if OPTIMIZERS[optim] == 8 else OPTIMIZERS[optim]
-        parts["optimizer"] = int(trainable * per_state)
-    else:
-        trainable = lora_params(arch, s)
-        parts["lora_adapters"] = trainable * 4  # peft keeps adapters in fp32 under bf16
-        parts["gradients"] = trainable * 4
-        parts["optimizer"] = trainable * OPTIMIZERS[optim]
-    if optim.startswith("paged"):
-        notes.append("paged optimizer states are counted on the GPU; under pressure they page out")
-
-    act, logits = training_transient(arch, s, tokens, seq, logit_rows, c)
+    trainable = _count_trainable(arch, s, parts, notes)
+    act, logits = training_transient(arch, s, step.batch * step.seq, step.seq, step.logit_rows, c)
     phases = {"train": int(act + logits)}
     if grpo:
-        gen_batch = s["num_generations"] * max(1, batch // s["num_generations"])
-        kv = gen_batch * seq * arch.layers * 2 * arch.kv_dim * 2
-        phases["generate"] = int(kv + gen_batch * arch.vocab * 4 * 2)
-        if s["beta"] > 0:
-            phases["reference"] = int(logit_rows * arch.vocab * c.logits_ref)
-            if s["full_finetuning"]:
-                parts["weights"] += weights  # a second, frozen copy of the model
-                notes.append("beta > 0 with full fine-tuning loads a reference model copy")
+        phases.update(_grpo_phases(arch, s, step, c, parts, weights, notes))
     peak_phase = max(phases, key=lambda k: phases[k])
     transient = phases[peak_phase]
     if peak_phase == "train":
@@ -400,7 +388,6 @@ def estimate_memory(
         parts["activations"], parts["logits"] = 0, 0
         parts["generation" if peak_phase == "generate" else "reference"] = transient
     parts["allocator"] = int(c.allocator * transient)
-
     budget = None
     if s["fast_inference"]:
         budget = vllm_sizing.budget(arch, s, weights)
@@ -416,6 +403,49 @@ def estimate_memory(
         vllm=budget,
         notes=tuple(notes),
     )
+
+
+def _count_trainable(
+    arch: Arch, s: Mapping[str, Any], parts: dict[str, int], notes: list[str]
+) -> int:
+    """Fill in adapters, gradients and optimizer states; return the trainable parameters."""
+    optim = str(s["optim"]).lower()
+    if s["full_finetuning"]:
+        dt = DTYPE_BYTES[str(s["dtype"]).lower()]
+        trainable = arch.total_params
+        parts["gradients"] = trainable * dt
+        # torch optimizers keep states in the parameters' dtype; 8-bit ones one byte each
+        per_state = OPTIMIZERS[optim] / 8 * 2 * dt if OPTIMIZERS[optim] == 8 else OPTIMIZERS[optim]
+        parts["optimizer"] = int(trainable * per_state)
+    else:
+        trainable = lora_params(arch, s)
+        parts["lora_adapters"] = trainable * 4  # peft keeps adapters in fp32 under bf16
+        parts["gradients"] = trainable * 4
+        parts["optimizer"] = trainable * OPTIMIZERS[optim]
+    if optim.startswith("paged"):
+        notes.append("paged optimizer states are counted on the GPU; under pressure they page out")
+    return trainable
+
+
+def _grpo_phases(
+    arch: Arch,
+    s: Mapping[str, Any],
+    step: _Step,
+    c: Coefficients,
+    parts: dict[str, int],
+    weights: int,
+    notes: list[str],
+) -> dict[str, int]:
+    """The GRPO phases besides the training step: generation, and the reference model's pass."""
+    gen_batch = s["num_generations"] * max(1, step.batch // s["num_generations"])
+    kv = gen_batch * step.seq * arch.layers * 2 * arch.kv_dim * 2
+    phases = {"generate": int(kv + gen_batch * arch.vocab * 4 * 2)}
+    if s["beta"] > 0:
+        phases["reference"] = int(step.logit_rows * arch.vocab * c.logits_ref)
+        if s["full_finetuning"]:
+            parts["weights"] += weights  # a second, frozen copy of the model
+            notes.append("beta > 0 with full fine-tuning loads a reference model copy")
+    return phases
 
 
 def accelerate_style(

@@ -7,8 +7,9 @@ package; so the helpers load lazily on first attribute access, and their own hea
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from pytest_unsloth import _lazy_attributes
 
 if TYPE_CHECKING:
     from pytest_unsloth.grpo.budget import BudgetReport, check_length_budget
@@ -60,14 +61,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    """Import the submodule that defines ``name`` on first use."""
-    module = EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = _lazy_attributes(__name__, {k: f"{__name__}.{v}" for k, v in EXPORTS.items()})
 
 
 def __dir__() -> list[str]:

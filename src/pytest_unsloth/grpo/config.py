@@ -18,7 +18,8 @@ import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-from pytest_unsloth.grpo.problems import Problem, ReportText, errors, installed_version
+from pytest_unsloth.findings import Finding
+from pytest_unsloth.grpo.problems import ReportText, errors, installed_version
 
 __all__ = ["ConfigReport", "check_grpo_config"]
 
@@ -52,7 +53,7 @@ _REMOVED: dict[str, tuple[str, str, str]] = {
 class ConfigReport(ReportText):
     """Findings about one GRPO configuration, plus the effective values used."""
 
-    problems: tuple[Problem, ...]
+    problems: tuple[Finding, ...]
     values: Mapping[str, Any]
     trl_version: str | None
     transformers_version: str | None
@@ -187,81 +188,95 @@ def check_grpo_config(
     cls = _config_class()
     trl_version = installed_version("trl")
     tf_version = installed_version("transformers")
-    problems: list[Problem] = []
+    problems: list[Finding] = []
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    built: Any = None
-    user: dict[str, Any]
+    built: Any = config
+    user: dict[str, Any] = {}
     if isinstance(config, Mapping):
         user = dict(config)
-        unknown = [k for k in user if k not in fields]
-        for key in unknown:
-            lib, why, fix = _REMOVED.get(key, ("", "", ""))
-            if not lib:
-                close = difflib.get_close_matches(key, list(fields), n=1)
-                why = "GRPOConfig(...) raises TypeError for an unknown keyword"
-                fix = f"did you mean {close[0]!r}?" if close else "remove it"
-                where = f"TRL {trl_version} / transformers {tf_version}"
-            else:
-                where = f"{lib} {installed_version(lib)}"
-                why += ", so GRPOConfig(...) raises TypeError"
-            problems.append(
-                Problem(
-                    "unknown-key",
-                    f"{key} = {user[key]!r} is not a GRPOConfig field in the installed {where}",
-                    why,
-                    fix,
-                )
-            )
+        problems += _unknown_keys(user, fields, trl_version, tf_version)
         kwargs = {k: v for k, v in user.items() if k in fields}
         typed = _wrong_types(cls, kwargs)
         problems += typed
-        kwargs.setdefault("output_dir", os.path.join(tempfile.gettempdir(), "pytest-unsloth-grpo"))
-        kwargs.setdefault("report_to", "none")
-        substituted = False
-        if not _cuda_available() and "use_cpu" not in user:
-            # Validate a GPU config on a CPU machine: bf16/fp16 are checked against `gpus` below.
-            kwargs["use_cpu"] = True
-            substituted = True
-        try:
-            if typed:
-                # TRL would fail on arithmetic with the wrong type, often naming another key.
-                raise _NotBuilt
-            with warnings.catch_warnings(), _without_launcher_env():
-                warnings.simplefilter("ignore")
-                built = cls(**kwargs)
-        except _NotBuilt:
-            pass
-        except Exception as exc:  # whatever TRL raises is the finding, never our crash
-            message = str(exc)
-            values = _effective(fields, user, None)
-            rewrite = _unsloth_rewrite(values) if _use_unsloth(unsloth) else None
-            if rewrite and "must be divisible by num_generations" in message:
-                pass  # unsloth rewrites the batch before TRL sees it; reported below
-            else:
-                problems.append(
-                    Problem(
-                        "trl-error",
-                        f"GRPOConfig(...) raised {type(exc).__name__}: {message}",
-                        f"TRL {trl_version} validates the config when it is built, so "
-                        "GRPOTrainer never starts",
-                        _fix_for(message, values),
-                    )
-                )
-        if built is not None and substituted:
-            built.use_cpu = user.get("use_cpu", False)
-    else:
-        built = config
-        user = {}
+        # With a wrong type TRL would fail on arithmetic, often naming another key: not built.
+        built = None if typed else _build(cls, fields, kwargs, user, problems, unsloth, trl_version)
     values = _effective(fields, user, built)
     problems += _extra_checks(values, gpus, model_max_length, _use_unsloth(unsloth))
     return ConfigReport(tuple(problems), values, trl_version, tf_version)
 
 
-class _NotBuilt(Exception):
-    """GRPOConfig is not built because a value has the wrong type (already reported)."""
+def _unknown_keys(
+    user: Mapping[str, Any],
+    fields: Mapping[str, dataclasses.Field[Any]],
+    trl_version: str | None,
+    tf_version: str | None,
+) -> list[Finding]:
+    """An error for each key GRPOConfig does not take, with the library that removed it."""
+    problems: list[Finding] = []
+    for key in (k for k in user if k not in fields):
+        lib, why, fix = _REMOVED.get(key, ("", "", ""))
+        if not lib:
+            close = difflib.get_close_matches(key, list(fields), n=1)
+            why = "GRPOConfig(...) raises TypeError for an unknown keyword"
+            fix = f"did you mean {close[0]!r}?" if close else "remove it"
+            where = f"TRL {trl_version} / transformers {tf_version}"
+        else:
+            where = f"{lib} {installed_version(lib)}"
+            why += ", so GRPOConfig(...) raises TypeError"
+        problems.append(
+            Finding(
+                found=f"{key} = {user[key]!r} is not a GRPOConfig field in the installed {where}",
+                why=why,
+                fix=fix,
+                code="unknown-key",
+            )
+        )
+    return problems
 
 
-def _wrong_types(cls: Any, kwargs: Mapping[str, Any]) -> list[Problem]:
+def _build(
+    cls: Any,
+    fields: Mapping[str, dataclasses.Field[Any]],
+    kwargs: dict[str, Any],
+    user: Mapping[str, Any],
+    problems: list[Finding],
+    unsloth: bool | None,
+    trl_version: str | None,
+) -> Any:
+    """``GRPOConfig(**kwargs)`` built as TRL builds it; None when it raised (reported)."""
+    kwargs.setdefault("output_dir", os.path.join(tempfile.gettempdir(), "pytest-unsloth-grpo"))
+    kwargs.setdefault("report_to", "none")
+    substituted = False
+    if not _cuda_available() and "use_cpu" not in user:
+        # Validate a GPU config on a CPU machine: bf16/fp16 are checked against `gpus` later.
+        kwargs["use_cpu"] = True
+        substituted = True
+    try:
+        with warnings.catch_warnings(), _without_launcher_env():
+            warnings.simplefilter("ignore")
+            built = cls(**kwargs)
+    except Exception as exc:  # whatever TRL raises is the finding, never our crash
+        message = str(exc)
+        values = _effective(fields, user, None)
+        rewrite = _unsloth_rewrite(values) if _use_unsloth(unsloth) else None
+        if not (rewrite and "must be divisible by num_generations" in message):
+            # (otherwise unsloth rewrites the batch before TRL sees it; reported later)
+            problems.append(
+                Finding(
+                    found=f"GRPOConfig(...) raised {type(exc).__name__}: {message}",
+                    why=f"TRL {trl_version} validates the config when it is built, so "
+                    "GRPOTrainer never starts",
+                    fix=_fix_for(message, values),
+                    code="trl-error",
+                )
+            )
+        return None
+    if substituted:
+        built.use_cpu = user.get("use_cpu", False)
+    return built
+
+
+def _wrong_types(cls: Any, kwargs: Mapping[str, Any]) -> list[Finding]:
     """A finding for each value whose type GRPOConfig's annotation does not allow."""
     import typing
 
@@ -269,7 +284,7 @@ def _wrong_types(cls: Any, kwargs: Mapping[str, Any]) -> list[Problem]:
         hints = typing.get_type_hints(cls)
     except Exception:  # unresolvable annotations in some TRL version: let TRL decide
         return []
-    problems: list[Problem] = []
+    problems: list[Finding] = []
     for key, value in kwargs.items():
         hint = hints.get(key)
         if hint is None:
@@ -277,13 +292,13 @@ def _wrong_types(cls: Any, kwargs: Mapping[str, Any]) -> list[Problem]:
         problem = _type_problem(value, hint)
         if problem:
             problems.append(
-                Problem(
-                    "wrong-type",
-                    f"{key} = {_short(value)} is {problem}, but GRPOConfig wants "
+                Finding(
+                    found=f"{key} = {_short(value)} is {problem}, but GRPOConfig wants "
                     f"{_hint_text(hint)}",
-                    "GRPOConfig(...) fails on it (or computes with a wrong value), often in "
+                    why="GRPOConfig(...) fails on it (or computes with a wrong value), often in "
                     "arithmetic that names another setting",
-                    f"write {key} as {_hint_text(hint)}, e.g. {key} = {_example(hint)}",
+                    fix=f"write {key} as {_hint_text(hint)}, e.g. {key} = {_example(hint)}",
+                    code="wrong-type",
                 )
             )
     return problems
@@ -435,74 +450,84 @@ def _effective(fields: Mapping[str, Any], user: Mapping[str, Any], built: Any) -
 
 def _extra_checks(
     values: Mapping[str, Any], gpus: Any, model_max_length: int | None, unsloth: bool
-) -> list[Problem]:
+) -> list[Finding]:
     """What TRL does not check: GPU bf16, vLLM installed, unsloth's rewrite, context, launcher."""
-    problems: list[Problem] = []
     devices = _devices(gpus)
-    if values.get("bf16") and not values.get("use_cpu"):
-        no_bf16 = [d for d in devices if getattr(d, "bf16", True) is False]
-        if no_bf16:
-            names = ", ".join(_label(d) for d in no_bf16)
-            problems.append(
-                Problem(
-                    "bf16-unsupported",
-                    f"bf16 = True (TRL's default) but {names} has no bfloat16 support",
-                    "transformers raises 'Your setup doesn't support bf16/gpu' when the config "
-                    "is built on this GPU (pre-Ampere: T4, V100, P100)",
-                    "set bf16 = False and fp16 = True",
-                )
-            )
+    problems = _bf16_problems(values, devices)
     if values.get("use_vllm") and installed_version("vllm") is None:
         problems.append(
-            Problem(
-                "vllm-missing",
-                "use_vllm = True but the vllm distribution is not installed",
-                "GRPOTrainer imports vLLM for generation and fails at construction",
-                "pip install vllm (matching your torch), or set use_vllm = False",
+            Finding(
+                found="use_vllm = True but the vllm distribution is not installed",
+                why="GRPOTrainer imports vLLM for generation and fails at construction",
+                fix="pip install vllm (matching your torch), or set use_vllm = False",
+                code="vllm-missing",
             )
         )
-    if unsloth:
-        rewrite = _unsloth_rewrite(values)
-        if rewrite:
-            old, new = rewrite
-            problems.append(
-                Problem(
-                    "unsloth-batch-rewrite",
-                    f"per_device_train_batch_size {old} x gradient_accumulation_steps "
-                    f"{values.get('gradient_accumulation_steps')} x WORLD_SIZE "
-                    f"{os.environ.get('WORLD_SIZE', '1')} is not a multiple of num_generations "
-                    f"{new}: unsloth ({installed_version('unsloth') or 'installed'}) silently "
-                    f"sets per_device_train_batch_size = {new}",
-                    "TRL alone would raise; unsloth's patched config changes the batch, so "
-                    "memory use and steps per epoch differ from what the config says",
-                    f"set per_device_train_batch_size = {new} yourself (or a batch x "
-                    f"gradient_accumulation_steps that divides by {new})",
-                    severity="warning",
-                )
-            )
+    rewrite = _unsloth_rewrite(values) if unsloth else None
+    if rewrite:
+        problems.append(_batch_rewrite(values, *rewrite))
     mcl = values.get("max_completion_length")
     if model_max_length is not None and isinstance(mcl, int) and mcl >= model_max_length:
         problems.append(
-            Problem(
-                "completion-beyond-context",
-                f"max_completion_length {mcl} >= the model's context {model_max_length}",
-                "prompt + completion cannot fit: generation stops early or positions overflow",
-                f"set max_completion_length well below {model_max_length} (leave room for the "
+            Finding(
+                found=f"max_completion_length {mcl} >= the model's context {model_max_length}",
+                why="prompt + completion cannot fit: generation stops early or positions overflow",
+                fix=f"set max_completion_length well below {model_max_length} (leave room for the "
                 "prompt)",
+                code="completion-beyond-context",
             )
         )
     if len(devices) > 1 and not (os.environ.get("WORLD_SIZE") or os.environ.get("LOCAL_RANK")):
-        problems.append(
-            Problem(
-                "no-launcher",
-                f"{len(devices)} GPUs are visible to one process and WORLD_SIZE/LOCAL_RANK are "
-                "unset (no torchrun or accelerate launch)",
-                "one process on several GPUs makes transformers' Trainer wrap the model in "
-                "nn.DataParallel, or use only the first GPU for 4-bit models; GRPO's batch "
-                "arithmetic then assumes world size 1",
-                f"launch with accelerate launch --num_processes {len(devices)} (or torchrun), or "
-                "set CUDA_VISIBLE_DEVICES to one GPU",
-                severity="warning",
-            )
-        )
+        problems.append(_no_launcher(len(devices)))
     return problems
+
+
+def _bf16_problems(values: Mapping[str, Any], devices: list[Any]) -> list[Finding]:
+    """An error when bf16 is on for a GPU without bfloat16."""
+    if not values.get("bf16") or values.get("use_cpu"):
+        return []
+    no_bf16 = [d for d in devices if getattr(d, "bf16", True) is False]
+    if not no_bf16:
+        return []
+    names = ", ".join(_label(d) for d in no_bf16)
+    return [
+        Finding(
+            found=f"bf16 = True (TRL's default) but {names} has no bfloat16 support",
+            why="transformers raises 'Your setup doesn't support bf16/gpu' when the config "
+            "is built on this GPU (pre-Ampere: T4, V100, P100)",
+            fix="set bf16 = False and fp16 = True",
+            code="bf16-unsupported",
+        )
+    ]
+
+
+def _batch_rewrite(values: Mapping[str, Any], old: int, new: int) -> Finding:
+    """Warning: unsloth silently changes per_device_train_batch_size."""
+    return Finding(
+        found=f"per_device_train_batch_size {old} x gradient_accumulation_steps "
+        f"{values.get('gradient_accumulation_steps')} x WORLD_SIZE "
+        f"{os.environ.get('WORLD_SIZE', '1')} is not a multiple of num_generations "
+        f"{new}: unsloth ({installed_version('unsloth') or 'installed'}) silently sets "
+        f"per_device_train_batch_size = {new}",
+        why="TRL alone would raise; unsloth's patched config changes the batch, so "
+        "memory use and steps per epoch differ from what the config says",
+        fix=f"set per_device_train_batch_size = {new} yourself (or a batch x "
+        f"gradient_accumulation_steps that divides by {new})",
+        code="unsloth-batch-rewrite",
+        severity="warning",
+    )
+
+
+def _no_launcher(count: int) -> Finding:
+    """Warning: several GPUs in one process without a launcher."""
+    return Finding(
+        found=f"{count} GPUs are visible to one process and WORLD_SIZE/LOCAL_RANK "
+        "are unset (no torchrun or accelerate launch)",
+        why="one process on several GPUs makes transformers' Trainer wrap the model in "
+        "nn.DataParallel, or use only the first GPU for 4-bit models; GRPO's batch "
+        "arithmetic then assumes world size 1",
+        fix=f"launch with accelerate launch --num_processes {count} (or torchrun), "
+        "or set CUDA_VISIBLE_DEVICES to one GPU",
+        code="no-launcher",
+        severity="warning",
+    )

@@ -51,6 +51,17 @@ def _rows_of(dataset: Any) -> list[dict[str, Any]]:
     return [dict(r) for r in list(dataset)[:64]]
 
 
+def _as_dataset(train_dataset: Any, rows: list[dict[str, Any]]) -> Any:
+    """The training dataset as GRPOTrainer takes it (the default rows when none was given)."""
+    from datasets import Dataset
+
+    if train_dataset is None:
+        return Dataset.from_list(rows)
+    if isinstance(train_dataset, list):
+        return Dataset.from_list(train_dataset)
+    return train_dataset
+
+
 class GrpoTrainerFactory:
     """``grpo_trainer(reward_funcs=[...], train_dataset=..., **config_overrides)``."""
 
@@ -90,16 +101,7 @@ class GrpoTrainerFactory:
 
         require_installed(("torch", "transformers", "trl", "datasets"), "grpo_trainer")
         self._explicit_backend = backend is not None
-        backend = backend or self.backend()
-        if backend not in ("unsloth", "transformers"):
-            pytest.fail(
-                f"grpo_trainer(backend={backend!r}): use 'unsloth' or 'transformers'",
-                pytrace=False,
-            )
-        if backend == "unsloth":
-            # unsloth patches transformers, trl and peft only if it is imported before them.
-            import unsloth  # noqa: F401
-
+        backend = self._chosen_backend(backend)
         funcs = [reward_funcs] if callable(reward_funcs) else list(reward_funcs)
         if model is not None and processing_class is None:
             pytest.fail(
@@ -121,22 +123,28 @@ class GrpoTrainerFactory:
             every_row = rows if train_dataset is None else train_dataset
             self._check_budget(every_row, tokenizer, model, config, backend)
 
-        from datasets import Dataset
         from trl import GRPOConfig, GRPOTrainer  # type: ignore[attr-defined]
 
-        if train_dataset is None:
-            dataset = Dataset.from_list(rows)
-        elif isinstance(train_dataset, list):
-            dataset = Dataset.from_list(train_dataset)
-        else:
-            dataset = train_dataset
         return GRPOTrainer(
             model=model,
             reward_funcs=funcs,
             args=GRPOConfig(**config),
-            train_dataset=dataset,
+            train_dataset=_as_dataset(train_dataset, rows),
             processing_class=tokenizer,
         )
+
+    def _chosen_backend(self, backend: str | None) -> str:
+        """The backend asked for (else the default), with unsloth imported first when chosen."""
+        backend = backend or self.backend()
+        if backend not in ("unsloth", "transformers"):
+            pytest.fail(
+                f"grpo_trainer(backend={backend!r}): use 'unsloth' or 'transformers'",
+                pytrace=False,
+            )
+        if backend == "unsloth":
+            # unsloth patches transformers, trl and peft only if it is imported before them.
+            import unsloth  # noqa: F401
+        return backend
 
     def _config(self, backend: str, overrides: Mapping[str, Any]) -> dict[str, Any]:
         """Short, CPU-safe defaults under the caller's overrides."""
@@ -236,7 +244,7 @@ class GrpoTrainerFactory:
 
     def _tiny_model(self, backend: str) -> tuple[Any, Any]:
         """Build the tiny offline Llama with LoRA on q/k/v/o (unsloth 4-bit on GPU)."""
-        from pytest_unsloth import tiny
+        from pytest_unsloth.models import tiny
 
         path = tiny.build("llama", seed=0, cache_dir=self._cache)
         tokenizer = tiny.load_tokenizer(path)
@@ -285,7 +293,7 @@ def _unpack(value: Any) -> tuple[Any, Any]:
         return value, tokenizer
     name = getattr(getattr(value, "config", None), "name_or_path", None)
     if name and os.path.isdir(name):
-        from pytest_unsloth import tiny
+        from pytest_unsloth.models import tiny
 
         return value, tiny.load_tokenizer(name)
     pytest.fail(

@@ -10,7 +10,7 @@ import time
 from collections import Counter
 from typing import Any
 
-from pytest_unsloth.grpo.problems import Problem
+from pytest_unsloth.findings import Finding
 from pytest_unsloth.util.readable import ReadableRepr
 
 __all__ = ["SCHEMAS", "JsonlReport", "LineProblem", "check_jsonl"]
@@ -48,7 +48,7 @@ class JsonlReport(ReadableRepr):
     seconds: float
     bad: tuple[LineProblem, ...]
     bad_count: int
-    problems: tuple[Problem, ...]
+    problems: tuple[Finding, ...]
 
     @property
     def ok(self) -> bool:
@@ -182,6 +182,73 @@ def _message_problems(value: Any, key: str = "messages") -> list[tuple[str, str]
     return out
 
 
+@dataclasses.dataclass
+class _BadLines:
+    """Every bad line counted; the first ``max_reported`` kept with their messages."""
+
+    max_reported: int
+    kept: list[LineProblem] = dataclasses.field(default_factory=list)
+    count: int = 0
+
+    def flag(self, line: int, code: str, message: str) -> None:
+        """Record one defect of line ``line``."""
+        self.count += 1
+        if len(self.kept) < self.max_reported:
+            self.kept.append(LineProblem(line, code, message))
+
+
+def _line_body(number: int, raw: bytes, bad: _BadLines) -> tuple[bytes, bool]:
+    """The line without its line ending (and the file's BOM); False when either was wrong."""
+    ok = True
+    if raw.endswith(b"\r\n"):
+        bad.flag(
+            number, "crlf", "CRLF line ending (Windows): loaders splitting on \\n keep a stray \\r"
+        )
+        ok = False
+        raw = raw[:-2]
+    elif raw.endswith(b"\n"):
+        raw = raw[:-1]
+    if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+        bad.flag(number, "bom", "UTF-8 byte order mark at the start of the file")
+        raw = raw[3:]
+        ok = False
+    return raw, ok
+
+
+def _parse_record(number: int, raw: bytes, bad: _BadLines) -> tuple[dict[str, Any] | None, bool]:
+    """The line's JSON object (None when it has none); False when a defect was flagged."""
+    if not raw.strip():
+        bad.flag(number, "blank-line", "blank line")
+        return None, False
+    match = _RAW_CONTROL.search(raw)
+    if match is not None:
+        message = f"raw control character {match.group()!r} at column {match.start() + 1}"
+        bad.flag(number, "control-char", message)
+        return None, False
+    try:
+        record = json.loads(raw)
+    except UnicodeDecodeError as exc:
+        bad.flag(number, "not-utf8", f"not UTF-8: {exc.reason} at byte {exc.start + 1}")
+        return None, False
+    except ValueError as exc:
+        bad.flag(number, "invalid-json", f"invalid JSON: {exc}")
+        return None, False
+    ok = True
+    escaped = _ESCAPED_CONTROL.search(raw)
+    if escaped is not None:
+        bad.flag(
+            number,
+            "control-char",
+            f"escaped control character {escaped.group().decode()} at column {escaped.start() + 1}",
+        )
+        ok = False
+    if not isinstance(record, dict):
+        message = f"line is a JSON {type(record).__name__}, expected an object"
+        bad.flag(number, "wrong-type", message)
+        return None, False
+    return record, ok
+
+
 def check_jsonl(
     path: str | os.PathLike[str],
     schema: str | None = None,
@@ -193,109 +260,49 @@ def check_jsonl(
         raise ValueError(f"unknown schema {schema!r}; expected one of {', '.join(SCHEMAS)} or None")
     name = os.fspath(path)
     started = time.perf_counter()
-    bad: list[LineProblem] = []
-    bad_count = 0
-    records = 0
-    number = 0
-    problems: list[Problem] = []
+    bad = _BadLines(max_reported)
+    records = number = 0
+    problems: list[Finding] = []
     detected = schema
-
-    def flag(line: int, code: str, message: str) -> None:
-        nonlocal bad_count
-        bad_count += 1
-        if len(bad) < max_reported:
-            bad.append(LineProblem(line, code, message))
-
     size = os.path.getsize(name)
-    loads = json.loads
     with open(name, "rb") as handle:
         for number, raw in enumerate(handle, 1):
-            line_ok = True
-            if raw.endswith(b"\r\n"):
-                flag(
-                    number,
-                    "crlf",
-                    "CRLF line ending (Windows): loaders splitting on \\n keep a stray \\r",
-                )
-                line_ok = False
-                raw = raw[:-2]
-            elif raw.endswith(b"\n"):
-                raw = raw[:-1]
-            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                flag(number, "bom", "UTF-8 byte order mark at the start of the file")
-                raw = raw[3:]
-                line_ok = False
-            if not raw.strip():
-                flag(number, "blank-line", "blank line")
-                continue
-            match = _RAW_CONTROL.search(raw)
-            if match is not None:
-                flag(
-                    number,
-                    "control-char",
-                    f"raw control character {match.group()!r} at column {match.start() + 1}",
-                )
-                continue
-            try:
-                record = loads(raw)
-            except UnicodeDecodeError as exc:
-                flag(number, "not-utf8", f"not UTF-8: {exc.reason} at byte {exc.start + 1}")
-                continue
-            except ValueError as exc:
-                flag(number, "invalid-json", f"invalid JSON: {exc}")
-                continue
-            escaped = _ESCAPED_CONTROL.search(raw)
-            if escaped is not None:
-                flag(
-                    number,
-                    "control-char",
-                    f"escaped control character "
-                    f"{escaped.group().decode()} at column {escaped.start() + 1}",
-                )
-                line_ok = False
-            if not isinstance(record, dict):
-                flag(
-                    number,
-                    "wrong-type",
-                    f"line is a JSON {type(record).__name__}, expected an object",
-                )
+            body, ends_ok = _line_body(number, raw, bad)
+            record, parsed_ok = _parse_record(number, body, bad)
+            if record is None:
                 continue
             if detected is None:
                 detected = _detect(record)
                 if detected is None:
-                    problems.append(
-                        Problem(
-                            "unknown-schema",
-                            f"line {number} has fields {', '.join(record) or 'none'}: none of "
-                            "messages, instruction/output, prompt/answer",
-                            "a trainer cannot tell which field is the prompt",
-                            "set unsloth_dataset_schema, or use one of the schemas: "
-                            "instruction/input/output, prompt/answer, messages",
-                        )
-                    )
+                    problems.append(_unknown_schema(number, record))
                     break
-            for code, message in _field_problems(record, detected):
-                flag(number, code, message)
-                line_ok = False
-            if line_ok:
+            faults = _field_problems(record, detected)
+            for code, message in faults:
+                bad.flag(number, code, message)
+            if ends_ok and parsed_ok and not faults:
                 records += 1
     if number == 0:
         problems.append(
-            Problem(
-                "empty-file",
-                f"{name} is empty",
-                "there is nothing to train on",
-                "point unsloth_dataset at the real file",
+            Finding(
+                found=f"{name} is empty",
+                why="there is nothing to train on",
+                fix="point unsloth_dataset at the real file",
+                code="empty-file",
             )
         )
+    elapsed = time.perf_counter() - started
     return JsonlReport(
-        name,
-        detected,
-        number,
-        records,
-        size,
-        time.perf_counter() - started,
-        tuple(bad),
-        bad_count,
-        tuple(problems),
+        name, detected, number, records, size, elapsed, tuple(bad.kept), bad.count, tuple(problems)
+    )
+
+
+def _unknown_schema(number: int, record: dict[str, Any]) -> Finding:
+    """Error: the first record matches none of the schemas."""
+    return Finding(
+        found=f"line {number} has fields {', '.join(record) or 'none'}: none "
+        "of messages, instruction/output, prompt/answer",
+        why="a trainer cannot tell which field is the prompt",
+        fix="set unsloth_dataset_schema, or use one of the schemas: "
+        "instruction/input/output, prompt/answer, messages",
+        code="unknown-schema",
     )

@@ -1,34 +1,20 @@
-"""Structured findings shared by the GRPO setup checks: what was found, why it matters, the fix."""
+"""Helpers shared by the GRPO setup checks' reports (each finding is a ``findings.Finding``)."""
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Literal
-
+from pytest_unsloth.findings import Finding, Severity
 from pytest_unsloth.util.readable import ReadableRepr
 
-Severity = Literal["error", "warning", "info"]
+# The GRPO checks' name for a finding, kept for code that imports it from pytest_unsloth.grpo.
+Problem = Finding
 
-
-@dataclasses.dataclass(frozen=True)
-class Problem:
-    """One finding, written so a check failure can print three short lines."""
-
-    code: str
-    found: str
-    why: str
-    fix: str
-    severity: Severity = "error"
-
-    def format(self, indent: str = "") -> str:
-        """Render the finding as found / why / fix lines."""
-        return f"{indent}found: {self.found}\n{indent}why:   {self.why}\n{indent}fix:   {self.fix}"
+__all__ = ["Finding", "Problem", "ReportText", "Severity", "errors", "installed_version", "shorten"]
 
 
 class ReportText(ReadableRepr):
     """``format()`` and ``str()`` for reports that have ``summary()`` and ``problems``."""
 
-    problems: tuple[Problem, ...]
+    problems: tuple[Finding, ...]
 
     def summary(self) -> str:  # pragma: no cover - every report defines it
         raise NotImplementedError
@@ -44,7 +30,7 @@ class ReportText(ReadableRepr):
         return self.format()
 
 
-def errors(problems: tuple[Problem, ...] | list[Problem]) -> list[Problem]:
+def errors(problems: tuple[Finding, ...] | list[Finding]) -> list[Finding]:
     """Return the problems that make a check fail."""
     return [p for p in problems if p.severity == "error"]
 

@@ -26,9 +26,10 @@ import sysconfig
 import threading
 import traceback
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
-from pytest_unsloth.grpo.problems import Problem, errors, installed_version, shorten
+from pytest_unsloth.findings import Finding
+from pytest_unsloth.grpo.problems import errors, installed_version, shorten
 from pytest_unsloth.util.readable import ReadableRepr
 
 __all__ = [
@@ -42,7 +43,10 @@ __all__ = [
 ]
 
 Shape = Literal["conversational", "plain"]
-Status = Literal["pass", "fail", "model"]
+# The words pytest and the probes use; "model" marks a reward model, which is not called here.
+Status = Literal["passed", "failed", "model"]
+# How a status reads in FuncResult.format() (the text the report has always printed).
+_STATUS_TEXT: dict[Status, str] = {"passed": "pass", "failed": "fail", "model": "model"}
 
 # What TRL 1.15/1.16 do, used only when the installed grpo_trainer.py cannot be read.
 _ASSUMED_EXPLICIT = ("prompts", "completions", "completion_ids")
@@ -105,7 +109,7 @@ class FuncResult(ReadableRepr):
     name: str
     status: Status
     shapes: tuple[Shape, ...]
-    problems: tuple[Problem, ...]
+    problems: tuple[Finding, ...]
 
     @property
     def ok(self) -> bool:
@@ -114,7 +118,7 @@ class FuncResult(ReadableRepr):
 
     def format(self) -> str:
         """Render this function's status and every finding as found / why / fix."""
-        lines = [f"{self.name}: {'ok' if self.ok else 'FAILED'} ({self.status})"]
+        lines = [f"{self.name}: {'ok' if self.ok else 'FAILED'} ({_STATUS_TEXT[self.status]})"]
         for p in self.problems:
             lines += [f"  [{p.severity}] {p.code}", p.format("    ")]
         return "\n".join(lines)
@@ -128,7 +132,7 @@ class RewardReport(ReadableRepr):
     """The result of :func:`check_reward_funcs`: one :class:`FuncResult` per reward function."""
 
     results: tuple[FuncResult, ...]
-    problems: tuple[Problem, ...]
+    problems: tuple[Finding, ...]
     contract: RewardContract
     shape: Shape | None
     num_completions: int
@@ -138,7 +142,7 @@ class RewardReport(ReadableRepr):
         """Whether every function passed and the inputs themselves had no error."""
         return not errors(self.problems) and all(r.ok for r in self.results)
 
-    def failures(self) -> list[tuple[str, Problem]]:
+    def failures(self) -> list[tuple[str, Finding]]:
         """Return (function name, problem) for every error, report-level ones named ``*``."""
         out = [("*", p) for p in errors(self.problems)]
         for r in self.results:
@@ -155,7 +159,7 @@ class RewardReport(ReadableRepr):
         for p in self.problems:
             lines += [f"  [{p.severity}] inputs", p.format("    ")]
         for r in self.results:
-            mark = {"pass": "ok", "fail": "FAILED", "model": "reward model"}[r.status]
+            mark = {"passed": "ok", "failed": "FAILED", "model": "reward model"}[r.status]
             shapes = f" ({', '.join(r.shapes)})" if r.shapes else ""
             lines.append(f"  {r.name}: {mark}{shapes}")
             for p in r.problems:
@@ -195,29 +199,35 @@ def _parse_contract(source: str) -> tuple[tuple[str, ...], ...]:
     )
     if fn is None:
         raise LookupError("no GRPOTrainer._calculate_rewards")
+    extra, conditional = _reward_kwargs_keys(fn)
+    explicit = _explicit_keywords(fn)
+    if not explicit or not extra:
+        raise LookupError("no reward_func(...) call with **reward_kwargs found")
+    return tuple(explicit), tuple(extra), tuple(conditional), tuple(_excluded_columns(fn))
+
+
+def _reward_kwargs_keys(fn: ast.FunctionDef) -> tuple[list[str], list[str]]:
+    """Keys assigned as ``reward_kwargs["key"] = ...``: always, and only under an ``if``."""
     extra: list[str] = []
     conditional: list[str] = []
-
-    def subscript_key(target: ast.expr) -> str | None:
-        if (
-            isinstance(target, ast.Subscript)
-            and isinstance(target.value, ast.Name)
-            and target.value.id == "reward_kwargs"
-            and isinstance(target.slice, ast.Constant)
-            and isinstance(target.slice.value, str)
-        ):
-            return target.slice.value
-        return None
-
     for stmt in fn.body:
         for node in ast.walk(stmt):
             if isinstance(node, ast.Assign):
                 for target in node.targets:
-                    key = subscript_key(target)
-                    if key is not None:
+                    if (
+                        isinstance(target, ast.Subscript)
+                        and isinstance(target.value, ast.Name)
+                        and target.value.id == "reward_kwargs"
+                        and isinstance(target.slice, ast.Constant)
+                        and isinstance(target.slice.value, str)
+                    ):
                         # Keys set under an `if` (environments) are passed only in some setups.
-                        (extra if node is stmt else conditional).append(key)
-    explicit: list[str] = []
+                        (extra if node is stmt else conditional).append(target.slice.value)
+    return extra, conditional
+
+
+def _explicit_keywords(fn: ast.FunctionDef) -> list[str]:
+    """The keywords of the ``reward_func(..., **reward_kwargs)`` call."""
     for node in ast.walk(fn):
         if (
             isinstance(node, ast.Call)
@@ -225,9 +235,12 @@ def _parse_contract(source: str) -> tuple[tuple[str, ...], ...]:
             and node.func.id in ("reward_func", "func")
             and any(k.arg is None for k in node.keywords)
         ):
-            explicit = [k.arg for k in node.keywords if k.arg is not None]
-            break
-    excluded: list[str] = []
+            return [k.arg for k in node.keywords if k.arg is not None]
+    return []
+
+
+def _excluded_columns(fn: ast.FunctionDef) -> list[str]:
+    """The dataset columns TRL leaves out of the reward keywords (``key not in [...]``)."""
     for node in ast.walk(fn):
         if (
             isinstance(node, ast.Compare)
@@ -236,13 +249,22 @@ def _parse_contract(source: str) -> tuple[tuple[str, ...], ...]:
             and isinstance(node.comparators[0], ast.List | ast.Tuple | ast.Set)
         ):
             elts = node.comparators[0].elts
-            excluded = [
+            return [
                 e.value for e in elts if isinstance(e, ast.Constant) and isinstance(e.value, str)
             ]
-            break
-    if not explicit or not extra:
-        raise LookupError("no reward_func(...) call with **reward_kwargs found")
-    return tuple(explicit), tuple(extra), tuple(conditional), tuple(excluded)
+    return []
+
+
+def _assumed_contract(version: str | None, why: str) -> RewardContract:
+    """The contract of the TRL version the plugin was written against, when TRL's is unread."""
+    return RewardContract(
+        _ASSUMED_EXPLICIT,
+        _ASSUMED_EXTRA,
+        _ASSUMED_CONDITIONAL,
+        _ASSUMED_EXCLUDED,
+        version,
+        f"assumed from TRL {_ASSUMED_FROM}{why}",
+    )
 
 
 @functools.lru_cache(maxsize=4)
@@ -250,27 +272,15 @@ def _contract_for(path: str | None, mtime: float) -> RewardContract:
     """Parse (once per file version) the installed TRL's reward call."""
     version = installed_version("trl")
     if path is None:
-        return RewardContract(
-            _ASSUMED_EXPLICIT,
-            _ASSUMED_EXTRA,
-            _ASSUMED_CONDITIONAL,
-            _ASSUMED_EXCLUDED,
-            version,
-            f"assumed from TRL {_ASSUMED_FROM} (TRL's grpo_trainer.py not found)",
-        )
+        return _assumed_contract(version, " (TRL's grpo_trainer.py not found)")
     try:
         explicit, extra, conditional, excluded = _parse_contract(
             pathlib.Path(path).read_text(encoding="utf-8")
         )
     except (OSError, SyntaxError, LookupError, ValueError) as exc:
-        return RewardContract(
-            _ASSUMED_EXPLICIT,
-            _ASSUMED_EXTRA,
-            _ASSUMED_CONDITIONAL,
-            _ASSUMED_EXCLUDED,
+        return _assumed_contract(
             version,
-            f"assumed from TRL {_ASSUMED_FROM}; could not read the installed TRL {version} "
-            f"({type(exc).__name__}: {exc})",
+            f"; could not read the installed TRL {version} ({type(exc).__name__}: {exc})",
         )
     return RewardContract(
         explicit,
@@ -480,27 +490,16 @@ def _is_async(func: Any) -> bool:
 
 def _in_thread(target: Callable[[], Any], timeout: float | None, name: str) -> Any:
     """Run ``target`` in a daemon thread (abandoned, not waited for, when it overruns)."""
-    box: dict[str, Any] = {}
+    from pytest_unsloth.util.timelimit import TimeLimitExceeded, call_in_thread
 
-    def run() -> None:
-        try:
-            box["value"] = target()
-        except BaseException as exc:  # re-raised in the caller's thread with its traceback
-            box["error"] = exc
-
-    thread = threading.Thread(target=run, name=name, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if thread.is_alive():
-        raise RewardTimeout(f"did not return within {timeout:g} s")
-    if "error" in box:
-        error = box["error"]
+    try:
+        return call_in_thread(target, timeout, name)
+    except TimeLimitExceeded as exc:
+        raise RewardTimeout(str(exc)) from None
+    except (SystemExit, KeyboardInterrupt) as exc:
         # Off the main thread these can only come from the function: a real Ctrl-C goes to the
         # main thread.
-        if isinstance(error, SystemExit | KeyboardInterrupt):
-            raise UserExit(error)
-        raise error
-    return box.get("value")
+        raise UserExit(exc) from None
 
 
 def _can_use_alarm() -> bool:
@@ -516,7 +515,12 @@ def _can_use_alarm() -> bool:
 @contextlib.contextmanager
 def _main_thread_call(timeout: float | None) -> Iterator[None]:
     """Bound a main-thread call with SIGALRM where that is safe, and tell a real Ctrl-C (the
-    SIGINT handler ran) from a KeyboardInterrupt the function raised itself."""
+    SIGINT handler ran) from a KeyboardInterrupt the function raised itself.
+
+    Not ``util.timelimit``: TRL calls sync reward functions on the main thread, and code that
+    sets its own ``signal.alarm`` (math_verify) works only there, so the check must call them
+    there too; the limit is then a timer signal, not a thread that could be abandoned.
+    """
     use_alarm = timeout is not None and _can_use_alarm()
     old_alarm: Any = None
     if use_alarm:
@@ -599,111 +603,123 @@ def _kwargs_for(
     return kwargs
 
 
-def _to_rewards(output: Any, n: int) -> tuple[list[Problem], list[float] | None]:
+def _to_rewards(output: Any, n: int) -> tuple[list[Finding], list[float] | None]:
     """Apply TRL's post-processing to one function's output.
 
     Returns the problems and, when TRL would accept the output, the rewards as floats with NaN
     where the function returned None (as TRL stores them).
     """
-    problems: list[Problem] = []
+    problem = _not_a_list(output, n)
+    if problem is not None:
+        return [problem], None
+    raw = list(output)
+    values = [math.nan if v is None else v for v in raw]
+    problem = _wrong_length(values, n) if len(values) != n else _not_numbers(values, n)
+    if problem is not None:
+        return [problem], None
+    floats = _as_floats(values)
+    return _not_finite(raw, floats, n), floats
+
+
+def _not_a_list(output: Any, n: int) -> Finding | None:
+    """Error when TRL cannot iterate the output into rewards (an awaitable, a str, a dict...)."""
     if inspect.isawaitable(output):
         close = getattr(output, "close", None)
         if callable(close):
             close()  # never awaited: silence "coroutine was never awaited"
-        problems.append(
-            Problem(
-                "not-a-list",
-                f"returned an awaitable ({type(output).__name__}) from a function that is not "
-                "async",
-                "TRL awaits only functions it recognises as async (async def, or an async "
-                "__call__); this one's result is iterated as it is, so the first step raises "
-                f"TypeError: '{type(output).__name__}' object is not iterable",
-                "declare the reward function itself with async def",
-            )
+        return Finding(
+            found=f"returned an awaitable ({type(output).__name__}) from a function that is "
+            "not async",
+            why="TRL awaits only functions it recognises as async (async def, or an async "
+            "__call__); this one's result is iterated as it is, so the first step raises "
+            f"TypeError: '{type(output).__name__}' object is not iterable",
+            fix="declare the reward function itself with async def",
+            code="not-a-list",
         )
-        return problems, None
     if isinstance(output, str | bytes | Mapping) or not isinstance(output, Iterable):
         kind = type(output).__name__
-        problems.append(
-            Problem(
-                "not-a-list",
-                f"returned {kind} {shorten(output)}, not a list of {n} rewards",
-                "TRL iterates the result to turn None into NaN; "
-                + (
-                    f"a {kind} is not iterable, so the first step raises TypeError: "
-                    f"'{kind}' object is not iterable"
-                    if not isinstance(output, Iterable)
-                    else f"iterating a {kind} yields its {'keys' if kind == 'dict' else 'items'}, "
-                    "which are not rewards"
-                ),
-                f"return a list with one float (or None) per completion, e.g. "
-                f"[score(c) for c in completions] (len {n})",
-            )
+        return Finding(
+            found=f"returned {kind} {shorten(output)}, not a list of {n} rewards",
+            why="TRL iterates the result to turn None into NaN; "
+            + (
+                f"a {kind} is not iterable, so the first step raises TypeError: '{kind}' "
+                "object is not iterable"
+                if not isinstance(output, Iterable)
+                else f"iterating a {kind} yields its {'keys' if kind == 'dict' else 'items'}, "
+                "which are not rewards"
+            ),
+            fix="return a list with one float (or None) per completion, e.g. [score(c) for c "
+            f"in completions] (len {n})",
+            code="not-a-list",
         )
-        return problems, None
-    raw = list(output)
-    values = [math.nan if v is None else v for v in raw]
-    if len(values) != n:
-        nested = bool(values) and all(isinstance(v, list | tuple) for v in values)
-        problems.append(
-            Problem(
-                "wrong-length",
-                f"returned {len(values)} rewards for {n} completions"
-                + (" (a list of lists: one list per group?)" if nested else ""),
-                f'TRL raises ValueError "The reward function returned {len(values)} rewards, but '
-                f'{n} were expected" at the first step; ' + _FLAT_SHAPE.format(n=n),
-                "return exactly one reward per completion: [score(c) for c in completions]",
-            )
-        )
-        return problems, None
+    return None
+
+
+def _wrong_length(values: list[Any], n: int) -> Finding:
+    """Error: not one reward per completion."""
+    nested = bool(values) and all(isinstance(v, list | tuple) for v in values)
+    return Finding(
+        found=f"returned {len(values)} rewards for {n} completions"
+        + (" (a list of lists: one list per group?)" if nested else ""),
+        why=f'TRL raises ValueError "The reward function returned {len(values)} rewards, '
+        f'but {n} were expected" at the first step; ' + _FLAT_SHAPE.format(n=n),
+        fix="return exactly one reward per completion: [score(c) for c in completions]",
+        code="wrong-length",
+    )
+
+
+def _not_numbers(values: list[Any], n: int) -> Finding | None:
+    """Error when TRL's float32 tensor cannot hold the rewards."""
     bad = _non_numeric(values)
-    if bad:
-        i, v = bad[0]
-        nested = any(isinstance(x, list | tuple) for _, x in bad)
-        problems.append(
-            Problem(
-                "non-numeric",
-                f"{len(bad)} of {n} rewards are not numbers, first: rewards[{i}] = {shorten(v)} "
-                f"({type(v).__name__})",
-                "TRL builds torch.tensor(rewards, dtype=float32), which fails on "
-                + ("nested lists; " + _FLAT_SHAPE.format(n=n) if nested else "this value"),
-                "return one float (or None when not applicable) per completion",
-            )
-        )
-        return problems, None
-    floats = _as_floats(values)
+    if not bad:
+        return None
+    i, v = bad[0]
+    nested = any(isinstance(x, list | tuple) for _, x in bad)
+    return Finding(
+        found=f"{len(bad)} of {n} rewards are not numbers, first: rewards[{i}] = "
+        f"{shorten(v)} ({type(v).__name__})",
+        why="TRL builds torch.tensor(rewards, dtype=float32), which fails on "
+        + ("nested lists; " + _FLAT_SHAPE.format(n=n) if nested else "this value"),
+        fix="return one float (or None when not applicable) per completion",
+        code="non-numeric",
+    )
+
+
+def _not_finite(raw: list[Any], floats: list[float], n: int) -> list[Finding]:
+    """An error for infinite rewards, a warning for NaN returned where None was meant."""
+    problems: list[Finding] = []
     nans = [i for i, (r, f) in enumerate(zip(raw, floats, strict=True)) if r is not None and f != f]
     infs = [i for i, f in enumerate(floats) if math.isinf(f)]
     if infs:
         i = infs[0]
         problems.append(
-            Problem(
-                "inf-reward",
-                f"returned {len(infs)} infinite reward(s) of {n}, first: rewards[{i}] = "
+            Finding(
+                found=f"returned {len(infs)} infinite reward(s) of {n}, first: rewards[{i}] = "
                 f"{shorten(raw[i])}",
-                "TRL sums the rewards and subtracts the group mean: inf - inf is NaN, which it "
-                "then turns into a zero advantage (nan_to_num), so the whole group of "
-                "completions trains nothing, and the logged reward mean becomes inf",
-                "clip the reward to a finite range (e.g. min(max(r, -10.0), 10.0)); return None "
-                "for a completion the function cannot score",
+                why="TRL sums the rewards and subtracts the group mean: inf - inf is NaN, which it "
+                "then turns into a zero advantage (nan_to_num), so the whole group of completions "
+                "trains nothing, and the logged reward mean becomes inf",
+                fix="clip the reward to a finite range (e.g. min(max(r, -10.0), 10.0)); return "
+                "None for a completion the function cannot score",
+                code="inf-reward",
             )
         )
     if nans:
         i = nans[0]
         problems.append(
-            Problem(
-                "nan-reward",
-                f"returned NaN (not None) for {len(nans)} of {n} completions, first: rewards[{i}] "
-                f"= {shorten(raw[i])}",
-                "TRL stores None as NaN and cannot tell them apart: these completions count as "
-                "'not applicable' for this function, so a NaN from a failed computation (0/0, "
-                "an empty mean) silently drops the score instead of failing",
-                "return None on purpose for rows the function does not apply to, and a number "
+            Finding(
+                found=f"returned NaN (not None) for {len(nans)} of {n} completions, first: "
+                f"rewards[{i}] = {shorten(raw[i])}",
+                why="TRL stores None as NaN and cannot tell them apart: these completions count as "
+                "'not applicable' for this function, so a NaN from a failed computation (0/0, an "
+                "empty mean) silently drops the score instead of failing",
+                fix="return None on purpose for rows the function does not apply to, and a number "
                 "(e.g. 0.0) when scoring fails",
+                code="nan-reward",
                 severity="warning",
             )
         )
-    return problems, floats
+    return problems
 
 
 def _as_floats(values: list[Any]) -> list[float]:
@@ -746,43 +762,31 @@ def _signature_problems(
     name: str,
     contract: RewardContract,
     columns: list[str] | None,
-) -> tuple[list[Problem], set[str] | None, list[str]]:
+) -> tuple[list[Finding], set[str] | None, list[str]]:
     """Compare parameters with TRL's keywords: problems, accepted names, missing columns."""
     try:
         sig = inspect.signature(func)
     except (TypeError, ValueError):
         return [], None, []
     params = list(sig.parameters.values())
-    has_var_kw = any(p.kind is p.VAR_KEYWORD for p in params)
     passed = contract.keywords(columns or [])
-    problems: list[Problem] = []
+    problems: list[Finding] = []
     positional_only = [p.name for p in params if p.kind is p.POSITIONAL_ONLY]
     if positional_only:
         problems.append(
-            Problem(
-                "positional-only",
-                f"parameters {', '.join(positional_only)} are positional-only",
-                "TRL passes everything by keyword",
-                "remove the '/' from the signature",
+            Finding(
+                found=f"parameters {', '.join(positional_only)} are positional-only",
+                why="TRL passes everything by keyword",
+                fix="remove the '/' from the signature",
+                code="positional-only",
             )
         )
     names = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
     accepted: set[str] | None = None
-    if not has_var_kw:
-        unexpected = [k for k in passed if k not in names]
-        if unexpected:
-            problems.append(
-                Problem(
-                    "missing-kwargs",
-                    f"{name}{sig} has no **kwargs, but TRL {contract.trl_version or ''} also "
-                    f"passes {', '.join(unexpected)}".replace("TRL  ", "TRL "),
-                    f"the first step raises TypeError: {name}() got an unexpected keyword "
-                    f"argument '{unexpected[0]}'",
-                    f"add **kwargs to the signature: def {name}(prompts, completions, ..., "
-                    "**kwargs)",
-                )
-            )
-            accepted = names
+    unexpected = [k for k in passed if k not in names]
+    if unexpected and not any(p.kind is p.VAR_KEYWORD for p in params):
+        problems.append(_missing_kwargs(name, sig, contract, unexpected))
+        accepted = names
     required = [
         p.name
         for p in params
@@ -790,32 +794,47 @@ def _signature_problems(
         and p.default is p.empty
         and p.name not in passed
     ]
-    if required and columns is not None:
-        have = ", ".join(c for c in columns) or "none"
-        problems.append(
-            Problem(
-                "missing-column",
-                f"parameter{'s' if len(required) > 1 else ''} {', '.join(required)} "
-                f"{'have' if len(required) > 1 else 'has'} no default and the dataset has no "
-                f"such column (columns: {have})",
-                "TRL fills reward parameters from dataset columns by name; the first step raises "
-                f"TypeError: {name}() missing required keyword argument '{required[0]}'",
-                f"add the column '{required[0]}' to the dataset (dataset.map) or give the "
-                "parameter a default",
-            )
-        )
-    elif required:
-        problems.append(
-            Problem(
-                "needs-column",
-                f"needs dataset column{'s' if len(required) > 1 else ''} "
-                f"{', '.join(required)} (checked with placeholder strings)",
-                "TRL fills reward parameters from dataset columns by name",
-                f"make sure the training dataset has {', '.join(repr(r) for r in required)}",
-                severity="info",
-            )
-        )
+    if required:
+        problems.append(_needs_columns(name, required, columns))
     return problems, accepted, required
+
+
+def _missing_kwargs(
+    name: str, sig: inspect.Signature, contract: RewardContract, unexpected: list[str]
+) -> Finding:
+    """Error: TRL passes keywords the signature does not take."""
+    return Finding(
+        found=f"{name}{sig} has no **kwargs, but TRL {contract.trl_version or ''} also "
+        f"passes {', '.join(unexpected)}".replace("TRL  ", "TRL "),
+        why=f"the first step raises TypeError: {name}() got an unexpected keyword "
+        f"argument '{unexpected[0]}'",
+        fix=f"add **kwargs to the signature: def {name}(prompts, completions, ..., **kwargs)",
+        code="missing-kwargs",
+    )
+
+
+def _needs_columns(name: str, required: list[str], columns: list[str] | None) -> Finding:
+    """Required parameters TRL fills from columns: an error against real columns, else info."""
+    if columns is not None:
+        have = ", ".join(c for c in columns) or "none"
+        return Finding(
+            found=f"parameter{'s' if len(required) > 1 else ''} {', '.join(required)} "
+            f"{'have' if len(required) > 1 else 'has'} no default and the dataset has no such "
+            f"column (columns: {have})",
+            why="TRL fills reward parameters from dataset columns by name; the first step "
+            f"raises TypeError: {name}() missing required keyword argument '{required[0]}'",
+            fix=f"add the column '{required[0]}' to the dataset (dataset.map) or give the "
+            "parameter a default",
+            code="missing-column",
+        )
+    return Finding(
+        found=f"needs dataset column{'s' if len(required) > 1 else ''} "
+        f"{', '.join(required)} (checked with placeholder strings)",
+        why="TRL fills reward parameters from dataset columns by name",
+        fix=f"make sure the training dataset has {', '.join(repr(r) for r in required)}",
+        code="needs-column",
+        severity="info",
+    )
 
 
 # Single completions tried to find the one that makes a function raise.
@@ -830,7 +849,7 @@ def _raised_problem(
     contract: RewardContract,
     accepted: set[str] | None,
     timeout: float | None,
-) -> Problem:
+) -> Finding:
     """Describe an exception, naming the first single completion that reproduces it."""
     culprit = ""
     if len(batch) > 1:
@@ -844,12 +863,12 @@ def _raised_problem(
                 break
     original = exc.original if isinstance(exc, UserExit) else exc
     why, fix = _advice(original, name, batch, contract)
-    return Problem(
-        "raised",
-        f"raised {type(original).__name__}: {_clip(str(original), 120)} at {_user_frame(exc)} "
-        f"({batch.shape} input{culprit})",
-        why,
-        fix,
+    return Finding(
+        found=f"raised {type(original).__name__}: {_clip(str(original), 120)} at "
+        f"{_user_frame(exc)} ({batch.shape} input{culprit})",
+        why=why,
+        fix=fix,
+        code="raised",
     )
 
 
@@ -866,9 +885,20 @@ def _advice(
     exc: BaseException, name: str, batch: _Batch, contract: RewardContract
 ) -> tuple[str, str]:
     """Why and fix lines that fit the exception the function raised."""
-    n = len(batch)
-    text = str(exc)
-    columns = [c for c in batch.columns if c not in contract.excluded_columns]
+    return (
+        _exit_advice(exc)
+        or _data_advice(exc, batch, contract)
+        or _call_advice(exc, name, len(batch))
+        or (
+            _NOT_CAUGHT + "; model outputs can be empty, unformatted or arbitrary text",
+            "guard the input that triggers it (shown above) and return 0.0 (or None) when a "
+            "completion cannot be scored",
+        )
+    )
+
+
+def _exit_advice(exc: BaseException) -> tuple[str, str] | None:
+    """For SystemExit and a KeyboardInterrupt the function raised: both stop the run."""
     if isinstance(exc, SystemExit):
         return (
             "a reward function runs inside the training process: sys.exit() there (SystemExit, "
@@ -882,6 +912,14 @@ def _advice(
             "that stops the run at the first step exactly like a Ctrl-C",
             "remove the raise KeyboardInterrupt (or the call that raises it) from the reward code",
         )
+    return None
+
+
+def _data_advice(
+    exc: BaseException, batch: _Batch, contract: RewardContract
+) -> tuple[str, str] | None:
+    """For lookups that expect another data shape or a keyword TRL does not pass."""
+    text = str(exc)
     if isinstance(exc, KeyError) and exc.args and isinstance(exc.args[0], str):
         key = exc.args[0]
         if key in ("content", "role"):
@@ -891,6 +929,7 @@ def _advice(
                 f"{key!r} is looked up on something else",
                 _FLAT_FIX,
             )
+        columns = [c for c in batch.columns if c not in contract.excluded_columns]
         return (
             f"the function reads {key!r}, which TRL does not pass: keyword arguments are "
             f"{', '.join(contract.keywords(columns))} (every dataset column by name)",
@@ -904,11 +943,17 @@ def _advice(
     )
     if flat:
         return (
-            _FLAT_SHAPE.format(n=n) + "; indexing errors like this one usually mean the code "
-            "treats completions[i] as a group of num_generations completions, or expects the "
-            "other data shape",
+            _FLAT_SHAPE.format(n=len(batch)) + "; indexing errors like this one usually mean the "
+            "code treats completions[i] as a group of num_generations completions, or expects "
+            "the other data shape",
             _FLAT_FIX,
         )
+    return None
+
+
+def _call_advice(exc: BaseException, name: str, n: int) -> tuple[str, str] | None:
+    """For a bad call, a failing import, a shape mismatch or running out of memory."""
+    text = str(exc)
     if isinstance(exc, TypeError) and any(w in text for w in ("argument", "keyword", "positional")):
         return (
             f"TRL calls {name}(prompts=..., completions=..., completion_ids=..., **columns, "
@@ -939,11 +984,7 @@ def _advice(
             "the machine with the model",
             "score one completion at a time without large buffers",
         )
-    return (
-        _NOT_CAUGHT + "; model outputs can be empty, unformatted or arbitrary text",
-        "guard the input that triggers it (shown above) and return 0.0 (or None) when a "
-        "completion cannot be scored",
-    )
+    return None
 
 
 def _clip(text: str, limit: int) -> str:
@@ -984,22 +1025,55 @@ def _check_one(
 ) -> tuple[FuncResult, dict[Shape, list[float]]]:
     """Check one reward function against each batch shape; also return its rewards per shape."""
     name = _callable_name(func) if callable(func) else shorten(func)
-    if isinstance(func, str | os.PathLike):
-        return _check_string(index, os.fspath(func)), {}
-    if _is_module(func):
-        return FuncResult(index, name, "model", (), ()), {}
-    if not callable(func):
-        problem = Problem(
-            "not-callable",
-            f"reward_funcs[{index}] is {type(func).__name__} {shorten(func)}",
-            "TRL accepts functions, callable objects, reward models or model ids",
-            "pass the reward function object",
-        )
-        return FuncResult(index, name, "fail", (), (problem,)), {}
+    not_called = _not_called(index, func, name)
+    if not_called is not None:
+        return not_called, {}
     sig_problems, accepted, required = _signature_problems(func, name, contract, columns)
-    per_shape: dict[Shape, list[Problem]] = {}
-    rewards: dict[Shape, list[float]] = {}
-    mutated: list[Problem] = []
+    calls = _call_on_batches(func, name, batches, contract, accepted, required, timeout, pristine)
+    problems = list(sig_problems) + calls.mutated
+    shapes = _add_shape_problems(problems, calls.per_shape, several=len(batches) > 1)
+    status: Status = "failed" if errors(problems) else "passed"
+    usable = {s: v for s, v in calls.rewards.items() if s in shapes}
+    return FuncResult(index, name, status, shapes, tuple(problems)), usable
+
+
+def _not_called(index: int, func: Any, name: str) -> FuncResult | None:
+    """The result for an entry that is not a function to call: a path, a model, anything else."""
+    if isinstance(func, str | os.PathLike):
+        return _check_string(index, os.fspath(func))
+    if _is_module(func):
+        return FuncResult(index, name, "model", (), ())
+    if not callable(func):
+        problem = Finding(
+            found=f"reward_funcs[{index}] is {type(func).__name__} {shorten(func)}",
+            why="TRL accepts functions, callable objects, reward models or model ids",
+            fix="pass the reward function object",
+            code="not-callable",
+        )
+        return FuncResult(index, name, "failed", (), (problem,))
+    return None
+
+
+class _Calls(NamedTuple):
+    """What calling one function on each batch gave."""
+
+    per_shape: dict[Shape, list[Finding]]  # the problems of each shape called
+    rewards: dict[Shape, list[float]]  # the rewards of each shape TRL would accept
+    mutated: list[Finding]  # one warning when the function changed its inputs
+
+
+def _call_on_batches(
+    func: Any,
+    name: str,
+    batches: list[_Batch],
+    contract: RewardContract,
+    accepted: set[str] | None,
+    required: list[str],
+    timeout: float | None,
+    pristine: list[_Batch] | None,
+) -> _Calls:
+    """Call the function on each batch as TRL would; stop at the first timeout."""
+    calls = _Calls({}, {}, [])
     for b, batch in enumerate(batches):
         for r in required:
             batch.columns.setdefault(r, [f"placeholder {r}"] * len(batch))
@@ -1008,19 +1082,10 @@ def _check_one(
         try:
             output = _call(func, kwargs, timeout)
         except RewardTimeout as exc:
-            per_shape[batch.shape] = [
-                Problem(
-                    "timeout",
-                    f"{exc} on {len(batch)} {batch.shape} completions",
-                    "GRPOTrainer calls every reward function at every step; one this slow (a "
-                    "remote judge, a loop that never ends) stalls training",
-                    "make it return in well under a second per batch (batch or cache remote "
-                    "calls), or raise the timeout if it is really this slow",
-                )
-            ]
+            calls.per_shape[batch.shape] = [_timed_out(exc, batch)]
             break  # the function may still be running; do not start it again
         except Exception as exc:  # UserExit (SystemExit, KeyboardInterrupt raised by it) too
-            per_shape[batch.shape] = [
+            calls.per_shape[batch.shape] = [
                 _raised_problem(func, name, exc, batch, contract, accepted, timeout)
             ]
             output = _RAISED
@@ -1029,31 +1094,54 @@ def _check_one(
         if changed and pristine is not None:
             # The next function (or shape) must see what TRL would have generated.
             _restore(batch, pristine[b])
-        if changed and not mutated:
-            mutated.append(
-                Problem(
-                    "mutates-inputs",
-                    f"changes its input{'s' if len(changed) > 1 else ''} "
-                    f"{', '.join(changed)} in place",
-                    "TRL passes the same prompts, completions and column lists to every reward "
-                    "function in turn and logs the completions afterwards: the functions after "
-                    "this one score (and the logs show) the changed data",
-                    "work on copies: text = completion[0]['content'].strip() instead of "
-                    "assigning into completions, prompts or a column list",
-                    severity="warning",
-                )
-            )
+        if changed and not calls.mutated:
+            calls.mutated.append(_mutates_inputs(changed))
         if output is _RAISED:
             continue
         problems, values = _to_rewards(output, len(batch))
-        per_shape[batch.shape] = problems
+        calls.per_shape[batch.shape] = problems
         if values is not None:
-            rewards[batch.shape] = values
-    problems = list(sig_problems) + mutated
+            calls.rewards[batch.shape] = values
+    return calls
+
+
+def _timed_out(exc: RewardTimeout, batch: _Batch) -> Finding:
+    """Error: the function overran the time limit."""
+    return Finding(
+        found=f"{exc} on {len(batch)} {batch.shape} completions",
+        why="GRPOTrainer calls every reward function at every step; one this slow (a "
+        "remote judge, a loop that never ends) stalls training",
+        fix="make it return in well under a second per batch (batch or cache remote "
+        "calls), or raise the timeout if it is really this slow",
+        code="timeout",
+    )
+
+
+def _mutates_inputs(changed: list[str]) -> Finding:
+    """Warning: the function changed lists TRL passes to the next functions too."""
+    return Finding(
+        found=f"changes its input{'s' if len(changed) > 1 else ''} {', '.join(changed)} in place",
+        why="TRL passes the same prompts, completions and column lists to every reward "
+        "function in turn and logs the completions afterwards: the functions after "
+        "this one score (and the logs show) the changed data",
+        fix="work on copies: text = completion[0]['content'].strip() instead of "
+        "assigning into completions, prompts or a column list",
+        code="mutates-inputs",
+        severity="warning",
+    )
+
+
+def _add_shape_problems(
+    problems: list[Finding], per_shape: dict[Shape, list[Finding]], *, several: bool
+) -> tuple[Shape, ...]:
+    """Add each shape's problems once to ``problems``; return the shapes without errors.
+
+    A function that raises on one of several shapes only is meant for the other shape (many
+    index ``completion[0]["content"]``): that becomes an info, not an error.
+    """
     shapes = tuple(s for s, ps in per_shape.items() if not errors(ps))
     raised_only = {s for s, ps in per_shape.items() if ps and all(p.code == "raised" for p in ps)}
-    if len(batches) > 1 and shapes and raised_only:
-        # Many real functions index completion[0]["content"] and are meant for one shape only.
+    if several and shapes and raised_only:
         for s in raised_only:
             p = per_shape[s][0]
             problems.append(
@@ -1067,17 +1155,15 @@ def _check_one(
             )
         for s in shapes:
             problems += [p for p in per_shape[s] if p not in problems]
-    else:
-        seen: set[tuple[str, str]] = set()
-        for ps in per_shape.values():
-            for p in ps:
-                key = (p.code, p.found.split(" (", 1)[0])
-                if key not in seen:
-                    seen.add(key)
-                    problems.append(p)
-    status: Status = "fail" if errors(problems) else "pass"
-    usable = {s: v for s, v in rewards.items() if s in shapes}
-    return FuncResult(index, name, status, shapes, tuple(problems)), usable
+        return shapes
+    seen: set[tuple[str, str]] = set()
+    for ps in per_shape.values():
+        for p in ps:
+            key = (p.code, p.found.split(" (", 1)[0])
+            if key not in seen:
+                seen.add(key)
+                problems.append(p)
+    return shapes
 
 
 def _is_module(obj: object) -> bool:
@@ -1096,35 +1182,36 @@ def _check_string(index: int, value: str) -> FuncResult:
         "from_pretrained(..., num_labels=1) as a Hugging Face Hub model id or local folder"
     )
     if path.is_dir():
-        problem = Problem(
-            "string-func",
-            f"reward_funcs[{index}] = {value!r} is a folder without config.json",
-            why + ", and this folder is not a saved model",
-            "point at a folder written by save_pretrained, or pass a reward function object",
+        problem = Finding(
+            found=f"reward_funcs[{index}] = {value!r} is a folder without config.json",
+            why=why + ", and this folder is not a saved model",
+            fix="point at a folder written by save_pretrained, or pass a reward function object",
+            code="string-func",
         )
     elif "/" in value and not value.startswith((".", "/", "~")) and value.count("/") == 1:
-        problem = Problem(
-            "string-func",
-            f"reward_funcs[{index}] = {value!r} is not a local folder: TRL will treat it as a Hub "
-            "model id",
-            why + "; it is downloaded when the trainer is built, which fails offline (after a "
+        problem = Finding(
+            found=f"reward_funcs[{index}] = {value!r} is not a local folder: TRL will treat it as "
+            "a Hub model id",
+            why=why + "; it is downloaded when the trainer is built, which fails offline (after a "
             "long Hub timeout unless HF_HUB_OFFLINE=1)",
-            "download the reward model first and pass its local folder, or pass a function",
+            fix="download the reward model first and pass its local folder, or pass a function",
+            code="string-func",
             severity="warning",
         )
     else:
-        problem = Problem(
-            "string-func",
-            f"reward_funcs[{index}] = {value!r} is a string, not a function, and no such folder "
-            "exists",
-            why + f"; {value!r} is treated as a Hub model id, so GRPOTrainer(...) fails with an "
+        problem = Finding(
+            found=f"reward_funcs[{index}] = {value!r} is a string, not a function, and no such "
+            "folder exists",
+            why=why
+            + f"; {value!r} is treated as a Hub model id, so GRPOTrainer(...) fails with an "
             "OSError (after a ~50 s Hub timeout when offline)",
-            f"pass the function object without quotes: reward_funcs=[{value}]"
+            fix=f"pass the function object without quotes: reward_funcs=[{value}]"
             if value.isidentifier()
             else "pass the reward function object, or an existing reward-model folder",
+            code="string-func",
         )
     return FuncResult(
-        index, value, "fail" if problem.severity == "error" else "pass", (), (problem,)
+        index, value, "failed" if problem.severity == "error" else "passed", (), (problem,)
     )
 
 
@@ -1166,21 +1253,25 @@ def _select_rows(rows: list[dict[str, Any]], count: int) -> tuple[list[dict[str,
     return [rows[i] for i in sorted(chosen)], note
 
 
-def _none_problems(
-    results: list[FuncResult],
-    rewards: list[dict[Shape, list[float]]],
-    batches: list[_Batch],
-) -> tuple[list[Problem], dict[int, Problem]]:
-    """Judge None (NaN) across all functions per completion, as TRL does.
+_NONE_WHY = (
+    "TRL stores None as NaN and skips it when summing the functions' rewards; a completion "
+    "that every function gives None is unscorable: TRL logs 'All reward functions returned "
+    "None' and gives it zero advantage, so it trains nothing"
+)
 
-    Returns report-level problems and, per function index, an 'all-none' finding.
-    """
-    scoring = [i for i, r in enumerate(results) if r.status != "fail" or rewards[i]]
-    models = [i for i in scoring if results[i].status == "model"]
-    report: list[Problem] = []
-    per_func: dict[int, Problem] = {}
-    if not scoring or models:
-        return report, per_func  # nothing to judge, or a reward model scores every row
+
+class _NoneTally(NamedTuple):
+    """Which completions some function scored, across the functions that returned rewards."""
+
+    scored_any: bool  # at least one completion got a number from some function
+    unscored: list[tuple[_Batch, int]]  # (batch, row) of completions no function scored
+    shown: dict[int, int]  # function index -> completions it returned rewards for
+
+
+def _tally_none(
+    scoring: list[int], rewards: list[dict[Shape, list[float]]], batches: list[_Batch]
+) -> _NoneTally:
+    """Count, per completion, whether any of the ``scoring`` functions gave it a number."""
     scored_any = False
     unscored: list[tuple[_Batch, int]] = []
     shown: dict[int, int] = {}
@@ -1195,49 +1286,101 @@ def _none_problems(
                 unscored.append((batch, row))
         for i in funcs:
             shown[i] = shown.get(i, 0) + len(batch)
-    never = [i for i in shown if all(math.isnan(v) for s, vs in rewards[i].items() for v in vs)]
-    why = (
-        "TRL stores None as NaN and skips it when summing the functions' rewards; a completion "
-        "that every function gives None is unscorable: TRL logs 'All reward functions returned "
-        "None' and gives it zero advantage, so it trains nothing"
+    return _NoneTally(scored_any, unscored, shown)
+
+
+def _none_problems(
+    results: list[FuncResult],
+    rewards: list[dict[Shape, list[float]]],
+    batches: list[_Batch],
+) -> tuple[list[Finding], dict[int, Finding]]:
+    """Judge None (NaN) across all functions per completion, as TRL does.
+
+    Returns report-level problems and, per function index, an 'all-none' finding.
+    """
+    scoring = [i for i, r in enumerate(results) if r.status != "failed" or rewards[i]]
+    models = [i for i in scoring if results[i].status == "model"]
+    if not scoring or models:
+        return [], {}  # nothing to judge, or a reward model scores every row
+    tally = _tally_none(scoring, rewards, batches)
+    never = [
+        i for i in tally.shown if all(math.isnan(v) for s, vs in rewards[i].items() for v in vs)
+    ]
+    per_func = {i: _all_none(tally.shown[i], others_scored=tally.scored_any) for i in never}
+    if not tally.scored_any or not tally.unscored:
+        return [], per_func
+    batch, row = tally.unscored[0]
+    total = sum(len(b) for b in batches if any(b.shape in r for r in rewards))
+    unscored = Finding(
+        found=f"{len(tally.unscored)} of {total} completions got None from every reward "
+        f"function, first: completion #{row} of prompt {shorten(batch.prompts[row], 70)}",
+        why=_NONE_WHY,
+        fix="make sure at least one reward function scores every kind of row (a general "
+        "format reward, or the task's own function)",
+        code="unscored-rows",
+        severity="warning",
     )
-    if not scored_any:
-        for i in never:
-            per_func[i] = Problem(
-                "all-none",
-                f"returned None (or NaN) for all {shown[i]} completions, and no other function "
-                "scored them either",
-                why + "; when no completion is ever scored, no step trains anything",
-                "return a number for the completions this function applies to (check the "
-                "columns it reads)",
-            )
-        return report, per_func
-    for i in never:
-        per_func[i] = Problem(
-            "all-none",
-            f"returned None (or NaN) for all {shown[i]} completions it was shown; other "
-            "functions scored them",
-            "TRL treats None as 'not applicable' (multi-task reward functions do this on "
-            "purpose), so this is fine only if the function applies to rows not in this sample",
-            "check the column it reads decides applicability as intended; include rows it "
-            "applies to in the dataset",
-            severity="warning",
+    return [unscored], per_func
+
+
+def _all_none(shown: int, *, others_scored: bool) -> Finding:
+    """A function that returned None for everything: a warning if others scored the rows."""
+    if not others_scored:
+        return Finding(
+            found=f"returned None (or NaN) for all {shown} completions, and no other "
+            "function scored them either",
+            why=_NONE_WHY + "; when no completion is ever scored, no step trains anything",
+            fix="return a number for the completions this function applies to (check the "
+            "columns it reads)",
+            code="all-none",
         )
-    if unscored:
-        batch, row = unscored[0]
-        total = sum(len(b) for b in batches if any(b.shape in r for r in rewards))
-        report.append(
-            Problem(
-                "unscored-rows",
-                f"{len(unscored)} of {total} completions got None from every reward function, "
-                f"first: completion #{row} of prompt {shorten(batch.prompts[row], 70)}",
-                why,
-                "make sure at least one reward function scores every kind of row (a general "
-                "format reward, or the task's own function)",
-                severity="warning",
+    return Finding(
+        found=f"returned None (or NaN) for all {shown} completions it was shown; other "
+        "functions scored them",
+        why="TRL treats None as 'not applicable' (multi-task reward functions do this on "
+        "purpose), so this is fine only if the function applies to rows not in this sample",
+        fix="check the column it reads decides applicability as intended; include rows it "
+        "applies to in the dataset",
+        code="all-none",
+        severity="warning",
+    )
+
+
+class _Sample(NamedTuple):
+    """The dataset rows the functions are called on, with their columns and prompt shape."""
+
+    rows: list[dict[str, Any]] | None  # None: no dataset (or no rows), synthetic inputs
+    columns: list[str] | None
+    shape: Shape | None
+
+
+def _sample_dataset(dataset: Any, num_prompts: int, problems: list[Finding]) -> _Sample:
+    """Read a few rows of ``dataset`` (None: synthetic inputs); report a missing prompt."""
+    if dataset is None:
+        return _Sample(None, None, None)
+    rows, _ = _select_rows(_rows(dataset, max(num_prompts, _WINDOW)), num_prompts)
+    if not rows:
+        problems.append(
+            Finding(
+                found="the dataset has no rows",
+                why="GRPOTrainer has nothing to sample",
+                fix="pass a dataset with at least one row",
+                code="empty-dataset",
             )
         )
-    return report, per_func
+        return _Sample(None, None, None)
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    if "prompt" not in columns:
+        problems.append(
+            Finding(
+                found=f"the dataset has no 'prompt' column (columns: {', '.join(columns)})",
+                why="GRPOTrainer reads each example's 'prompt' to generate completions",
+                fix="map the rows to {'prompt': [...messages...] or str, <other columns>}",
+                code="no-prompt",
+            )
+        )
+    shape: Shape = "conversational" if _is_conversational(rows[0].get("prompt")) else "plain"
+    return _Sample(rows, columns, shape)
 
 
 def check_reward_funcs(
@@ -1261,36 +1404,11 @@ def check_reward_funcs(
         )
     items = [funcs] if callable(funcs) or isinstance(funcs, str) else list(funcs)
     contract = reward_contract()
-    report_problems: list[Problem] = []
-    rows: list[dict[str, Any]] | None = None
-    columns: list[str] | None = None
-    shape: Shape | None = None
-    if dataset is not None:
-        rows, _ = _select_rows(_rows(dataset, max(num_prompts, _WINDOW)), num_prompts)
-        if not rows:
-            report_problems.append(
-                Problem(
-                    "empty-dataset",
-                    "the dataset has no rows",
-                    "GRPOTrainer has nothing to sample",
-                    "pass a dataset with at least one row",
-                )
-            )
-            rows = None
-        else:
-            columns = list(dict.fromkeys(k for row in rows for k in row))
-            if "prompt" not in columns:
-                report_problems.append(
-                    Problem(
-                        "no-prompt",
-                        f"the dataset has no 'prompt' column (columns: {', '.join(columns)})",
-                        "GRPOTrainer reads each example's 'prompt' to generate completions",
-                        "map the rows to {'prompt': [...messages...] or str, <other columns>}",
-                    )
-                )
-            shape = "conversational" if _is_conversational(rows[0].get("prompt")) else "plain"
-    if rows is not None and shape is not None:
-        batches = [_make_batch(shape, rows, len(rows), num_generations)]
+    report_problems: list[Finding] = []
+    sample = _sample_dataset(dataset, num_prompts, report_problems)
+    if sample.rows is not None and sample.shape is not None:
+        rows = sample.rows
+        batches = [_make_batch(sample.shape, rows, len(rows), num_generations)]
     else:
         batches = [
             _make_batch("conversational", None, num_prompts, num_generations),
@@ -1303,7 +1421,7 @@ def check_reward_funcs(
             f,
             [dataclasses.replace(b, columns=dict(b.columns)) for b in batches],
             contract,
-            columns,
+            sample.columns,
             timeout,
             pristine,
         )
@@ -1315,9 +1433,11 @@ def check_reward_funcs(
     for i, problem in per_func.items():
         r = results[i]
         problems = (*r.problems, problem)
-        status: Status = "fail" if errors(problems) else r.status
+        status: Status = "failed" if errors(problems) else r.status
         results[i] = dataclasses.replace(r, problems=problems, status=status)
-    return RewardReport(tuple(results), tuple(report_problems), contract, shape, len(batches[0]))
+    return RewardReport(
+        tuple(results), tuple(report_problems), contract, sample.shape, len(batches[0])
+    )
 
 
 def assert_reward_funcs(

@@ -1,7 +1,7 @@
 """Load a causal LM in 4-bit, verify it really is 4-bit, release it and check the memory came back.
 
 Plain functions and a small cache, no pytest fixtures: :mod:`pytest_unsloth.fixtures` puts thin
-fixtures on top, :mod:`pytest_unsloth.lora` adds the adapters. Two backends:
+fixtures on top, :mod:`pytest_unsloth.models.lora` adds the adapters. Two backends:
 
 * ``unsloth``: ``FastLanguageModel.from_pretrained(load_in_4bit=True)``; chosen when unsloth is
   installed and CUDA is available.
@@ -33,6 +33,8 @@ import pytest
 
 if TYPE_CHECKING:
     import torch
+
+    from pytest_unsloth.models.lora import ModelState
 
 __all__ = [
     "BACKENDS",
@@ -133,7 +135,7 @@ class LoadedModel:
     loaded_bytes: int = 0
     released: bool = False
     # The model's pristine state (lora.snapshot_state), taken once; tests are compared to it.
-    state: tuple[Any, ...] | None = None
+    state: ModelState | None = None
 
     def __iter__(self) -> Iterator[Any]:
         """Yield model then tokenizer, for ``model, tokenizer = loaded_4bit_model``."""
@@ -228,7 +230,7 @@ def choose_backend(requested: str = "auto") -> tuple[str, str]:
 
 def _parse_tiny(name: str) -> tuple[str, str]:
     """Split ``tiny:ARCH[:SIZE]`` into (arch, size), validating both."""
-    from pytest_unsloth import tiny
+    from pytest_unsloth.models import tiny
 
     parts = name[len(TINY_PREFIX) :].split(":")
     arch = parts[0] or "llama"
@@ -255,7 +257,7 @@ def resolve_model_path(
     Anything else is a :class:`ModelLoadError` at once, instead of a ~50 s Hub timeout.
     """
     if name.startswith(TINY_PREFIX):
-        from pytest_unsloth import tiny
+        from pytest_unsloth.models import tiny
 
         arch, size = _parse_tiny(name)
         return str(tiny.build(arch, size=size, cache_dir=tiny_cache_dir))
@@ -336,7 +338,7 @@ def _allocated_bytes() -> int:
 @contextlib.contextmanager
 def _quiet_loading() -> Iterator[None]:
     """Hide the progress bars from_pretrained draws (noise in captured output)."""
-    from pytest_unsloth.tiny import quiet_progress_bars
+    from pytest_unsloth.models.tiny import quiet_progress_bars
 
     with quiet_progress_bars():
         yield
@@ -477,21 +479,11 @@ def _import_on_a_clean_stack(module: str) -> None:
     """
     if module in sys.modules:
         return
-    import threading
+    from pytest_unsloth.util.timelimit import call_in_thread
 
-    errors: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            importlib.import_module(module)
-        except BaseException as exc:  # re-raised below, in the caller's thread
-            errors.append(exc)
-
-    thread = threading.Thread(target=target, name=f"pytest-unsloth-import-{module}")
-    thread.start()
-    thread.join()
-    if errors:
-        raise errors[0]
+    call_in_thread(
+        lambda: importlib.import_module(module), None, name=f"pytest-unsloth-import-{module}"
+    )
 
 
 def _load_transformers(
@@ -501,7 +493,7 @@ def _load_transformers(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-    from pytest_unsloth import tiny
+    from pytest_unsloth.models import tiny
 
     if request.fast_inference:
         # A CPU CI lane often shares the ini of the GPU lane: run the test without vLLM.
@@ -585,6 +577,13 @@ def verify_4bit(loaded: LoadedModel) -> None:
             f"{what} returned a {type(model).__name__}, not a torch.nn.Module; "
             "the loader did not produce a model"
         )
+    _check_4bit_layers(loaded, model, what)
+    _check_tokenizer(loaded, what)
+    _check_sequence_length(loaded, model, what)
+
+
+def _check_4bit_layers(loaded: LoadedModel, model: Any, what: str) -> None:
+    """The Linear layers are bitsandbytes 4-bit, all on the device, computing in the dtype."""
     quantized, linear, plain = count_4bit_layers(model)
     loaded.quantized_layers, loaded.linear_layers = quantized, linear
     if quantized == 0:
@@ -620,6 +619,10 @@ def verify_4bit(loaded: LoadedModel) -> None:
         raise ModelCheckError(
             f"{what}: input embeddings are {embedding.weight.dtype}, expected {loaded.dtype}"
         )
+
+
+def _check_tokenizer(loaded: LoadedModel, what: str) -> None:
+    """A tokenizer came with the model, and it has a pad token."""
     if loaded.tokenizer is None:
         raise ModelCheckError(f"{what} loaded no tokenizer")
     if getattr(loaded.tokenizer, "pad_token", None) is None:
@@ -629,6 +632,10 @@ def verify_4bit(loaded: LoadedModel) -> None:
             "trainers need one. Fix: add pad_token to the model's tokenizer_config.json "
             "(a reserved token, not eos, so the model still learns to stop)"
         )
+
+
+def _check_sequence_length(loaded: LoadedModel, model: Any, what: str) -> None:
+    """The model records the max_seq_length asked for, and its positions reach that far."""
     recorded = getattr(model, "max_seq_length", None)
     if recorded != loaded.max_seq_length:
         raise ModelCheckError(

@@ -1,6 +1,6 @@
 """LoRA adapters on a shared 4-bit model: add them, verify they train, take them off again.
 
-The base model comes from :mod:`pytest_unsloth.models` and is shared between tests, so adding
+The base model comes from :mod:`pytest_unsloth.models.loader` and is shared between tests, so adding
 adapters is paired with removing them and checking the base is back as it was
 (:func:`snapshot_state`). unsloth's ``get_peft_model`` on the unsloth backend, peft's otherwise.
 """
@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
-from pytest_unsloth.models import LoadedModel, ModelCheckError, cpu_packed_layers
+from pytest_unsloth.models.loader import LoadedModel, ModelCheckError, cpu_packed_layers
 
 __all__ = [
     "GRADIENT_CHECKPOINTING_MODES",
     "AppliedLora",
     "LoraSettings",
+    "ModelState",
     "apply_lora",
     "checkpointing_enabled",
     "describe_state_change",
@@ -53,7 +54,7 @@ class AppliedLora:
     lora_tensors: int
     trainable_parameters: int
     gradient_checkpointing: str
-    state_before: tuple[Any, ...]
+    state_before: ModelState
 
     def describe(self) -> str:
         """One line: adapter layout and gradient checkpointing mode."""
@@ -96,35 +97,45 @@ def set_checkpointing(model: Any, enabled: bool) -> None:
         model.gradient_checkpointing_disable()
 
 
-def snapshot_state(model: Any) -> tuple[Any, ...]:
+class ModelState(NamedTuple):
+    """What a test could change on a shared model (a snapshot, compared with ``==``)."""
+
+    modules: tuple[tuple[str, str], ...]  # (name, type name) of every module
+    requires_grad: tuple[tuple[str, bool], ...]  # (name, requires_grad) of every parameter
+    training: bool
+    checkpointing: bool
+    has_peft_config: bool
+
+
+def snapshot_state(model: Any) -> ModelState:
     """Capture what a test could change on a shared model: modules, requires_grad, modes."""
-    modules = tuple((name, type(m).__name__) for name, m in model.named_modules())
-    grads = tuple((name, bool(p.requires_grad)) for name, p in model.named_parameters())
-    return (
-        modules,
-        grads,
-        bool(model.training),
-        checkpointing_enabled(model),
-        hasattr(model, "peft_config"),
+    return ModelState(
+        modules=tuple((name, type(m).__name__) for name, m in model.named_modules()),
+        requires_grad=tuple((name, bool(p.requires_grad)) for name, p in model.named_parameters()),
+        training=bool(model.training),
+        checkpointing=checkpointing_enabled(model),
+        has_peft_config=hasattr(model, "peft_config"),
     )
 
 
 def describe_state_change(before: tuple[Any, ...], after: tuple[Any, ...]) -> str:
-    """Say in a few words what changed between two snapshots."""
+    """Say in a few words what changed between two snapshots (``ModelState`` or plain tuples)."""
+    old, new = ModelState(*before), ModelState(*after)
     changes: list[str] = []
-    if before[0] != after[0]:
-        added = sorted({t for _, t in after[0]} - {t for _, t in before[0]})
+    if old.modules != new.modules:
+        added = sorted({t for _, t in new.modules} - {t for _, t in old.modules})
         changes.append(
             "modules replaced" + (f" (new types: {', '.join(added[:4])})" if added else "")
         )
-    if before[1] != after[1]:
-        flipped = [n for (n, g), (_, h) in zip(before[1], after[1], strict=False) if g != h]
+    if old.requires_grad != new.requires_grad:
+        pairs = zip(old.requires_grad, new.requires_grad, strict=False)
+        flipped = [n for (n, g), (_, h) in pairs if g != h]
         changes.append(f"requires_grad changed on {len(flipped) or 'some'} parameters")
-    if before[2] != after[2]:
+    if old.training != new.training:
         changes.append("train/eval mode changed")
-    if before[3] != after[3]:
+    if old.checkpointing != new.checkpointing:
         changes.append("gradient checkpointing switched")
-    if before[4] != after[4]:
+    if old.has_peft_config != new.has_peft_config:
         changes.append("peft_config added")
     return "; ".join(changes) or "no change"
 
@@ -204,77 +215,15 @@ def apply_lora(loaded: LoadedModel, settings: LoraSettings) -> AppliedLora:
     """Add LoRA adapters to a loaded model (unsloth's or peft's get_peft_model) and verify them."""
     if loaded.released or loaded.model is None:
         raise ModelCheckError("cannot add LoRA adapters: the model was already released")
-    if settings.gradient_checkpointing not in GRADIENT_CHECKPOINTING_MODES:
-        raise ModelCheckError(
-            f"unknown gradient checkpointing mode {settings.gradient_checkpointing!r}; choose "
-            f"one of {', '.join(GRADIENT_CHECKPOINTING_MODES)}"
-        )
-    if settings.r <= 0:
-        raise ModelCheckError(f"LoRA r must be positive, got {settings.r}")
-    if not 0.0 <= settings.dropout < 1.0:
-        raise ModelCheckError(f"LoRA dropout must be in [0, 1), got {settings.dropout}")
+    _check_settings(settings)
     base = loaded.model
-    if _lora_layer_names(base):
-        raise ModelCheckError(
-            "the shared 4-bit model already carries LoRA adapters; another fixture or test "
-            "added them and did not remove them"
-        )
-    packed = cpu_packed_layers(base)
-    if packed:
-        raise ModelCheckError(
-            f"{len(packed)} 4-bit layers (e.g. {packed[0]}) were repacked by bitsandbytes for CPU "
-            "inference (an eval-mode forward without grad on an AVX512-BF16 CPU); backward through "
-            "them is not implemented, so LoRA training would silently get no gradient there. "
-            "Fix: load a fresh model, or set support_avx512bf16_for_cpu = False on its Linear4bit "
-            "layers before any inference (pytest_unsloth.models.keep_cpu_layout_trainable)"
-        )
+    _check_base(base)
     matched = match_target_modules(base, settings.target_modules)
     state = snapshot_state(base)
-    targets = list(matched)
     if loaded.backend == "unsloth":
-        from unsloth import FastLanguageModel
-
-        mode: Any = {"unsloth": "unsloth", "true": True, "false": False}[
-            settings.gradient_checkpointing
-        ]
-        peft_model = FastLanguageModel.get_peft_model(
-            base,
-            r=settings.r,
-            lora_alpha=settings.alpha,
-            lora_dropout=settings.dropout,
-            target_modules=targets,
-            bias="none",
-            use_gradient_checkpointing=mode,
-            random_state=settings.seed,
-        )
-        used_mode = settings.gradient_checkpointing
+        peft_model, used_mode = _unsloth_peft_model(base, settings, list(matched))
     else:
-        import peft
-        import torch
-
-        config = peft.LoraConfig(
-            r=settings.r,
-            lora_alpha=settings.alpha,
-            lora_dropout=settings.dropout,
-            target_modules=targets,
-            bias="none",
-            task_type="CAUSAL_LM",
-        )
-        # Seed only the adapter init (lora_A is random) without disturbing the test's stream.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(settings.seed)
-            peft_model = peft.get_peft_model(base, config)
-        if settings.gradient_checkpointing == "false":
-            used_mode = "off"
-        else:
-            # "unsloth" mode exists only in unsloth; transformers' own checkpointing is the
-            # nearest equivalent (non-reentrant, so 4-bit inputs need no requires_grad hook).
-            set_checkpointing(base, True)
-            used_mode = (
-                "on (transformers; 'unsloth' mode needs the unsloth backend)"
-                if settings.gradient_checkpointing == "unsloth"
-                else "on (transformers)"
-            )
+        peft_model, used_mode = _peft_model(base, settings, list(matched))
     applied = AppliedLora(
         model=peft_model,
         base=loaded,
@@ -291,6 +240,84 @@ def apply_lora(loaded: LoadedModel, settings: LoraSettings) -> AppliedLora:
         remove_lora(applied)
         raise
     return applied
+
+
+def _check_settings(settings: LoraSettings) -> None:
+    """Raise ModelCheckError for a LoRA setting no backend accepts."""
+    if settings.gradient_checkpointing not in GRADIENT_CHECKPOINTING_MODES:
+        raise ModelCheckError(
+            f"unknown gradient checkpointing mode {settings.gradient_checkpointing!r}; choose "
+            f"one of {', '.join(GRADIENT_CHECKPOINTING_MODES)}"
+        )
+    if settings.r <= 0:
+        raise ModelCheckError(f"LoRA r must be positive, got {settings.r}")
+    if not 0.0 <= settings.dropout < 1.0:
+        raise ModelCheckError(f"LoRA dropout must be in [0, 1), got {settings.dropout}")
+
+
+def _check_base(base: Any) -> None:
+    """Raise ModelCheckError when the base model cannot take fresh, trainable adapters."""
+    if _lora_layer_names(base):
+        raise ModelCheckError(
+            "the shared 4-bit model already carries LoRA adapters; another fixture or test "
+            "added them and did not remove them"
+        )
+    packed = cpu_packed_layers(base)
+    if packed:
+        raise ModelCheckError(
+            f"{len(packed)} 4-bit layers (e.g. {packed[0]}) were repacked by bitsandbytes for CPU "
+            "inference (an eval-mode forward without grad on an AVX512-BF16 CPU); backward through "
+            "them is not implemented, so LoRA training would silently get no gradient there. "
+            "Fix: load a fresh model, or set support_avx512bf16_for_cpu = False on its Linear4bit "
+            "layers before any inference (pytest_unsloth.models.loader.keep_cpu_layout_trainable)"
+        )
+
+
+def _unsloth_peft_model(base: Any, settings: LoraSettings, targets: list[str]) -> tuple[Any, str]:
+    """unsloth's get_peft_model, and the gradient checkpointing mode it used."""
+    from unsloth import FastLanguageModel
+
+    mode: Any = {"unsloth": "unsloth", "true": True, "false": False}[
+        settings.gradient_checkpointing
+    ]
+    peft_model = FastLanguageModel.get_peft_model(
+        base,
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=targets,
+        bias="none",
+        use_gradient_checkpointing=mode,
+        random_state=settings.seed,
+    )
+    return peft_model, settings.gradient_checkpointing
+
+
+def _peft_model(base: Any, settings: LoraSettings, targets: list[str]) -> tuple[Any, str]:
+    """peft's get_peft_model with transformers' checkpointing, and the mode it used."""
+    import peft
+    import torch
+
+    config = peft.LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=targets,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    # Seed only the adapter init (lora_A is random) without disturbing the test's stream.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(settings.seed)
+        peft_model = peft.get_peft_model(base, config)
+    if settings.gradient_checkpointing == "false":
+        return peft_model, "off"
+    # "unsloth" mode exists only in unsloth; transformers' own checkpointing is the nearest
+    # equivalent (non-reentrant, so 4-bit inputs need no requires_grad hook).
+    set_checkpointing(base, True)
+    if settings.gradient_checkpointing == "unsloth":
+        return peft_model, "on (transformers; 'unsloth' mode needs the unsloth backend)"
+    return peft_model, "on (transformers)"
 
 
 def verify_lora(applied: AppliedLora, matched: Mapping[str, Sequence[str]]) -> None:
@@ -367,13 +394,13 @@ def remove_lora(applied: AppliedLora) -> bool:
         unloaded = applied.model.unload()
         if unloaded is not base:
             return False
-        if checkpointing_enabled(base) and not applied.state_before[3]:
+        if checkpointing_enabled(base) and not applied.state_before.checkpointing:
             set_checkpointing(base, False)
-        wanted = dict(applied.state_before[1])
+        wanted = dict(applied.state_before.requires_grad)
         for name, param in base.named_parameters():
             if name in wanted:
                 param.requires_grad_(wanted[name])
-        base.train(applied.state_before[2])
+        base.train(applied.state_before.training)
     except Exception:
         return False
     finally:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import functools
+import json
 import os
 import pathlib
 import random
@@ -250,11 +251,6 @@ def build(
     if (target / MARKER_FILE).is_file():
         return target
 
-    import json
-
-    import torch
-    from transformers import AutoModelForCausalLM
-
     root.mkdir(parents=True, exist_ok=True)
     tokenizer = _make_tokenizer()
     ids = {
@@ -270,18 +266,7 @@ def build(
     # sharing a cache) never see a half-written model.
     staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=root))
     try:
-        generator_state = torch.random.get_rng_state()
-        try:
-            torch.manual_seed(seed)
-            model = AutoModelForCausalLM.from_config(  # type: ignore[no-untyped-call]
-                config, dtype=torch.bfloat16
-            )
-        finally:
-            # A fixture building a model must not reseed the user's test.
-            torch.random.set_rng_state(generator_state)
-        with quiet_progress_bars():
-            model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
+        _write_model(staging, config, tokenizer, seed)
         (staging / MARKER_FILE).write_text(
             json.dumps(
                 {"arch": arch, "size": size, "seed": seed, "format_version": FORMAT_VERSION},
@@ -301,6 +286,25 @@ def build(
     return target
 
 
+def _write_model(folder: pathlib.Path, config: Any, tokenizer: Any, seed: int) -> None:
+    """Initialise the model from ``seed`` in bfloat16 and save it with its tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    generator_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(  # type: ignore[no-untyped-call]
+            config, dtype=torch.bfloat16
+        )
+    finally:
+        # A fixture building a model must not reseed the user's test.
+        torch.random.set_rng_state(generator_state)
+    with quiet_progress_bars():
+        model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
 def is_tiny_model(path: str | os.PathLike[str]) -> bool:
     """Return whether ``path`` is a folder written by :func:`build`."""
     return (pathlib.Path(path) / MARKER_FILE).is_file()
@@ -314,7 +318,7 @@ def load_tokenizer(path: str | os.PathLike[str]) -> PreTrainedTokenizerFast:
     if not (folder / "tokenizer.json").is_file():
         raise FileNotFoundError(
             f"no tokenizer.json in {str(folder)!r}; build the folder with "
-            "pytest_unsloth.tiny.build()"
+            "pytest_unsloth.models.tiny.build()"
         )
     tokenizer: PreTrainedTokenizerFast = PreTrainedTokenizerFast.from_pretrained(str(folder))
     return tokenizer
