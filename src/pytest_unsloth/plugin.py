@@ -23,9 +23,9 @@ _PLUGIN_MODULES = (
 
 def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
     """Register the hook specifications (``pytest_unsloth_checks`` and friends)."""
-    from pytest_unsloth import hooks
+    from pytest_unsloth.checks import hookspecs
 
-    pluginmanager.add_hookspecs(hooks)
+    pluginmanager.add_hookspecs(hookspecs)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -51,11 +51,11 @@ def pytest_configure(config: pytest.Config) -> None:
             pm.register(importlib.import_module(module), name)
     if settings.env:
         from pytest_unsloth.checks import BuiltinChecks
-        from pytest_unsloth.report import Reporter
+        from pytest_unsloth.checks.report import Reporter
 
         pm.register(BuiltinChecks(), "unsloth-builtin-checks")
         pm.register(Reporter(config), "unsloth-reporter")
-        pm.register(importlib.import_module("pytest_unsloth.items"), "unsloth-items")
+        pm.register(importlib.import_module("pytest_unsloth.checks.items"), "unsloth-items")
 
 
 def _env_only(config: pytest.Config) -> bool:
@@ -81,8 +81,8 @@ def pytest_collection_modifyitems(
     settings = config.stash[SETTINGS_KEY]
     if not settings.env:
         return
-    from pytest_unsloth.items import make_items
-    from pytest_unsloth.registry import gather, select
+    from pytest_unsloth.checks.items import make_items
+    from pytest_unsloth.checks.registry import gather, select
 
     checks = select(gather(config), settings.checks, settings.source("checks"))
     items[:0] = make_items(session, checks)
@@ -95,7 +95,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     settings = session.config.stash.get(SETTINGS_KEY, None)
     if not (settings and settings.env):
         return
-    from pytest_unsloth.items import PROBES_WANTED_KEY, SELECTED_KEY, CheckItem
+    from pytest_unsloth.checks.items import PROBES_WANTED_KEY, SELECTED_KEY, CheckItem
 
     wanted: dict[str, None] = {}
     selected: set[str] = set()
@@ -114,7 +114,7 @@ def pytest_report_header(config: pytest.Config) -> str | None:
     settings = config.stash.get(SETTINGS_KEY, None)
     if not (settings and settings.env) and config.get_verbosity() < 1:
         return None
-    from pytest_unsloth.report import header_line
+    from pytest_unsloth.checks.report import header_line
 
     try:
         return header_line()

@@ -20,7 +20,7 @@ def builtin_checks() -> list[Check]:
         cuda,
         env,
         fit,
-        grpo_checks,
+        grpo,
         kernels,
         machine,
         nccl,
@@ -107,18 +107,16 @@ def builtin_checks() -> list[Check]:
     checks += [
         Check(
             "reward-funcs",
-            grpo_checks.reward_funcs_check,
+            grpo.reward_funcs_check,
             "reward functions follow TRL's calling contract",
         ),
         Check(
             "length-budget",
-            grpo_checks.length_budget_check,
+            grpo.length_budget_check,
             "prompt + completion fit the sequence budget",
         ),
-        Check(
-            "grpo-config", grpo_checks.grpo_config_check, "GRPO settings build a valid GRPOConfig"
-        ),
-        Check("dataset", grpo_checks.dataset_check, "dataset file is well-formed"),
+        Check("grpo-config", grpo.grpo_config_check, "GRPO settings build a valid GRPOConfig"),
+        Check("dataset", grpo.dataset_check, "dataset file is well-formed"),
         Check("fit", fit.fit_check, "one training step fits free GPU memory (or the fit target)"),
     ]
     return checks

@@ -80,7 +80,7 @@ class Check:
         probes: object = self.probes  # typed as a tuple; users write lists
         if isinstance(probes, list):
             object.__setattr__(self, "probes", tuple(probes))
-        from pytest_unsloth.registry import _adapt
+        from pytest_unsloth.checks.registry import _adapt
 
         # A function taking no argument is called without the context, as with @check.
         object.__setattr__(self, "func", _adapt(self.func))

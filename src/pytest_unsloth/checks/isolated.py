@@ -1,4 +1,4 @@
-"""Child side of an isolated check: ``python -m pytest_unsloth.isolated SPEC_JSON``."""
+"""Child side of an isolated check: ``python -m pytest_unsloth.checks.isolated SPEC_JSON``."""
 
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def main(argv: list[str]) -> dict[str, Any]:
     import pytest
 
     from pytest_unsloth.checks.base import CheckContext, CheckFailed, CheckSkipped, bad_return
-    from pytest_unsloth.registry import _adapt
+    from pytest_unsloth.checks.registry import _adapt
     from pytest_unsloth.settings import Settings
 
     spec = json.loads(argv[0])

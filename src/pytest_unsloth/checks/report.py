@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from pytest_unsloth.items import PROPERTY, get_context
+from pytest_unsloth.checks.items import PROPERTY, get_context
 
 if TYPE_CHECKING:
     from pytest_unsloth.gpu import NvmlSnapshot

@@ -576,7 +576,7 @@ def _result(name: str, ctx: CheckContext, res: ProbeResult) -> str | None:
     if res.status == "failed" and "found" in data:
         raise CheckFailed(str(data["found"]), str(data.get("why", "")), str(data.get("fix", "")))
     if res.status == "error":
-        from pytest_unsloth.items import CheckError
+        from pytest_unsloth.checks.items import CheckError
 
         raise CheckError(
             f"the {name} check raised instead of passing, failing or skipping (in its "

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 PREFIX = "unsloth-env"
 PROPERTY = "unsloth_check"
 CONTEXT_KEY = pytest.StashKey[CheckContext]()
-OUR_DIR = str(Path(__file__).resolve().parent)
+OUR_DIR = str(Path(__file__).resolve().parent.parent)  # the package, not just checks/
 
 
 def get_context(config: pytest.Config) -> CheckContext:
@@ -267,12 +267,12 @@ def run_isolated(
     chk: Check, ctx: CheckContext, runs: list[dict[str, Any]] | None = None
 ) -> str | None:
     """Run ``chk`` in a child interpreter; a hang or crash fails only this check."""
-    from pytest_unsloth.registry import original_function
+    from pytest_unsloth.checks.registry import original_function
 
     ref = _function_ref(original_function(chk))
     spec = {**ref, "rootpath": str(ctx.rootpath), "settings": _settings_json(ctx.settings)}
     timeout = chk.timeout or ctx.settings.probe_timeout
-    argv = [sys.executable, "-m", "pytest_unsloth.isolated", json.dumps(spec)]
+    argv = [sys.executable, "-m", "pytest_unsloth.checks.isolated", json.dumps(spec)]
     res = _run_or_reuse(chk, ctx, argv, timeout, ref["file"])
     if runs is not None:
         runs.append(
