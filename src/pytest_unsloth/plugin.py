@@ -7,7 +7,6 @@ pytest; everything else loads inside the hooks that need it.
 from __future__ import annotations
 
 import importlib
-from pathlib import Path
 
 import pytest
 
@@ -51,60 +50,17 @@ def pytest_configure(config: pytest.Config) -> None:
             pm.register(importlib.import_module(module), name)
     if settings.env:
         from pytest_unsloth.checks import BuiltinChecks
-        from pytest_unsloth.checks.report import Reporter
+        from pytest_unsloth.checks.collection import EnvCollection
 
         pm.register(BuiltinChecks(), "unsloth-builtin-checks")
-        pm.register(Reporter(config), "unsloth-reporter")
+        pm.register(EnvCollection(config, settings), "unsloth-collection")
         pm.register(importlib.import_module("pytest_unsloth.checks.items"), "unsloth-items")
+        if not hasattr(config, "workerinput"):
+            # The table and the JSON report are written once, by the xdist controller (or the
+            # only process); workers attach each check's record to its report instead.
+            from pytest_unsloth.checks.report import Reporter
 
-
-def _env_only(config: pytest.Config) -> bool:
-    """``--unsloth-env`` without test paths on the command line runs the checks alone."""
-    from pytest_unsloth.settings import SETTINGS_KEY
-
-    settings = config.stash.get(SETTINGS_KEY, None)
-    return bool(settings and settings.env and config.args_source != pytest.Config.ArgsSource.ARGS)
-
-
-def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
-    """In checks-only mode, collect no test files (nothing of the user's is imported)."""
-    return True if _env_only(config) else None
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(
-    session: pytest.Session, config: pytest.Config, items: list[pytest.Item]
-) -> None:
-    """Put one ``unsloth-env::NAME`` item per selected check before the user's tests."""
-    from pytest_unsloth.settings import SETTINGS_KEY
-
-    settings = config.stash[SETTINGS_KEY]
-    if not settings.env:
-        return
-    from pytest_unsloth.checks.items import make_items
-    from pytest_unsloth.checks.registry import gather, select
-
-    checks = select(gather(config), settings.checks, settings.source("checks"))
-    items[:0] = make_items(session, checks)
-
-
-def pytest_collection_finish(session: pytest.Session) -> None:
-    """Remember which probes the remaining check items need, to start them together."""
-    from pytest_unsloth.settings import SETTINGS_KEY
-
-    settings = session.config.stash.get(SETTINGS_KEY, None)
-    if not (settings and settings.env):
-        return
-    from pytest_unsloth.checks.items import PROBES_WANTED_KEY, SELECTED_KEY, CheckItem
-
-    wanted: dict[str, None] = {}
-    selected: set[str] = set()
-    for item in session.items:
-        if isinstance(item, CheckItem) and not item.check.disabled:
-            wanted.update(dict.fromkeys(item.check.probes))
-            selected.add(item.check.name)
-    session.config.stash[PROBES_WANTED_KEY] = tuple(wanted)
-    session.config.stash[SELECTED_KEY] = frozenset(selected)
+            pm.register(Reporter(config), "unsloth-reporter")
 
 
 def pytest_report_header(config: pytest.Config) -> str | None:
