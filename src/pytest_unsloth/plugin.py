@@ -49,7 +49,7 @@ def pytest_configure(config: pytest.Config) -> None:
         if not pm.has_plugin(name):
             pm.register(importlib.import_module(module), name)
     if settings.env:
-        from pytest_unsloth.checks import BuiltinChecks
+        from pytest_unsloth.checks.builtin import BuiltinChecks
         from pytest_unsloth.checks.collection import EnvCollection
 
         pm.register(BuiltinChecks(), "unsloth-builtin-checks")

@@ -59,6 +59,8 @@ class Check:
     runs under the probe cache's fingerprint. ``depends_on`` names root causes (see
     ``CheckContext.root_cause``) whose owner check reports them: while one holds, this check
     skips with "see unsloth-env::OWNER" instead of failing with the same message again.
+    ``builtin`` marks the plugin's own checks (``checks.registry.builtin_check``): they run
+    with the Hub offline unless allowed, and diagnose a missing GPU themselves.
     """
 
     name: str
@@ -72,6 +74,7 @@ class Check:
     source: str = "pytest-unsloth"
     disabled: str | None = None
     depends_on: tuple[str, ...] = ()
+    builtin: bool = False
 
     def __post_init__(self) -> None:
         problem = _check_problem(self)
@@ -114,7 +117,7 @@ def _check_problem(chk: Check) -> str | None:
         return f"{label}: {problem}"
     if not isinstance(fields["description"], str):
         return f"{label}: description={fields['description']!r} must be a string"
-    for flag in ("needs_gpu", "isolated", "cacheable"):
+    for flag in ("needs_gpu", "isolated", "cacheable", "builtin"):
         if not isinstance(fields[flag], bool):
             return f"{label}: {flag}={fields[flag]!r} must be True or False"
     t = fields["timeout"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from pytest_unsloth.checks.base import CheckContext, CheckFailed, CheckSkipped
+from pytest_unsloth.checks.registry import builtin_check
 
 __all__ = ["fit_check"]
 
@@ -21,6 +22,11 @@ def _breakdown(est: Any) -> str:
     return ", ".join(f"{k} {gib(v)}" for k, v in est.parts.items() if v > 0)
 
 
+@builtin_check(
+    "fit",
+    layer="fit",
+    description="one training step fits free GPU memory (or the fit target)",
+)
 def fit_check(ctx: CheckContext) -> str | None:
     """Estimate the step's peak memory and compare it with free GPU memory or the fit target."""
     from pytest_unsloth.fit.estimate import GIB, estimate_memory

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pytest_unsloth.checks.base import CheckContext, CheckFailed, CheckSkipped
+from pytest_unsloth.checks.registry import builtin_check
 from pytest_unsloth.probes import stage
 
 if TYPE_CHECKING:
@@ -179,6 +180,11 @@ def _num_generations(ctx: CheckContext) -> int:
     return value if isinstance(value, int) and 1 <= value <= 64 else 2
 
 
+@builtin_check(
+    "reward-funcs",
+    layer="grpo",
+    description="reward functions follow TRL's calling contract",
+)
 def reward_funcs_check(ctx: CheckContext) -> str | None:
     """Import the configured reward functions and call them the way the installed TRL does."""
     if not ctx.settings.reward_funcs:
@@ -317,6 +323,11 @@ def _require(ctx: CheckContext, dists: tuple[str, ...], key: str, what: str) -> 
         )
 
 
+@builtin_check(
+    "length-budget",
+    layer="grpo",
+    description="prompt + completion fit the sequence budget",
+)
 def length_budget_check(ctx: CheckContext) -> str | None:
     """Measure every prompt of the dataset after the chat template against the length limit."""
     if not ctx.settings.dataset:
@@ -381,6 +392,7 @@ def _model_context(ctx: CheckContext) -> int | None:
     return None
 
 
+@builtin_check("grpo-config", layer="grpo", description="GRPO settings build a valid GRPOConfig")
 def grpo_config_check(ctx: CheckContext) -> str | None:
     """Build GRPOConfig from unsloth_grpo_config; check GPU bf16, vLLM, unsloth, context."""
     if not ctx.settings.grpo_config:
@@ -414,6 +426,7 @@ def _grpo_config_body(ctx: CheckContext) -> str | None:
     return detail
 
 
+@builtin_check("dataset", layer="grpo", description="dataset file is well-formed")
 def dataset_check(ctx: CheckContext) -> str | None:
     """Stream the JSONL dataset and report every bad line by number."""
     if not ctx.settings.dataset:

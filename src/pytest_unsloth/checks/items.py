@@ -118,14 +118,14 @@ class CheckItem(pytest.Item):
         try:
             ctx = get_context(self.config)
             self._defer_to_root_cause(ctx)
-            if chk.needs_gpu and not chk.source.startswith("pytest-unsloth"):
+            if chk.needs_gpu and not chk.builtin:
                 # Built-in GPU checks diagnose a missing GPU themselves; others skip (or fail
                 # under --unsloth-require-gpu) with NVML's reason.
                 from pytest_unsloth.checks.cuda import visible_gpus
 
                 visible_gpus(ctx)
             run = chk.func if not chk.isolated else self._run_isolated
-            if chk.source.startswith("pytest-unsloth"):
+            if chk.builtin:
                 from pytest_unsloth.offline import hub_offline
                 from pytest_unsloth.scratch import torch_caches
 
@@ -177,7 +177,7 @@ class CheckItem(pytest.Item):
         if isinstance(excinfo.value, CheckError):
             return str(excinfo.value)
         # A crash in user code: show the user's frames, not ours.
-        if not self.check.source.startswith("pytest-unsloth"):
+        if not self.check.builtin:
             tb = excinfo.traceback.filter(lambda e: not str(e.path).startswith(OUR_DIR))
             if tb:
                 excinfo.traceback = tb

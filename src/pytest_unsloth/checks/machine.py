@@ -20,6 +20,7 @@ from typing import Any
 
 from pytest_unsloth.checks.base import CheckContext, CheckFailed, CheckSkipped
 from pytest_unsloth.checks.nccl import launcher_vars
+from pytest_unsloth.checks.registry import builtin_check
 
 GIB = 1024**3
 
@@ -81,6 +82,12 @@ def _launcher_name(env: Mapping[str, str]) -> str:
     return "a launcher (deepspeed or torchrun-style variables)"
 
 
+@builtin_check(
+    "launcher",
+    layer="gpu",
+    description="several GPUs only under a launcher; mixed models in PCI order",
+    needs_gpu=True,
+)
 def check_launcher(ctx: CheckContext) -> str:
     """Several visible GPUs only under a launcher; mixed models only in PCI bus order."""
     from pytest_unsloth.checks.cuda import visible_gpus
@@ -154,6 +161,7 @@ def container_evidence(host: Host | None = None) -> str | None:
     return None
 
 
+@builtin_check("shm", layer="machine", description="/dev/shm size inside a container")
 def check_shm(ctx: CheckContext) -> str:
     """/dev/shm big enough for dataloader workers and NCCL inside a container."""
     need = ctx.settings.min_shm_gib * GIB
@@ -250,6 +258,7 @@ def merged_16bit(folder: Path, size: int) -> tuple[int, str]:
     return size, "16-bit weights"
 
 
+@builtin_check("disk", layer="machine", description="free disk for the Hub cache and the outputs")
 def check_disk(ctx: CheckContext) -> str:
     """Free space where the Hub cache and the output directory live."""
     env = HOST.env
@@ -328,6 +337,11 @@ def _libcuda(env: Mapping[str, str]) -> str | None:
 NVCC_USERS = ("deepspeed", "flashinfer-python", "flashinfer")
 
 
+@builtin_check(
+    "compiler",
+    layer="machine",
+    description="C compiler, Python.h, libcuda, nvcc for JIT",
+)
 def check_compiler(ctx: CheckContext) -> str:
     """A C compiler and Python headers for triton's JIT, libcuda.so findable, nvcc for JIT
     extension builders."""
@@ -401,6 +415,7 @@ def check_compiler(ctx: CheckContext) -> str:
 # platform
 
 
+@builtin_check("platform", layer="machine", description="WSL and Windows specific causes")
 def check_platform(ctx: CheckContext) -> str:
     """WSL's own failure causes; native Windows needs triton-windows."""
     system = HOST.system()
