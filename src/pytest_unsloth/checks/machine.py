@@ -337,6 +337,15 @@ def _libcuda(env: Mapping[str, str]) -> str | None:
 NVCC_USERS = ("deepspeed", "flashinfer-python", "flashinfer")
 
 
+@dataclasses.dataclass(frozen=True)
+class _Tool:
+    """One thing kernels are compiled with: ``seen`` when found, else ``problem`` and ``fix``."""
+
+    seen: str = ""
+    problem: str = ""
+    fix: str = ""
+
+
 @builtin_check(
     "compiler",
     layer="machine",
@@ -348,67 +357,85 @@ def check_compiler(ctx: CheckContext) -> str:
     if ctx.dist("triton") is None and ctx.dist("triton-windows") is None:
         raise CheckSkipped("triton is not installed (nothing compiles kernels at run time)")
     env = HOST.env
-    problems, fixes, seen = [], [], []
-    cc = env.get("CC") or HOST.which("gcc") or HOST.which("clang") or HOST.which("cc")
-    if env.get("CC") and not (HOST.which(env["CC"]) or Path(env["CC"]).exists()):
-        problems.append(f"CC={env['CC']} does not exist")
-        fixes.append("point CC at an installed compiler (CC=gcc)")
-    elif cc is None:
-        problems.append("no C compiler (CC unset; gcc, clang, cc not on PATH)")
-        fixes.append("apt-get install build-essential (or set CC to a compiler)")
-    else:
-        seen.append(f"C compiler {cc}")
-    include = Path(HOST.python_include())
-    if not (include / "Python.h").exists():
-        problems.append(f"no Python.h in {include}")
-        v = f"{sys.version_info.major}.{sys.version_info.minor}"
-        fixes.append(f"apt-get install python{v}-dev (triton compiles a launcher against it)")
-    else:
-        seen.append("Python.h")
-    nvml = ctx.nvml
-    if nvml.available and nvml.devices:
-        lib = _libcuda(env)
-        if lib is None:
-            where = env.get("TRITON_LIBCUDA_PATH")
-            problems.append(
-                f"libcuda.so.1 not found (TRITON_LIBCUDA_PATH={where!r})"
-                if where
-                else "libcuda.so.1 is not in ldconfig's cache or LD_LIBRARY_PATH"
-            )
-            fixes.append(
-                "run ldconfig (as root) after installing the driver, or export "
-                "TRITON_LIBCUDA_PATH=<folder with libcuda.so.1> (WSL: /usr/lib/wsl/lib)"
-            )
-        else:
-            seen.append(f"libcuda {lib}")
-    builders = [n for n in NVCC_USERS if ctx.dist(n) is not None]
-    if builders:
-        home = env.get("CUDA_HOME") or env.get("CUDA_PATH")
-        nvcc = (
-            str(Path(home) / "bin" / "nvcc")
-            if home and (Path(home) / "bin" / "nvcc").exists()
-            else HOST.which("nvcc")
-        )
-        if nvcc is None:
-            problems.append(
-                f"{', '.join(builders)} build CUDA extensions at run time, but no nvcc "
-                f"(CUDA_HOME={home!r}, none on PATH)"
-            )
-            fixes.append(
-                "install the CUDA toolkit matching torch's CUDA (or pip install "
-                "nvidia-cuda-nvcc-cu12) and export CUDA_HOME"
-            )
-        else:
-            seen.append(f"nvcc {nvcc}")
-    if problems:
+    tools = [_c_compiler(env), _python_headers(), _libcuda_tool(ctx, env), _nvcc(ctx, env)]
+    found = [t for t in tools if t is not None]
+    missing = [t for t in found if t.problem]
+    if missing:
         raise CheckFailed(
-            "; ".join(problems),
+            "; ".join(t.problem for t in missing),
             "triton compiles every kernel (unsloth's, torch.compile's) with a C compiler at the "
             "first training step: 'Failed to find C compiler', 'Python.h: No such file', "
             "'libcuda.so cannot found!'",
-            "; ".join(fixes),
+            "; ".join(t.fix for t in missing),
         )
-    return ", ".join(seen)
+    return ", ".join(t.seen for t in found)
+
+
+def _c_compiler(env: Mapping[str, str]) -> _Tool:
+    """CC when set (and real), else gcc, clang or cc on PATH."""
+    cc = env.get("CC") or HOST.which("gcc") or HOST.which("clang") or HOST.which("cc")
+    if env.get("CC") and not (HOST.which(env["CC"]) or Path(env["CC"]).exists()):
+        return _Tool(
+            problem=f"CC={env['CC']} does not exist",
+            fix="point CC at an installed compiler (CC=gcc)",
+        )
+    if cc is None:
+        return _Tool(
+            problem="no C compiler (CC unset; gcc, clang, cc not on PATH)",
+            fix="apt-get install build-essential (or set CC to a compiler)",
+        )
+    return _Tool(seen=f"C compiler {cc}")
+
+
+def _python_headers() -> _Tool:
+    """Python.h, which triton compiles its launcher against."""
+    include = Path(HOST.python_include())
+    if (include / "Python.h").exists():
+        return _Tool(seen="Python.h")
+    v = f"{sys.version_info.major}.{sys.version_info.minor}"
+    return _Tool(
+        problem=f"no Python.h in {include}",
+        fix=f"apt-get install python{v}-dev (triton compiles a launcher against it)",
+    )
+
+
+def _libcuda_tool(ctx: CheckContext, env: Mapping[str, str]) -> _Tool | None:
+    """libcuda.so.1 where triton looks for it (only asked when NVML sees a GPU)."""
+    nvml = ctx.nvml
+    if not (nvml.available and nvml.devices):
+        return None
+    lib = _libcuda(env)
+    if lib is not None:
+        return _Tool(seen=f"libcuda {lib}")
+    where = env.get("TRITON_LIBCUDA_PATH")
+    return _Tool(
+        problem=f"libcuda.so.1 not found (TRITON_LIBCUDA_PATH={where!r})"
+        if where
+        else "libcuda.so.1 is not in ldconfig's cache or LD_LIBRARY_PATH",
+        fix="run ldconfig (as root) after installing the driver, or export "
+        "TRITON_LIBCUDA_PATH=<folder with libcuda.so.1> (WSL: /usr/lib/wsl/lib)",
+    )
+
+
+def _nvcc(ctx: CheckContext, env: Mapping[str, str]) -> _Tool | None:
+    """nvcc, when an installed package builds CUDA extensions at run time."""
+    builders = [n for n in NVCC_USERS if ctx.dist(n) is not None]
+    if not builders:
+        return None
+    home = env.get("CUDA_HOME") or env.get("CUDA_PATH")
+    nvcc = (
+        str(Path(home) / "bin" / "nvcc")
+        if home and (Path(home) / "bin" / "nvcc").exists()
+        else HOST.which("nvcc")
+    )
+    if nvcc is not None:
+        return _Tool(seen=f"nvcc {nvcc}")
+    return _Tool(
+        problem=f"{', '.join(builders)} build CUDA extensions at run time, but no nvcc "
+        f"(CUDA_HOME={home!r}, none on PATH)",
+        fix="install the CUDA toolkit matching torch's CUDA (or pip install "
+        "nvidia-cuda-nvcc-cu12) and export CUDA_HOME",
+    )
 
 
 # ----------------------------------------------------------------------------------------------
