@@ -172,6 +172,10 @@ def bad_return(detail: object) -> str | None:
     )
 
 
+class CheckError(Exception):
+    """A check raised something other than the documented failure (a bug in the check)."""
+
+
 class CheckContext:
     """Session-wide, read-only view of the environment shared by every check.
 
