@@ -1,7 +1,8 @@
-"""pytest-unsloth's hooks (the ``pytest11`` entry point named ``unsloth``).
+"""pytest-unsloth's entry point (``pytest11``, named ``unsloth``): options, configure, header.
 
 Imported by every pytest run in the environment, so it imports only the standard library and
-pytest; everything else loads inside the hooks that need it.
+pytest; everything else loads inside the hooks that need it. ``pytest_configure`` registers the
+plugin's parts: fixtures and markers always, the ``--unsloth-env`` parts only with the flag.
 """
 
 from __future__ import annotations
