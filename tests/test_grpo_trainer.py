@@ -136,7 +136,7 @@ def test_plugin_modules_import_nothing_heavy() -> None:
 
     code = (
         "import sys, pytest_unsloth, pytest_unsloth.grpo.fixture, "
-        "pytest_unsloth.checks.grpo_checks, pytest_unsloth.grpo\n"
+        "pytest_unsloth.checks.grpo, pytest_unsloth.grpo\n"
         "heavy = [m for m in ('torch', 'trl', 'transformers', 'datasets', 'asyncio') "
         "if m in sys.modules]\n"
         "print(heavy)\n"

@@ -12,7 +12,7 @@ import pytest
 
 import pytest_unsloth
 from pytest_unsloth.checks.base import Check
-from pytest_unsloth.registry import ATTR, CheckList, _contributed, decorated_checks
+from pytest_unsloth.checks.registry import ATTR, CheckList, _contributed, decorated_checks
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given, settings  # noqa: E402

@@ -113,7 +113,7 @@ def test_env_with_explicit_paths_runs_both(pytester: pytest.Pytester):
 
 
 def test_k_selects_checks(pytester: pytest.Pytester):
-    from pytest_unsloth.checks import builtin_checks
+    from pytest_unsloth.checks.builtin import builtin_checks
 
     result = pytester.runpytest("--unsloth-env", "-k", "known-bad or python")
     result.assert_outcomes(passed=2, deselected=len(builtin_checks()) - 2)
@@ -155,7 +155,7 @@ def test_last_failed_reruns_the_failed_check(pytester: pytest.Pytester):
     pytester.makeini("[pytest]\nunsloth_require = no-such-package-xyz\n")
     pytester.runpytest("--unsloth-env")
     result = pytester.runpytest("--unsloth-env", "--lf")
-    from pytest_unsloth.checks import builtin_checks
+    from pytest_unsloth.checks.builtin import builtin_checks
 
     result.assert_outcomes(failed=1, deselected=len(builtin_checks()) - 1)
 
@@ -165,7 +165,7 @@ def test_xdist_runs_every_check_once(pytester: pytest.Pytester):
     result = pytester.runpytest_subprocess(
         "--unsloth-env", "-n", "2", "--unsloth-report=r.json", timeout=120
     )
-    from pytest_unsloth.checks import builtin_checks
+    from pytest_unsloth.checks.builtin import builtin_checks
 
     n = len(builtin_checks())
     # The machine checks (shm, disk, platform) pass or skip depending on the host.

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from pytest_unsloth.report import _probe_origin
+from pytest_unsloth.checks.report import _probe_origin
 
 LONG = " ".join(f"word{i}" for i in range(60))
 

@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from pytest_unsloth.checks.base import Check, CheckContext, CheckFailed, CheckSkipped
+    from pytest_unsloth.checks.registry import check
     from pytest_unsloth.fit import MemoryEstimate, estimate_memory
     from pytest_unsloth.grpo import (
         assert_reward_funcs,
@@ -18,7 +19,6 @@ if TYPE_CHECKING:
         check_length_budget,
         check_reward_funcs,
     )
-    from pytest_unsloth.registry import check
 
 # Public helpers, imported on first use so `import pytest_unsloth` (done by every pytest run
 # through the plugin) stays as light as the standard library.
@@ -27,7 +27,7 @@ _LAZY: dict[str, str] = {
     "CheckContext": "pytest_unsloth.checks.base",
     "CheckFailed": "pytest_unsloth.checks.base",
     "CheckSkipped": "pytest_unsloth.checks.base",
-    "check": "pytest_unsloth.registry",
+    "check": "pytest_unsloth.checks.registry",
     "assert_reward_funcs": "pytest_unsloth.grpo",
     "check_grpo_config": "pytest_unsloth.grpo",
     "check_jsonl": "pytest_unsloth.grpo",

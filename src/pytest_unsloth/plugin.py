@@ -1,13 +1,13 @@
-"""pytest-unsloth's hooks (the ``pytest11`` entry point named ``unsloth``).
+"""pytest-unsloth's entry point (``pytest11``, named ``unsloth``): options, configure, header.
 
 Imported by every pytest run in the environment, so it imports only the standard library and
-pytest; everything else loads inside the hooks that need it.
+pytest; everything else loads inside the hooks that need it. ``pytest_configure`` registers the
+plugin's parts: fixtures and markers always, the ``--unsloth-env`` parts only with the flag.
 """
 
 from __future__ import annotations
 
 import importlib
-from pathlib import Path
 
 import pytest
 
@@ -24,9 +24,9 @@ _PLUGIN_MODULES = (
 
 def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
     """Register the hook specifications (``pytest_unsloth_checks`` and friends)."""
-    from pytest_unsloth import hooks
+    from pytest_unsloth.checks import hookspecs
 
-    pluginmanager.add_hookspecs(hooks)
+    pluginmanager.add_hookspecs(hookspecs)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -51,61 +51,18 @@ def pytest_configure(config: pytest.Config) -> None:
         if not pm.has_plugin(name):
             pm.register(importlib.import_module(module), name)
     if settings.env:
-        from pytest_unsloth.checks import BuiltinChecks
-        from pytest_unsloth.report import Reporter
+        from pytest_unsloth.checks.builtin import BuiltinChecks
+        from pytest_unsloth.checks.collection import EnvCollection
 
         pm.register(BuiltinChecks(), "unsloth-builtin-checks")
-        pm.register(Reporter(config), "unsloth-reporter")
-        pm.register(importlib.import_module("pytest_unsloth.items"), "unsloth-items")
+        pm.register(EnvCollection(config, settings), "unsloth-collection")
+        pm.register(importlib.import_module("pytest_unsloth.checks.items"), "unsloth-items")
+        if not hasattr(config, "workerinput"):
+            # The table and the JSON report are written once, by the xdist controller (or the
+            # only process); workers attach each check's record to its report instead.
+            from pytest_unsloth.checks.report import Reporter
 
-
-def _env_only(config: pytest.Config) -> bool:
-    """``--unsloth-env`` without test paths on the command line runs the checks alone."""
-    from pytest_unsloth.settings import SETTINGS_KEY
-
-    settings = config.stash.get(SETTINGS_KEY, None)
-    return bool(settings and settings.env and config.args_source != pytest.Config.ArgsSource.ARGS)
-
-
-def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
-    """In checks-only mode, collect no test files (nothing of the user's is imported)."""
-    return True if _env_only(config) else None
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(
-    session: pytest.Session, config: pytest.Config, items: list[pytest.Item]
-) -> None:
-    """Put one ``unsloth-env::NAME`` item per selected check before the user's tests."""
-    from pytest_unsloth.settings import SETTINGS_KEY
-
-    settings = config.stash[SETTINGS_KEY]
-    if not settings.env:
-        return
-    from pytest_unsloth.items import make_items
-    from pytest_unsloth.registry import gather, select
-
-    checks = select(gather(config), settings.checks, settings.source("checks"))
-    items[:0] = make_items(session, checks)
-
-
-def pytest_collection_finish(session: pytest.Session) -> None:
-    """Remember which probes the remaining check items need, to start them together."""
-    from pytest_unsloth.settings import SETTINGS_KEY
-
-    settings = session.config.stash.get(SETTINGS_KEY, None)
-    if not (settings and settings.env):
-        return
-    from pytest_unsloth.items import PROBES_WANTED_KEY, SELECTED_KEY, CheckItem
-
-    wanted: dict[str, None] = {}
-    selected: set[str] = set()
-    for item in session.items:
-        if isinstance(item, CheckItem) and not item.check.disabled:
-            wanted.update(dict.fromkeys(item.check.probes))
-            selected.add(item.check.name)
-    session.config.stash[PROBES_WANTED_KEY] = tuple(wanted)
-    session.config.stash[SELECTED_KEY] = frozenset(selected)
+            pm.register(Reporter(config), "unsloth-reporter")
 
 
 def pytest_report_header(config: pytest.Config) -> str | None:
@@ -115,7 +72,7 @@ def pytest_report_header(config: pytest.Config) -> str | None:
     settings = config.stash.get(SETTINGS_KEY, None)
     if not (settings and settings.env) and config.get_verbosity() < 1:
         return None
-    from pytest_unsloth.report import header_line
+    from pytest_unsloth.checks.report import header_line
 
     try:
         return header_line()

@@ -70,6 +70,8 @@ class Check:
     runs under the probe cache's fingerprint. ``depends_on`` names root causes (see
     ``CheckContext.root_cause``) whose owner check reports them: while one holds, this check
     skips with "see unsloth-env::OWNER" instead of failing with the same message again.
+    ``builtin`` marks the plugin's own checks (``checks.registry.builtin_check``): they run
+    with the Hub offline unless allowed, and diagnose a missing GPU themselves.
     """
 
     name: str
@@ -83,6 +85,7 @@ class Check:
     source: str = "pytest-unsloth"
     disabled: str | None = None
     depends_on: tuple[str, ...] = ()
+    builtin: bool = False
 
     def __post_init__(self) -> None:
         problem = _check_problem(self)
@@ -91,7 +94,7 @@ class Check:
         probes: object = self.probes  # typed as a tuple; users write lists
         if isinstance(probes, list):
             object.__setattr__(self, "probes", tuple(probes))
-        from pytest_unsloth.registry import _adapt
+        from pytest_unsloth.checks.registry import _adapt
 
         # A function taking no argument is called without the context, as with @check.
         object.__setattr__(self, "func", _adapt(self.func))
@@ -125,7 +128,7 @@ def _check_problem(chk: Check) -> str | None:
         return f"{label}: {problem}"
     if not isinstance(fields["description"], str):
         return f"{label}: description={fields['description']!r} must be a string"
-    for flag in ("needs_gpu", "isolated", "cacheable"):
+    for flag in ("needs_gpu", "isolated", "cacheable", "builtin"):
         if not isinstance(fields[flag], bool):
             return f"{label}: {flag}={fields[flag]!r} must be True or False"
     t = fields["timeout"]
@@ -178,6 +181,10 @@ def bad_return(detail: object) -> str | None:
         "pass, raises pytest_unsloth.CheckFailed(found, why, fix) to fail and calls "
         "pytest.skip(reason) to skip"
     )
+
+
+class CheckError(Exception):
+    """A check raised something other than the documented failure (a bug in the check)."""
 
 
 class CheckContext:

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from pytest_unsloth.checks.base import CheckContext, CheckFailed, CheckSkipped
+from pytest_unsloth.checks.registry import builtin_check
 from pytest_unsloth.probes.runner import stderr_summary
 from pytest_unsloth.util.units import GIB
 
@@ -17,6 +18,11 @@ if TYPE_CHECKING:
     from pytest_unsloth.compat.shadow import Shadow
     from pytest_unsloth.gpu import GpuDevice
     from pytest_unsloth.probes.protocol import ProbeResult
+
+# Root causes (owned by the cuda check, see ROOT_CAUSES) that make the GPU checks meaningless:
+# while one holds, a check that depends on it skips with "see unsloth-env::cuda".
+GPU = ("gpu-visible",)
+GPU_AND_TORCH = ("gpu-visible", "torch-gpu")
 
 
 def _gib(n: int) -> str:
@@ -73,6 +79,13 @@ def _base_version(version: str) -> str:
     return version.split("+", 1)[0]
 
 
+@builtin_check(
+    "cuda",
+    layer="gpu",
+    description="NVML sees GPUs and torch can use them",
+    needs_gpu=True,
+    probes=("torch",),
+)
 def check_cuda(ctx: CheckContext) -> str:
     """NVML sees the GPUs and torch (in a probe subprocess) can use them."""
     gpus = visible_gpus(ctx)
@@ -184,6 +197,13 @@ def torch_cuda_runtime(ctx: CheckContext) -> tuple[str | None, str]:
     return res.data.get("cuda"), f"torch {dist.version}"
 
 
+@builtin_check(
+    "driver",
+    layer="gpu",
+    description="driver CUDA version runs torch's CUDA runtime",
+    needs_gpu=True,
+    depends_on=GPU_AND_TORCH,
+)
 def check_driver(ctx: CheckContext) -> str:
     """The driver's CUDA version can run torch's CUDA runtime."""
     visible_gpus(ctx)
@@ -317,6 +337,14 @@ def check_extension_archs(ctx: CheckContext, gpus: tuple[GpuDevice, ...]) -> str
     return f"{libs} CUDA libraries in {', '.join(sorted(scanned))} cover {covered}"
 
 
+@builtin_check(
+    "arch",
+    layer="gpu",
+    description="every extension has code for each GPU / unsloth_target_arch",
+    needs_gpu=True,
+    probes=("torch",),
+    depends_on=GPU_AND_TORCH,
+)
 def check_arch(ctx: CheckContext) -> str:
     """Every extension carries code for each visible GPU / target arch; torch's arch list too."""
     has_targets = bool(ctx.settings.target_arch)
@@ -358,6 +386,13 @@ def _wants_fp16(ctx: CheckContext) -> bool:
     return cfg.get("bf16") is False or cfg.get("fp16") is True
 
 
+@builtin_check(
+    "bf16",
+    layer="gpu",
+    description="bf16 support of each GPU",
+    needs_gpu=True,
+    depends_on=GPU,
+)
 def check_bf16(ctx: CheckContext) -> str:
     """Every visible GPU supports bf16 (TRL's configs default to bf16=True)."""
     gpus = visible_gpus(ctx)
@@ -376,6 +411,13 @@ def check_bf16(ctx: CheckContext) -> str:
     )
 
 
+@builtin_check(
+    "vram",
+    layer="gpu",
+    description="free GPU memory against the configured minimum",
+    needs_gpu=True,
+    depends_on=GPU,
+)
 def check_vram(ctx: CheckContext) -> str:
     """Free memory on each visible GPU, against ``unsloth_min_free_vram`` when set."""
     gpus = visible_gpus(ctx)

@@ -9,6 +9,7 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 from pytest_unsloth.checks.base import CheckContext, CheckFailed, CheckSkipped
+from pytest_unsloth.checks.registry import builtin_check
 from pytest_unsloth.compat.distributions import (
     KEEP_IN_PLACE,
     STACK,
@@ -32,6 +33,7 @@ def _join(parts: list[str], limit: int = 4) -> str:
     return "; ".join(parts[:limit]) + f"; and {len(parts) - limit} more"
 
 
+@builtin_check("python", layer="stack", description="Python against Requires-Python of the stack")
 def check_python(ctx: CheckContext) -> str:
     """The interpreter satisfies Requires-Python of every installed stack package."""
     from packaging.specifiers import InvalidSpecifier, SpecifierSet
@@ -65,6 +67,11 @@ def _fail_python(here: str, parts: list[str], combined: SpecifierSet) -> str:
     )
 
 
+@builtin_check(
+    "packages",
+    layer="stack",
+    description="installed stack, required packages, shadowing",
+)
 def check_packages(ctx: CheckContext) -> str:
     """Inventory of the stack from metadata; required-but-missing, broken or shadowed fails."""
     inv = ctx.inventory
@@ -221,6 +228,11 @@ def _pins_fix(
     return safe_install_line([(name, combined)], versions)
 
 
+@builtin_check(
+    "pins",
+    layer="stack",
+    description="declared Requires-Dist between stack packages hold",
+)
 def check_pins(ctx: CheckContext) -> str:
     """Every installed stack package's declared Requires-Dist on the stack holds."""
     declared, violated = _violations(ctx)
@@ -269,47 +281,6 @@ def check_pins(ctx: CheckContext) -> str:
                 "mismatch shows up later as import errors or silent misbehaviour"
             )
     raise CheckFailed(_join(found), "; ".join(dict.fromkeys(why + notes)), " && ".join(fixes))
-
-
-def check_user_pins(ctx: CheckContext) -> str:
-    """The project's own pins from ``unsloth_pins``."""
-    from packaging.requirements import Requirement
-
-    pins = ctx.settings.pins
-    if not pins:
-        raise CheckSkipped("no unsloth_pins configured")
-    found: list[str] = []
-    fixes: list[tuple[str, str]] = []
-    versions = ctx.inventory.versions()
-    unreadable: list[str] = []
-    for text in pins:
-        req = Requirement(text)
-        if req.marker is not None and not req.marker.evaluate({"extra": ""}):
-            continue
-        dist = ctx.inventory.get(req.name)
-        if dist is not None and dist.error:
-            unreadable.append(dist.name)  # the packages check reports the broken metadata
-            continue
-        if dist is None:
-            found.append(f"{req.name} is not installed (pinned {format_specifier(req.specifier)})")
-            fixes.append(safe_install_line([(req.name, req.specifier)], versions))
-        elif req.specifier and not req.specifier.contains(dist.version, prereleases=True):
-            found.append(f"{dist.name} {dist.version} does not satisfy the pin {text!r}")
-            fixes.append(safe_install_line([(dist.name, req.specifier)], versions))
-    if found:
-        notes = list(dict.fromkeys(n for _, n in fixes if n))
-        raise CheckFailed(
-            _join(found),
-            f"{ctx.settings.source('pins')} declares the versions this project was validated with"
-            + "".join(f"; {n}" for n in notes),
-            " && ".join(f for f, _ in fixes),
-        )
-    if unreadable:
-        return (
-            f"{len(pins) - len(unreadable)} pin(s) hold; not evaluated: {', '.join(unreadable)} "
-            "(unreadable metadata, see unsloth-env::packages)"
-        )
-    return f"{len(pins)} pin(s) hold"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -422,6 +393,7 @@ RULES = {
 }
 
 
+@builtin_check("known-bad", layer="stack", description="combinations known to break at run time")
 def check_known_bad(ctx: CheckContext) -> str:
     """No installed combination matches a row of the known-bad table."""
     rows = load_known_bad()
@@ -449,9 +421,60 @@ def check_known_bad(ctx: CheckContext) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
+# The project's own pins.
+
+
+@builtin_check("user-pins", layer="stack", description="the project's unsloth_pins")
+def check_user_pins(ctx: CheckContext) -> str:
+    """The project's own pins from ``unsloth_pins``."""
+    from packaging.requirements import Requirement
+
+    pins = ctx.settings.pins
+    if not pins:
+        raise CheckSkipped("no unsloth_pins configured")
+    found: list[str] = []
+    fixes: list[tuple[str, str]] = []
+    versions = ctx.inventory.versions()
+    unreadable: list[str] = []
+    for text in pins:
+        req = Requirement(text)
+        if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+            continue
+        dist = ctx.inventory.get(req.name)
+        if dist is not None and dist.error:
+            unreadable.append(dist.name)  # the packages check reports the broken metadata
+            continue
+        if dist is None:
+            found.append(f"{req.name} is not installed (pinned {format_specifier(req.specifier)})")
+            fixes.append(safe_install_line([(req.name, req.specifier)], versions))
+        elif req.specifier and not req.specifier.contains(dist.version, prereleases=True):
+            found.append(f"{dist.name} {dist.version} does not satisfy the pin {text!r}")
+            fixes.append(safe_install_line([(dist.name, req.specifier)], versions))
+    if found:
+        notes = list(dict.fromkeys(n for _, n in fixes if n))
+        raise CheckFailed(
+            _join(found),
+            f"{ctx.settings.source('pins')} declares the versions this project was validated with"
+            + "".join(f"; {n}" for n in notes),
+            " && ".join(f for f, _ in fixes),
+        )
+    if unreadable:
+        return (
+            f"{len(pins) - len(unreadable)} pin(s) hold; not evaluated: {', '.join(unreadable)} "
+            "(unreadable metadata, see unsloth-env::packages)"
+        )
+    return f"{len(pins)} pin(s) hold"
+
+
+# ----------------------------------------------------------------------------------------------
 # Supported windows kept in installed source (pytest_unsloth.compat.windows).
 
 
+@builtin_check(
+    "windows",
+    layer="stack",
+    description="versions inside windows kept in installed source",
+)
 def check_windows(ctx: CheckContext) -> str:
     """Installed versions sit inside the supported windows their dependents keep in code."""
     from packaging.specifiers import SpecifierSet

@@ -20,6 +20,7 @@ from typing import Any
 
 from pytest_unsloth.checks.base import CheckContext, CheckFailed, CheckSkipped
 from pytest_unsloth.checks.nccl import launcher_vars
+from pytest_unsloth.checks.registry import builtin_check
 from pytest_unsloth.util.units import GIB
 
 
@@ -80,6 +81,12 @@ def _launcher_name(env: Mapping[str, str]) -> str:
     return "a launcher (deepspeed or torchrun-style variables)"
 
 
+@builtin_check(
+    "launcher",
+    layer="gpu",
+    description="several GPUs only under a launcher; mixed models in PCI order",
+    needs_gpu=True,
+)
 def check_launcher(ctx: CheckContext) -> str:
     """Several visible GPUs only under a launcher; mixed models only in PCI bus order."""
     from pytest_unsloth.checks.cuda import visible_gpus
@@ -153,6 +160,7 @@ def container_evidence(host: Host | None = None) -> str | None:
     return None
 
 
+@builtin_check("shm", layer="machine", description="/dev/shm size inside a container")
 def check_shm(ctx: CheckContext) -> str:
     """/dev/shm big enough for dataloader workers and NCCL inside a container."""
     need = ctx.settings.min_shm_gib * GIB
@@ -249,6 +257,7 @@ def merged_16bit(folder: Path, size: int) -> tuple[int, str]:
     return size, "16-bit weights"
 
 
+@builtin_check("disk", layer="machine", description="free disk for the Hub cache and the outputs")
 def check_disk(ctx: CheckContext) -> str:
     """Free space where the Hub cache and the output directory live."""
     env = HOST.env
@@ -327,79 +336,112 @@ def _libcuda(env: Mapping[str, str]) -> str | None:
 NVCC_USERS = ("deepspeed", "flashinfer-python", "flashinfer")
 
 
+@dataclasses.dataclass(frozen=True)
+class _Tool:
+    """One thing kernels are compiled with: ``seen`` when found, else ``problem`` and ``fix``."""
+
+    seen: str = ""
+    problem: str = ""
+    fix: str = ""
+
+
+@builtin_check(
+    "compiler",
+    layer="machine",
+    description="C compiler, Python.h, libcuda, nvcc for JIT",
+)
 def check_compiler(ctx: CheckContext) -> str:
     """A C compiler and Python headers for triton's JIT, libcuda.so findable, nvcc for JIT
     extension builders."""
     if ctx.dist("triton") is None and ctx.dist("triton-windows") is None:
         raise CheckSkipped("triton is not installed (nothing compiles kernels at run time)")
     env = HOST.env
-    problems, fixes, seen = [], [], []
-    cc = env.get("CC") or HOST.which("gcc") or HOST.which("clang") or HOST.which("cc")
-    if env.get("CC") and not (HOST.which(env["CC"]) or Path(env["CC"]).exists()):
-        problems.append(f"CC={env['CC']} does not exist")
-        fixes.append("point CC at an installed compiler (CC=gcc)")
-    elif cc is None:
-        problems.append("no C compiler (CC unset; gcc, clang, cc not on PATH)")
-        fixes.append("apt-get install build-essential (or set CC to a compiler)")
-    else:
-        seen.append(f"C compiler {cc}")
-    include = Path(HOST.python_include())
-    if not (include / "Python.h").exists():
-        problems.append(f"no Python.h in {include}")
-        v = f"{sys.version_info.major}.{sys.version_info.minor}"
-        fixes.append(f"apt-get install python{v}-dev (triton compiles a launcher against it)")
-    else:
-        seen.append("Python.h")
-    nvml = ctx.nvml
-    if nvml.available and nvml.devices:
-        lib = _libcuda(env)
-        if lib is None:
-            where = env.get("TRITON_LIBCUDA_PATH")
-            problems.append(
-                f"libcuda.so.1 not found (TRITON_LIBCUDA_PATH={where!r})"
-                if where
-                else "libcuda.so.1 is not in ldconfig's cache or LD_LIBRARY_PATH"
-            )
-            fixes.append(
-                "run ldconfig (as root) after installing the driver, or export "
-                "TRITON_LIBCUDA_PATH=<folder with libcuda.so.1> (WSL: /usr/lib/wsl/lib)"
-            )
-        else:
-            seen.append(f"libcuda {lib}")
-    builders = [n for n in NVCC_USERS if ctx.dist(n) is not None]
-    if builders:
-        home = env.get("CUDA_HOME") or env.get("CUDA_PATH")
-        nvcc = (
-            str(Path(home) / "bin" / "nvcc")
-            if home and (Path(home) / "bin" / "nvcc").exists()
-            else HOST.which("nvcc")
-        )
-        if nvcc is None:
-            problems.append(
-                f"{', '.join(builders)} build CUDA extensions at run time, but no nvcc "
-                f"(CUDA_HOME={home!r}, none on PATH)"
-            )
-            fixes.append(
-                "install the CUDA toolkit matching torch's CUDA (or pip install "
-                "nvidia-cuda-nvcc-cu12) and export CUDA_HOME"
-            )
-        else:
-            seen.append(f"nvcc {nvcc}")
-    if problems:
+    tools = [_c_compiler(env), _python_headers(), _libcuda_tool(ctx, env), _nvcc(ctx, env)]
+    found = [t for t in tools if t is not None]
+    missing = [t for t in found if t.problem]
+    if missing:
         raise CheckFailed(
-            "; ".join(problems),
+            "; ".join(t.problem for t in missing),
             "triton compiles every kernel (unsloth's, torch.compile's) with a C compiler at the "
             "first training step: 'Failed to find C compiler', 'Python.h: No such file', "
             "'libcuda.so cannot found!'",
-            "; ".join(fixes),
+            "; ".join(t.fix for t in missing),
         )
-    return ", ".join(seen)
+    return ", ".join(t.seen for t in found)
+
+
+def _c_compiler(env: Mapping[str, str]) -> _Tool:
+    """CC when set (and real), else gcc, clang or cc on PATH."""
+    cc = env.get("CC") or HOST.which("gcc") or HOST.which("clang") or HOST.which("cc")
+    if env.get("CC") and not (HOST.which(env["CC"]) or Path(env["CC"]).exists()):
+        return _Tool(
+            problem=f"CC={env['CC']} does not exist",
+            fix="point CC at an installed compiler (CC=gcc)",
+        )
+    if cc is None:
+        return _Tool(
+            problem="no C compiler (CC unset; gcc, clang, cc not on PATH)",
+            fix="apt-get install build-essential (or set CC to a compiler)",
+        )
+    return _Tool(seen=f"C compiler {cc}")
+
+
+def _python_headers() -> _Tool:
+    """Python.h, which triton compiles its launcher against."""
+    include = Path(HOST.python_include())
+    if (include / "Python.h").exists():
+        return _Tool(seen="Python.h")
+    v = f"{sys.version_info.major}.{sys.version_info.minor}"
+    return _Tool(
+        problem=f"no Python.h in {include}",
+        fix=f"apt-get install python{v}-dev (triton compiles a launcher against it)",
+    )
+
+
+def _libcuda_tool(ctx: CheckContext, env: Mapping[str, str]) -> _Tool | None:
+    """libcuda.so.1 where triton looks for it (only asked when NVML sees a GPU)."""
+    nvml = ctx.nvml
+    if not (nvml.available and nvml.devices):
+        return None
+    lib = _libcuda(env)
+    if lib is not None:
+        return _Tool(seen=f"libcuda {lib}")
+    where = env.get("TRITON_LIBCUDA_PATH")
+    return _Tool(
+        problem=f"libcuda.so.1 not found (TRITON_LIBCUDA_PATH={where!r})"
+        if where
+        else "libcuda.so.1 is not in ldconfig's cache or LD_LIBRARY_PATH",
+        fix="run ldconfig (as root) after installing the driver, or export "
+        "TRITON_LIBCUDA_PATH=<folder with libcuda.so.1> (WSL: /usr/lib/wsl/lib)",
+    )
+
+
+def _nvcc(ctx: CheckContext, env: Mapping[str, str]) -> _Tool | None:
+    """nvcc, when an installed package builds CUDA extensions at run time."""
+    builders = [n for n in NVCC_USERS if ctx.dist(n) is not None]
+    if not builders:
+        return None
+    home = env.get("CUDA_HOME") or env.get("CUDA_PATH")
+    nvcc = (
+        str(Path(home) / "bin" / "nvcc")
+        if home and (Path(home) / "bin" / "nvcc").exists()
+        else HOST.which("nvcc")
+    )
+    if nvcc is not None:
+        return _Tool(seen=f"nvcc {nvcc}")
+    return _Tool(
+        problem=f"{', '.join(builders)} build CUDA extensions at run time, but no nvcc "
+        f"(CUDA_HOME={home!r}, none on PATH)",
+        fix="install the CUDA toolkit matching torch's CUDA (or pip install "
+        "nvidia-cuda-nvcc-cu12) and export CUDA_HOME",
+    )
 
 
 # ----------------------------------------------------------------------------------------------
 # platform
 
 
+@builtin_check("platform", layer="machine", description="WSL and Windows specific causes")
 def check_platform(ctx: CheckContext) -> str:
     """WSL's own failure causes; native Windows needs triton-windows."""
     system = HOST.system()

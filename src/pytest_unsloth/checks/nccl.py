@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from pytest_unsloth.checks.base import CheckContext, CheckFailed, CheckSkipped
+from pytest_unsloth.checks.cuda import GPU_AND_TORCH
+from pytest_unsloth.checks.registry import builtin_check
 from pytest_unsloth.probes.runner import stderr_summary
 
 # Set by torchrun (and so accelerate launch / deepspeed, which use it), or by MPI launchers.
@@ -73,6 +75,14 @@ WHY = (
 )
 
 
+@builtin_check(
+    "nccl",
+    layer="kernels",
+    description="NCCL all_reduce and P2P copy between the GPUs (opt-in)",
+    needs_gpu=True,
+    probes=("nccl",),
+    depends_on=GPU_AND_TORCH,
+)
 def check_nccl(ctx: CheckContext) -> str:
     """NCCL init, a verified all_reduce and P2P copy between every visible GPU."""
     if ctx.dist("torch") is None:

@@ -13,6 +13,7 @@ import dataclasses
 from typing import TYPE_CHECKING, Any
 
 from pytest_unsloth.checks.base import CheckContext, CheckFailed, CheckSkipped
+from pytest_unsloth.checks.registry import builtin_check
 
 if TYPE_CHECKING:
     from pytest_unsloth.gpu import GpuDevice
@@ -240,6 +241,12 @@ def _problems(ctx: CheckContext, gpus: list[GpuFacts], devs: tuple[GpuDevice, ..
     return found
 
 
+@builtin_check(
+    "topology",
+    layer="gpu",
+    description="GPU links, P2P, compute mode, ECC, clocks, MIG (NVML)",
+    needs_gpu=True,
+)
 def check_topology(ctx: CheckContext) -> str:
     """Links, P2P status, modes, ECC, clocks and MIG layout of the visible GPUs, from NVML."""
     from pytest_unsloth.checks.cuda import visible_gpus

@@ -58,7 +58,7 @@ def _exit_with_parent() -> None:
 
 def main(argv: list[str]) -> dict[str, Any]:
     """Run one GRPO check body; report passed, failed (found/why/fix), skipped or error."""
-    from pytest_unsloth.checks import grpo_checks
+    from pytest_unsloth.checks import grpo as grpo_checks
     from pytest_unsloth.checks.base import CheckContext, CheckFailed, CheckSkipped
     from pytest_unsloth.grpo import rewards
 

@@ -1,32 +1,31 @@
-"""``unsloth-env::NAME`` items: one pytest item per check, with a three-line failure report."""
+"""``unsloth-env::NAME`` items: one pytest item per check, with a three-line failure report.
+
+An item attaches its check's record to its report (``user_properties``), so the table and the
+JSON report, written by the xdist controller, see every worker's checks.
+"""
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import sys
 import time
-from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pytest
 
 from pytest_unsloth.checks.base import (
     Check,
     CheckContext,
+    CheckError,
     CheckFailed,
     CheckSkipped,
     bad_return,
 )
 
-if TYPE_CHECKING:
-    from pytest_unsloth.probes.protocol import ProbeResult
-
 PREFIX = "unsloth-env"
 PROPERTY = "unsloth_check"
 CONTEXT_KEY = pytest.StashKey[CheckContext]()
-OUR_DIR = str(Path(__file__).resolve().parent)
+OUR_DIR = str(Path(__file__).resolve().parent.parent)  # the package, not just checks/
 
 
 def get_context(config: pytest.Config) -> CheckContext:
@@ -38,10 +37,6 @@ def get_context(config: pytest.Config) -> CheckContext:
         ctx = CheckContext(get_settings(config), config.rootpath, config)
         config.stash[CONTEXT_KEY] = ctx
     return ctx
-
-
-class CheckError(Exception):
-    """A check raised something other than the documented failure (a bug in the check)."""
 
 
 class EnvCollector(pytest.Collector):
@@ -118,14 +113,14 @@ class CheckItem(pytest.Item):
         try:
             ctx = get_context(self.config)
             self._defer_to_root_cause(ctx)
-            if chk.needs_gpu and not chk.source.startswith("pytest-unsloth"):
+            if chk.needs_gpu and not chk.builtin:
                 # Built-in GPU checks diagnose a missing GPU themselves; others skip (or fail
                 # under --unsloth-require-gpu) with NVML's reason.
                 from pytest_unsloth.checks.cuda import visible_gpus
 
                 visible_gpus(ctx)
             run = chk.func if not chk.isolated else self._run_isolated
-            if chk.source.startswith("pytest-unsloth"):
+            if chk.builtin:
                 from pytest_unsloth.util.offline import hub_offline
                 from pytest_unsloth.util.scratch import torch_caches
 
@@ -166,6 +161,8 @@ class CheckItem(pytest.Item):
                 raise CheckSkipped(f"see {PREFIX}::{owner}: {found}")
 
     def _run_isolated(self, ctx: CheckContext) -> str | None:
+        from pytest_unsloth.checks.isolated import run_isolated
+
         return run_isolated(self.check, ctx, self._isolated_runs)
 
     def repr_failure(
@@ -177,7 +174,7 @@ class CheckItem(pytest.Item):
         if isinstance(excinfo.value, CheckError):
             return str(excinfo.value)
         # A crash in user code: show the user's frames, not ours.
-        if not self.check.source.startswith("pytest-unsloth"):
+        if not self.check.builtin:
             tb = excinfo.traceback.filter(lambda e: not str(e.path).startswith(OUR_DIR))
             if tb:
                 excinfo.traceback = tb
@@ -214,105 +211,3 @@ def make_items(session: pytest.Session, checks: list[Check]) -> list[CheckItem]:
     return [
         CheckItem.from_parent(parent, name=c.name, check=c, order=i) for i, c in enumerate(checks)
     ]
-
-
-# ----------------------------------------------------------------------------------------------
-# Isolated checks: the user's function re-imported and run in a subprocess with a timeout.
-
-
-def _function_ref(func: Any) -> dict[str, str]:
-    # The function's own globals name its file: two conftest.py files share the module name
-    # "conftest", and sys.modules holds only the last one imported.
-    file = getattr(func, "__globals__", {}).get("__file__")
-    if not file:
-        module = sys.modules.get(getattr(func, "__module__", ""), None)
-        file = getattr(module, "__file__", None)
-    if not file:
-        raise CheckError(
-            f"isolated check function {func!r} has no importable module file; define it at "
-            "module level in a conftest.py or plugin module"
-        )
-    return {"file": str(file), "module": func.__module__, "qualname": func.__qualname__}
-
-
-def _file_stamp(path: str) -> str:
-    """Size and mtime of the check's source file: editing it invalidates a cached result."""
-    try:
-        st = Path(path).stat()
-    except OSError:
-        return "0"
-    return f"{st.st_size:x}{st.st_mtime_ns:x}"
-
-
-def _run_or_reuse(
-    chk: Check, ctx: CheckContext, argv: list[str], timeout: float, file: str
-) -> ProbeResult:
-    """Run the child, or reuse a passing result of ``cacheable`` checks (probe-cache rules)."""
-    from pytest_unsloth.probes.runner import run_subprocess
-
-    cache = ctx.probes.cache if chk.cacheable and ctx.config is not None else None
-    if cache is None:
-        return run_subprocess(argv, chk.name, timeout)
-    key = f"check-{chk.name}-{_file_stamp(file)}"
-    with cache.lock(key):
-        res = cache.lookup(key)
-        if res is None:
-            res = run_subprocess(argv, key, timeout)
-            cache.store(res)
-    cache.warn_pending()
-    return res
-
-
-def run_isolated(
-    chk: Check, ctx: CheckContext, runs: list[dict[str, Any]] | None = None
-) -> str | None:
-    """Run ``chk`` in a child interpreter; a hang or crash fails only this check."""
-    from pytest_unsloth.registry import original_function
-
-    ref = _function_ref(original_function(chk))
-    spec = {**ref, "rootpath": str(ctx.rootpath), "settings": _settings_json(ctx.settings)}
-    timeout = chk.timeout or ctx.settings.probe_timeout
-    argv = [sys.executable, "-m", "pytest_unsloth.isolated", json.dumps(spec)]
-    res = _run_or_reuse(chk, ctx, argv, timeout, ref["file"])
-    if runs is not None:
-        runs.append(
-            {
-                "name": chk.name,
-                "kind": "isolated",
-                "status": res.status,
-                "origin": res.origin,
-                "age_s": res.age_s,
-                "duration": round(res.duration, 3),
-                "stage": res.stage,
-            }
-        )
-    data = res.data
-    if res.status == "passed":
-        return res.message or None
-    if res.status == "skipped":
-        raise CheckSkipped(res.message)
-    if res.status == "failed" and "found" in data:
-        raise CheckFailed(str(data["found"]), str(data.get("why", "")), str(data.get("fix", "")))
-    if res.status == "error":
-        raise CheckError(
-            f"check {chk.name!r} ({chk.source}) raised instead of passing, failing or skipping "
-            f"(in its isolated subprocess):\n{data.get('traceback', res.message)}"
-        )
-    from pytest_unsloth.probes.runner import stderr_summary
-
-    note = stderr_summary(res.stderr_tail)
-    raise CheckFailed(
-        f"isolated check {res.message}" + (f"; stderr: {note}" if note else ""),
-        "a check that hangs or crashes here would hang or crash the training job the same way",
-        f"run the check's function ({chk.source}) by hand to see where it stops",
-    )
-
-
-def _settings_json(settings: Any) -> dict[str, Any]:
-    out = {}
-    for f in dataclasses.fields(settings):
-        if f.name == "sources":
-            continue
-        value = getattr(settings, f.name)
-        out[f.name] = dict(value) if isinstance(value, Mapping) else value
-    return json.loads(json.dumps(out, default=str))  # type: ignore[no-any-return]

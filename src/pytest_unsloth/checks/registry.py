@@ -30,6 +30,46 @@ def check(
     fix)`` to fail, and calls ``pytest.skip(reason)`` (or raises ``CheckSkipped``) to skip.
     With ``isolated=True`` it runs in a subprocess limited to ``timeout`` seconds.
     """
+    spec = {
+        "name": name,
+        "description": description,
+        "needs_gpu": needs_gpu,
+        "isolated": isolated,
+        "timeout": timeout,
+        "cacheable": cacheable,
+    }
+    return _declare(name, spec)
+
+
+def builtin_check(
+    name: str,
+    *,
+    layer: str,
+    description: str,
+    needs_gpu: bool = False,
+    probes: tuple[str, ...] = (),
+    depends_on: tuple[str, ...] = (),
+) -> Callable[[F], F]:
+    """Declare one of the plugin's own checks: ``check``'s spec, marked ``builtin``.
+
+    ``layer`` places it in the run order (``checks.builtin.LAYERS``); ``probes`` start early
+    and ``depends_on`` names root causes (see ``Check``). Gathered by ``checks.builtin``, never
+    from a conftest that imports the function.
+    """
+    spec = {
+        "name": name,
+        "description": description,
+        "needs_gpu": needs_gpu,
+        "probes": probes,
+        "depends_on": depends_on,
+        "builtin": True,
+        "layer": layer,
+    }
+    return _declare(name, spec)
+
+
+def _declare(name: str, spec: dict[str, Any]) -> Callable[[F], F]:
+    """The decorator that marks a function with ``spec`` (or leaves a usage error behind)."""
     if callable(name):
         # Bare ``@check``: Python passed the function as the name. Raising here would be a
         # conftest import error with a traceback; the gathering step reports it cleanly.
@@ -42,23 +82,16 @@ def check(
         return bad  # type: ignore[return-value]
 
     def decorate(func: F) -> F:
-        spec = {
-            "name": name,
-            "description": description,
-            "needs_gpu": needs_gpu,
-            "isolated": isolated,
-            "timeout": timeout,
-            "cacheable": cacheable,
-        }
         problem = function_problem(func)
         if problem:
             bad = _Invalid(f"@pytest_unsloth.check({name!r}) on {_qualname(func)}: {problem}")
             bad.__name__ = getattr(func, "__name__", None) or type(func).__name__
             return bad  # type: ignore[return-value]
-        if not spec["description"]:
-            spec["description"] = (getattr(func, "__doc__", None) or "").strip().split("\n")[0]
+        marked = dict(spec)
+        if not marked["description"]:
+            marked["description"] = (getattr(func, "__doc__", None) or "").strip().split("\n")[0]
         try:
-            setattr(func, ATTR, spec)
+            setattr(func, ATTR, marked)
         except (AttributeError, TypeError):  # e.g. a builtin or a frozen callable
             bad = _Invalid(
                 f"@pytest_unsloth.check({name!r}) cannot mark {func!r}; decorate a function "
@@ -130,8 +163,8 @@ def decorated_checks(config: pytest.Config) -> list[Check]:
             continue
         for obj in list(namespace.values()):
             spec = getattr(obj, ATTR, None) if callable(obj) else None
-            if not isinstance(spec, dict):
-                continue
+            if not isinstance(spec, dict) or spec.get("builtin"):
+                continue  # a built-in check imported into a conftest is not the user's
             source = f"{_plugin_source(config, plugin)}:{getattr(obj, '__name__', '?')}"
             if "error" in spec:
                 raise pytest.UsageError(f"pytest-unsloth: {source}: {spec['error']}")

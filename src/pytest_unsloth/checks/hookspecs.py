@@ -8,7 +8,7 @@ import pytest
 
 if TYPE_CHECKING:
     from pytest_unsloth.checks.base import Check
-    from pytest_unsloth.registry import CheckList
+    from pytest_unsloth.checks.registry import CheckList
 
 
 @pytest.hookspec

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from pytest_unsloth.items import PROPERTY, get_context
+from pytest_unsloth.checks.items import PROPERTY, get_context
 
 if TYPE_CHECKING:
     from pytest_unsloth.compat.distributions import Distributions
@@ -60,7 +60,10 @@ def _record(value: object) -> dict[str, Any] | None:
 
 
 class Reporter:
-    """Collects check records from reports (so they survive xdist) and writes the outputs."""
+    """Collects check records from reports (so they survive xdist) and writes the outputs.
+
+    Registered on the xdist controller only (or the single process), as junitxml's reporter is.
+    """
 
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
@@ -114,7 +117,7 @@ class Reporter:
             tr.line(f" {lines[0]}")
             for more in lines[1:]:
                 tr.line(f"{'':<{width + 9}}{more}")
-        if self.config.get_verbosity() > 0 and not hasattr(self.config, "workerinput"):
+        if self.config.get_verbosity() > 0:
             from pytest_unsloth.compat.constraints import package_report, report_lines
 
             tr.write_sep("-", "unsloth packages: version, required by, verdict")
@@ -132,9 +135,7 @@ class Reporter:
 
     @pytest.hookimpl
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
-        """Write the JSON report and the GitHub step summary (controller only)."""
-        if hasattr(self.config, "workerinput"):
-            return
+        """Write the JSON report and the GitHub step summary."""
         from pytest_unsloth.settings import get_settings
 
         settings = get_settings(self.config)

@@ -17,11 +17,12 @@ import sys
 import threading
 import types
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pytest_unsloth.checks.base import CheckContext, CheckFailed, CheckSkipped
+from pytest_unsloth.checks.registry import builtin_check
 from pytest_unsloth.probes import stage
 from pytest_unsloth.util.timelimit import ThreadCall
 
@@ -55,6 +56,18 @@ def _fail(failures: list[tuple[str, Problem]]) -> CheckFailed:
             whys.append(p.why)
         fixes.append(f"{i}) {p.fix}")
     return CheckFailed(found=_INDENT.join(found), why=_INDENT.join(whys), fix=_INDENT.join(fixes))
+
+
+def _raise_errors(problems: Iterable[Problem]) -> None:
+    """Fail with every finding of severity error, if there is one."""
+    failures = [("", p) for p in problems if p.severity == "error"]
+    if failures:
+        raise _fail(failures)
+
+
+def _warnings(problems: Iterable[Problem]) -> list[str]:
+    """What the findings of severity warning found (shown after a pass)."""
+    return [p.found for p in problems if p.severity == "warning"]
 
 
 def _resolve(ctx: CheckContext, value: str) -> Path:
@@ -180,12 +193,13 @@ def _num_generations(ctx: CheckContext) -> int:
     return value if isinstance(value, int) and 1 <= value <= 64 else 2
 
 
+@builtin_check(
+    "reward-funcs",
+    layer="grpo",
+    description="reward functions follow TRL's calling contract",
+)
 def reward_funcs_check(ctx: CheckContext) -> str | None:
     """Import the configured reward functions and call them the way the installed TRL does."""
-    if not ctx.settings.reward_funcs:
-        raise CheckSkipped(
-            "no reward functions configured: set unsloth_reward_funcs = pkg.module:func ..."
-        )
     return _in_child("reward-funcs", ctx)
 
 
@@ -233,7 +247,7 @@ def _reward_funcs_body(ctx: CheckContext) -> str | None:
     failures = import_failures + [(names.get(n, n), p) for n, p in report.failures()]
     if failures:
         raise _fail(failures)
-    warnings = [p.found for p in report.problems if p.severity == "warning"]
+    warnings = _warnings(report.problems)
     warnings += [
         f"{names.get(r.name, r.name)}: {p.found}"
         for r in report.results
@@ -318,10 +332,13 @@ def _require(ctx: CheckContext, dists: tuple[str, ...], key: str, what: str) -> 
         )
 
 
+@builtin_check(
+    "length-budget",
+    layer="grpo",
+    description="prompt + completion fit the sequence budget",
+)
 def length_budget_check(ctx: CheckContext) -> str | None:
     """Measure every prompt of the dataset after the chat template against the length limit."""
-    if not ctx.settings.dataset:
-        raise CheckSkipped("no dataset configured: set unsloth_dataset (and unsloth_tokenizer)")
     return _in_child("length-budget", ctx)
 
 
@@ -356,11 +373,8 @@ def _length_budget_body(ctx: CheckContext) -> str | None:
             why="GRPOTrainer tokenizes the same prompts the same way at its first step",
             fix="check the tokenizer's chat_template against the dataset's prompt format",
         ) from None
-    failures = [("", p) for p in report.problems if p.severity == "error"]
-    if failures:
-        raise _fail(failures)
-    warnings = [p.found for p in report.problems if p.severity == "warning"]
-    return report.summary() + "".join(f"; warning: {w}" for w in warnings)
+    _raise_errors(report.problems)
+    return report.summary() + "".join(f"; warning: {w}" for w in _warnings(report.problems))
 
 
 def _model_context(ctx: CheckContext) -> int | None:
@@ -382,12 +396,9 @@ def _model_context(ctx: CheckContext) -> int | None:
     return None
 
 
+@builtin_check("grpo-config", layer="grpo", description="GRPO settings build a valid GRPOConfig")
 def grpo_config_check(ctx: CheckContext) -> str | None:
     """Build GRPOConfig from unsloth_grpo_config; check GPU bf16, vLLM, unsloth, context."""
-    if not ctx.settings.grpo_config:
-        raise CheckSkipped(
-            "no GRPO settings configured: set unsloth_grpo_config (one 'key = value' per line)"
-        )
     return _in_child("grpo-config", ctx)
 
 
@@ -405,20 +416,14 @@ def _grpo_config_body(ctx: CheckContext) -> str | None:
         model_max_length=_model_context(ctx),
         unsloth=ctx.dist("unsloth") is not None,
     )
-    failures = [("", p) for p in report.problems if p.severity == "error"]
-    if failures:
-        raise _fail(failures)
-    warnings = [p for p in report.problems if p.severity == "warning"]
-    detail = report.summary()
-    if warnings:
-        detail += "; warning: " + "; ".join(p.found for p in warnings)
-    return detail
+    _raise_errors(report.problems)
+    warnings = _warnings(report.problems)
+    return report.summary() + ("; warning: " + "; ".join(warnings) if warnings else "")
 
 
+@builtin_check("dataset", layer="grpo", description="dataset file is well-formed")
 def dataset_check(ctx: CheckContext) -> str | None:
     """Stream the JSONL dataset and report every bad line by number."""
-    if not ctx.settings.dataset:
-        raise CheckSkipped("no dataset configured: set unsloth_dataset = path/to/train.jsonl")
     return _in_child("dataset", ctx)
 
 
@@ -464,11 +469,24 @@ _OFFLINE = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
 _REWARD_STAGE = "call reward function "
 
 
-_CONFIGURED: dict[str, Callable[[Settings], bool]] = {
-    "reward-funcs": lambda s: bool(s.reward_funcs),
-    "length-budget": lambda s: bool(s.dataset),
-    "grpo-config": lambda s: bool(s.grpo_config),
-    "dataset": lambda s: bool(s.dataset),
+# Per GRPO check: is its part of the setup configured, and the skip reason when it is not.
+_CONFIGURED: dict[str, tuple[Callable[[Settings], bool], str]] = {
+    "reward-funcs": (
+        lambda s: bool(s.reward_funcs),
+        "no reward functions configured: set unsloth_reward_funcs = pkg.module:func ...",
+    ),
+    "length-budget": (
+        lambda s: bool(s.dataset),
+        "no dataset configured: set unsloth_dataset (and unsloth_tokenizer)",
+    ),
+    "grpo-config": (
+        lambda s: bool(s.grpo_config),
+        "no GRPO settings configured: set unsloth_grpo_config (one 'key = value' per line)",
+    ),
+    "dataset": (
+        lambda s: bool(s.dataset),
+        "no dataset configured: set unsloth_dataset = path/to/train.jsonl",
+    ),
 }
 
 
@@ -518,16 +536,20 @@ def _selected(ctx: CheckContext) -> list[str]:
         check = getattr(item, "check", None)
         if item.nodeid.startswith("unsloth-env::") and check is not None and not check.disabled:
             names.add(item.name)
-    return [n for n in CHILD_BODIES if n in names and _CONFIGURED[n](ctx.settings)]
+    return [n for n in CHILD_BODIES if n in names and _CONFIGURED[n][0](ctx.settings)]
 
 
 def _in_child(name: str, ctx: CheckContext) -> str | None:
-    """Run the check's body in a child interpreter with the check's time limit.
+    """Run the check's body in a child interpreter with the check's time limit (skip when its
+    part of the setup is not configured).
 
     The body runs the user's code; whatever that code does to its process (exit, segfault,
     endless loop, memory blow-up) fails this check with the stage it reached, not the session.
     The first GRPO check to run starts the other selected ones too, so their imports overlap.
     """
+    configured, unset = _CONFIGURED[name]
+    if not configured(ctx.settings):
+        raise CheckSkipped(unset)
     with _RUNS_LOCK:
         runs = _RUNS.get(ctx)
         if runs is None:
@@ -563,21 +585,14 @@ def _run_child(name: str, ctx: CheckContext) -> ProbeResult:
 
 def _result(name: str, ctx: CheckContext, res: ProbeResult) -> str | None:
     """Turn the child's result into this check's pass, skip or three-line failure."""
-    if res.status == "passed":
-        return res.message or None
-    if res.status == "skipped":
-        raise CheckSkipped(res.message)
-    data = res.data
-    if res.status == "failed" and "found" in data:
-        raise CheckFailed(str(data["found"]), str(data.get("why", "")), str(data.get("fix", "")))
-    if res.status == "error":
-        from pytest_unsloth.items import CheckError
+    from pytest_unsloth.checks.isolated import replay
 
-        raise CheckError(
-            f"the {name} check raised instead of passing, failing or skipping (in its "
-            f"subprocess):\n{data.get('traceback', res.message)}"
-        )
-    raise _child_failure(name, ctx, res.message, res.stage or "", res.stderr_tail)
+    raised = f"the {name} check raised instead of passing, failing or skipping (in its subprocess)"
+    return replay(
+        res,
+        raised,
+        lambda: _child_failure(name, ctx, res.message, res.stage or "", res.stderr_tail),
+    )
 
 
 def _child_failure(
