@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -538,6 +539,27 @@ def test_fit_check_compares_with_free_gpu_memory(
     result = pytester.runpytest("--unsloth-env", "--unsloth-checks=fit")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*cuda:0 (NVIDIA L4) has 14.7 GiB free*"])
+
+
+def _fit_detail(pytester: pytest.Pytester, target: str) -> str:
+    pytester.makeini(f"[pytest]\nunsloth_model = model\nunsloth_fit_target = {target}\n")
+    report = pytester.path / f"fit-{target}.json"
+    result = pytester.runpytest(
+        "--unsloth-env", "--unsloth-checks=fit", f"--unsloth-report={report}"
+    )
+    result.assert_outcomes(passed=1)
+    (check,) = [c for c in json.loads(report.read_text())["checks"] if c["name"] == "fit"]
+    return str(check["message"])
+
+
+def test_fit_check_calls_a_fit_inside_the_estimate_band_a_close_call(pytester: pytest.Pytester):
+    _model_dir(pytester)
+    roomy = _fit_detail(pytester, "200GiB")
+    assert "close call" not in roomy
+    need = float(re.search(r"~([0-9.]+) GiB fits", roomy).group(1))  # type: ignore[union-attr]
+    close = _fit_detail(pytester, f"{need * 1.05 + 0.05:.2f}GiB")
+    assert "close call" in close and "may still run out of memory" in close
+    assert "close call" not in _fit_detail(pytester, f"{need * 1.2 + 0.1:.2f}GiB")
 
 
 def test_fit_check_skips_without_a_model(pytester: pytest.Pytester):
