@@ -3,7 +3,7 @@
 # completions included) and issue 13's first-contact / README tests with a real GPU, side by side.
 # Run from the repo root with the wheelhouse (.whl) and this repo's wheel (.gpu) carried.
 set -uo pipefail
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+OUT=${OUT:?set OUT to the folder for the logs}; mkdir -p "$OUT"
 REPO=$PWD
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
   --target /tmp/site .whl/*.whl .gpu/*.whl >/dev/null 2>&1 || exit 1

@@ -61,7 +61,7 @@ from pytest_unsloth.pinning import PIN_KEY
 
 if TYPE_CHECKING:
     from pytest_unsloth.models.loader import LoadedModel, ModelCache
-    from pytest_unsloth.models.lora import LoraSettings
+    from pytest_unsloth.models.lora import LoraSettings, ModelState
     from pytest_unsloth.settings import Settings
 
 T = TypeVar("T")
@@ -422,17 +422,17 @@ def loaded_4bit_model(
         _call(item, lambda: unsloth_model_cache.evict_model(loaded))
 
 
-def _restore_flags(model: Any, before: tuple[Any, ...]) -> None:
+def _restore_flags(model: Any, before: ModelState) -> None:
     """Undo what a trainer flips on a model: requires_grad, train mode, gradient checkpointing."""
     from pytest_unsloth.models.lora import checkpointing_enabled, set_checkpointing
 
-    wanted = dict(before[1])
+    wanted = dict(before.requires_grad)
     for name, param in model.named_parameters():
         if name in wanted and param.requires_grad != wanted[name]:
             param.requires_grad_(wanted[name])
-    if bool(model.training) != before[2]:
-        model.train(before[2])
-    if checkpointing_enabled(model) and not before[3]:
+    if bool(model.training) != before.training:
+        model.train(before.training)
+    if checkpointing_enabled(model) and not before.checkpointing:
         # A model class without the switch: the snapshot comparison reports it.
         with contextlib.suppress(Exception):
             set_checkpointing(model, False)
