@@ -20,6 +20,7 @@ import pytest
 
 from distfake import write_dist
 from pytest_unsloth.probe import PIPE_GRACE_S, ProbeResult, run_subprocess
+from subrun import run_pytest
 
 SRC = str(Path(__file__).parents[1] / "src")
 H100 = {"name": "NVIDIA H100 80GB HBM3", "capability": [9, 0], "total_gib": 79.6, "free_gib": 79.0}
@@ -206,10 +207,9 @@ def test_plain_timeout_has_no_detached_note(tmp_path: Path):
 
 def _session(pytester: pytest.Pytester, *args: str, budget: float = 40) -> pytest.RunResult:
     start = time.monotonic()
-    result = pytester.runpytest_subprocess(*args, timeout=budget)
+    result, _ = run_pytest(pytester, *args, timeout=budget)
     took = time.monotonic() - start
     assert took < budget
-    assert "INTERNALERROR" not in result.stdout.str() + result.stderr.str()
     return result
 
 

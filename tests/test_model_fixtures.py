@@ -85,7 +85,7 @@ def test_default_tiny_model_reported_in_output_and_junit(pytester: pytest.Pytest
     }
     assert props[("test_forward", "unsloth_backend")] == "transformers"
     assert props[("test_fails", "unsloth_backend")] == "transformers"
-    assert "tiny-llama-small" in props[("test_forward", "unsloth_model_path")]
+    assert "tiny-llama-small" in str(props[("test_forward", "unsloth_model_path")])
 
 
 def test_twenty_tests_share_one_load(pytester: pytest.Pytester) -> None:
