@@ -41,9 +41,14 @@ def detach(pidfile, close_stdout=False):
         _os._exit(0)
     _os.wait()
     for _ in range(200):  # the pid file tells the test whom to clean up
-        if _os.path.exists(pidfile) and open(pidfile).read():
+        if _pid_written(pidfile):
             break
         _time.sleep(0.01)
+def _pid_written(pidfile):
+    if not _os.path.exists(pidfile):
+        return False
+    with open(pidfile) as fh:  # closed: PYTHONDEVMODE prints a ResourceWarning to stderr
+        return bool(fh.read())
 """
 
 
