@@ -6,12 +6,13 @@
 #   OUT=$OUT bash scripts/gpu-archs.sh
 # Put nvidia_cuda_cuobjdump-*.whl into .whl/ to get the cuobjdump comparison (no network there).
 set -uo pipefail
-export OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+export OUT=${OUT:?set OUT to the folder for the logs}; mkdir -p "$OUT"
+export SITE=${SITE:-$(mktemp -d)}
 REPO=$PWD
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl .gpu/*.whl >/dev/null 2>&1 || true
+  --target "$SITE" .whl/*.whl .gpu/*.whl >/dev/null 2>&1 || true
 # The checkout's code first, so this branch's reader runs even over an older wheel.
-export PYTHONPATH=$REPO/src:/tmp/site HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
+export PYTHONPATH=$REPO/src:$SITE HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
 {
   date -u; nvidia-smi --query-gpu=name,compute_cap,driver_version --format=csv
   echo "== torch's view"
@@ -38,7 +39,7 @@ for i in range(torch.cuda.device_count()):
         print(f"cuda:{i} sm_{cap[0]}{cap[1]}: {l.path.rsplit('/', 1)[-1]}: {l.how(cap)}")
 PY
   echo "== cuobjdump comparison (every CUDA library read above)"
-  CO=$(command -v cuobjdump || ls /tmp/site/nvidia/cu*/bin/cuobjdump 2>/dev/null | head -1)
+  CO=$(command -v cuobjdump || ls "$SITE"/nvidia/cu*/bin/cuobjdump 2>/dev/null | head -1)
   if [ -n "$CO" ]; then
     python3 - "$CO" <<'PY'
 import json, os, re, subprocess, sys
@@ -61,7 +62,7 @@ PY
   echo "== reading speed"
   python3 benchmarks/bench_archs.py --json "$OUT/bench-archs.json" torch bitsandbytes triton $NV
   echo "== arch check: visible GPU, then targets sm_90 sm_100 sm_120 as a CPU CI job would ask"
-  mkdir -p /tmp/proj-archs && cd /tmp/proj-archs
+  cd "$(mktemp -d)"
   python3 -m pytest --unsloth-env --unsloth-checks=arch -rA -p no:cacheprovider
   python3 -m pytest --unsloth-env --unsloth-checks=arch -rA -p no:cacheprovider --unsloth-target-arch=sm_90,sm_100,sm_120
   CUDA_VISIBLE_DEVICES= python3 -m pytest --unsloth-env --unsloth-checks=arch -rA -p no:cacheprovider --unsloth-target-arch=sm_120

@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # The GPU half of issues 11-17 on the lent nvidia-h200-x2 (two H200s), in steps ($STEPS) so that
-# one device call stays under its 10-minute limit. Logs under $OUT. Run from the repo root with
+# one device call stays under its 10-minute limit. Logs under $OUT (required). Run from the repo root with
 # the wheelhouse (.whl) and this repo's wheel (.gpu) carried:
 #   STEPS="multi pinning" bash scripts/gpu-issues.sh      # call 1
 #   STEPS="env archs fit" bash scripts/gpu-issues.sh      # call 2
 #   STEPS="tests" bash scripts/gpu-issues.sh              # call 3: every GPU-marked test
 set -uo pipefail
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+OUT=${OUT:?set OUT to the folder for the logs}; mkdir -p "$OUT"
 STEPS=${STEPS:-"multi pinning env archs fit"}
+export SITE=${SITE:-$(mktemp -d)}
+PROJ=$(mktemp -d)
 REPO=$PWD
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl .gpu/*.whl >/dev/null 2>&1 || exit 1
-export PYTHONPATH=/tmp/site:$REPO/src HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
+  --target "$SITE" .whl/*.whl .gpu/*.whl >/dev/null 2>&1 || exit 1
+export PYTHONPATH=$SITE:$REPO/src HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
 step() { case " $STEPS " in *" $1 "*) return 0;; esac; return 1; }
 { date -u; nvidia-smi --query-gpu=index,name,memory.used,memory.total --format=csv; } > "$OUT/machine-$$.txt" 2>&1
 
@@ -24,7 +26,7 @@ if step pinning; then  # issue 17: memory held on the second GPU only, checks un
   echo "pinning rc=$?" >> "$OUT/pinning.log"
 fi
 if step env; then  # the whole suite of checks, fresh then cached, as a user runs it
-  mkdir -p /tmp/proj && cd /tmp/proj && rm -rf .pytest_cache
+  cd "$PROJ" && rm -rf .pytest_cache
   for i in 1 2; do
     s=$EPOCHREALTIME
     timeout -k 5 150 python3 -m pytest --unsloth-env -rs --unsloth-report="$OUT/env-run$i.json" > "$OUT/env-run$i.log" 2>&1
@@ -49,5 +51,6 @@ if step tests; then  # every GPU-marked test, then issue 13's first-contact test
   echo "first-contact rc=$?" >> "$OUT/first-contact.log"
 fi
 # A device call brings back at most 8 files: pack everything into one archive.
-(cd "$OUT" && tar czf /tmp/logs.tgz . && find . -mindepth 1 -delete && mv /tmp/logs.tgz "$OUT/logs-$(date -u +%H%M%S).tgz")
+TGZ=$(mktemp --suffix=.tgz)
+(cd "$OUT" && tar czf "$TGZ" . && find . -mindepth 1 -delete && mv "$TGZ" "$OUT/logs-$(date -u +%H%M%S).tgz")
 exit 0

@@ -2,12 +2,13 @@
 # Issue 16 on the lent two-GPU machine (nvidia-h200-x2): the machine checks for real, and
 # unsloth's own `doctor --gpus` side by side. Run from the repository root after:
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-#     --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD/src HF_HUB_OFFLINE=1 \
+#     --target "$SITE" .whl/*.whl && export PYTHONPATH=$SITE:$PWD/src HF_HUB_OFFLINE=1 \
 #     TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
-# Logs go to $OUT (one file per step, plus summary.txt with each step's wall time and exit
+# Logs go to $OUT (required; one file per step, plus summary.txt with each step's wall time and exit
 # status). Every step has its own `timeout`, so the whole script stays under 6 minutes.
 set -uo pipefail
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+OUT=${OUT:?set OUT to the folder for the logs}; mkdir -p "$OUT"
+PROJ=$(mktemp -d)
 REPO=$PWD
 PLUG=(-p no:randomly)  # the plugin comes from the installed wheel (.gpu), as for users
 SUMMARY="$OUT/summary.txt"
@@ -38,7 +39,7 @@ step() {
 } > "$OUT/machine.txt" 2>&1
 cat "$OUT/machine.txt"
 
-mkdir -p /tmp/proj && cd /tmp/proj || exit 1
+cd "$PROJ" || exit 1
 rm -rf .pytest_cache
 
 # 1. The machine checks in a plain process that sees both GPUs: nccl passes (real all_reduce,
@@ -75,13 +76,13 @@ step launcher-torchrun 60 python3 -m torch.distributed.run --nproc-per-node 2 -m
 cd "$REPO" || exit 1
 step gpu-tests 90 env UNSLOTH_TEST_GPU=1 python3 -m pytest "${PLUG[@]}" -m gpu -rs -v \
   -p no:cacheprovider tests/test_nccl.py tests/test_topology.py tests/test_machine_checks.py
-cd /tmp/proj || exit 1
+cd "$PROJ" || exit 1
 
 # 6. Side by side: unsloth doctor --gpus (its console command cannot start here: the wheel
 #    strips the web UI its CLI package imports), so its module is loaded from the file and its
 #    own _gpu_checks() runs, with a stand-in for typer if typer is missing. Then the plugin's
 #    equivalent (topology + nccl, fresh probes) on the same machine.
-cat > /tmp/doctor_direct.py <<'PY'
+cat > "$PROJ/doctor_direct.py" <<'PY'
 import importlib.util, os, sys, time, types
 start = time.perf_counter()
 try:
@@ -110,11 +111,11 @@ except sys.modules["typer"].Exit as e:
     code = e.exit_code
 print(f"doctor exit {code}; wall {time.perf_counter() - start:.1f} s ({path})", flush=True)
 PY
-step doctor 70 python3 /tmp/doctor_direct.py 60
+step doctor 70 python3 "$PROJ/doctor_direct.py" 60
 step plugin-equivalent 70 python3 -m pytest "${PLUG[@]}" --unsloth-env -rA -p no:cacheprovider \
   --unsloth-checks topology,nccl
 step doctor-broken 60 env NCCL_SOCKET_IFNAME=nonexistent0 NCCL_P2P_DISABLE=1 \
-  NCCL_SHM_DISABLE=1 python3 /tmp/doctor_direct.py 20
+  NCCL_SHM_DISABLE=1 python3 "$PROJ/doctor_direct.py" 20
 
 echo "=== summary"; cat "$SUMMARY"
 exit 0

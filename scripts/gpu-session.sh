@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
-# One batched session on the lent GPU machine (see ../shared/gpu/README.md). Installs the plugin
+# One batched session on a lent GPU machine, run from the repository root. Installs the plugin
 # as a user would (our wheel from .gpu/ plus the carried wheelhouse .whl/), then runs the steps
-# named in $STEPS (default: all) and leaves logs under $OUT.
+# named in $STEPS (default: all) and leaves logs under $OUT (required). Scratch files (the
+# install target $SITE, the user project) go to fresh temporary folders.
 #   env:      pytest --unsloth-env twice (fresh probes, then the probe cache) + JSON reports
 #   bench:    benchmarks/bench_startup.py and benchmarks/bench_probes.py
 #   tests:    the GPU-marked tests (UNSLOTH_TEST_GPU=1 pytest -m gpu)
 #   examples: the examples/ projects
 set -uo pipefail
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+OUT=${OUT:?set OUT to the folder for the logs}; mkdir -p "$OUT"
 STEPS=${STEPS:-"env bench tests examples"}
+export SITE=${SITE:-$(mktemp -d)}
+PROJ=$(mktemp -d)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl .gpu/*.whl || exit 1
-export PYTHONPATH=/tmp/site HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
+  --target "$SITE" .whl/*.whl .gpu/*.whl || exit 1
+export PYTHONPATH=$SITE HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
 REPO=$PWD
 {
   date -u; nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv
@@ -31,7 +34,7 @@ PY
 step() { case " $STEPS " in *" $1 "*) return 0;; esac; return 1; }
 
 if step env; then
-  mkdir -p /tmp/proj && cd /tmp/proj
+  cd "$PROJ"
   for i in 1 2; do
     s=$EPOCHREALTIME
     python3 -m pytest --unsloth-env -rs --unsloth-report="$OUT/env-run$i.json" 2>&1 | tee "$OUT/env-run$i.log"
@@ -40,7 +43,7 @@ if step env; then
   cd "$REPO"
 fi
 if step bench; then
-  (cd /tmp/proj 2>/dev/null || mkdir -p /tmp/proj && cd /tmp/proj
+  (cd "$PROJ"
    python3 "$REPO/benchmarks/bench_startup.py" --runs 5 --json "$OUT/bench-startup.json") 2>&1 | tee "$OUT/bench.log"
   python3 benchmarks/bench_probes.py --json "$OUT/bench-probes.json" 2>&1 | tee -a "$OUT/bench.log"
 fi

@@ -38,9 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     missing = [v for v in SUPPORTED if v not in found]
     print(f"minimal envs: Python {', '.join(found) or 'none'} found on PATH")
     if missing:
+        # One Python has several envs (minimal-py310-pytest8, minimal-py310-pytest9, ...).
+        envs = ", ".join("minimal-py" + v.replace(".", "") + "-*" for v in missing)
         print(
-            f"minimal envs: Python {', '.join(missing)} NOT FOUND: tox skipped "
-            f"minimal-py{', minimal-py'.join(v.replace('.', '') for v in missing)}; the plugin "
+            f"minimal envs: Python {', '.join(missing)} NOT FOUND: tox skipped {envs}; the plugin "
             "was not tested there (install them, e.g. with pyenv, and put them on PATH)"
         )
     required = [v for v in args.require_one_of.split(",") if v]

@@ -139,3 +139,12 @@ def fake_nvml(
     sys.modules.pop("pynvml", None)
     if original is not None:
         sys.modules["pynvml"] = original
+
+
+@pytest.fixture
+def site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A folder first on sys.path where tests write fake installs (a test file may override)."""
+    folder = tmp_path / "site"
+    folder.mkdir()
+    monkeypatch.syspath_prepend(str(folder))
+    return folder

@@ -13,6 +13,7 @@ import pytest
 
 from distfake import write_dist
 from fatbinfake import write_extension
+from gpuspecs import fake_gpu
 from pytest_unsloth.compat import archs
 from test_env_scenarios import run_env
 
@@ -20,13 +21,7 @@ BNB = {p.name: archs.read_library(p) for p in archs.distribution_libraries("bits
 needs_bnb = pytest.mark.skipif(
     not any(lib.has_cuda for lib in BNB.values()), reason="bitsandbytes CUDA libraries missing"
 )
-RTX_5090 = {
-    "name": "NVIDIA GeForce RTX 5090",
-    "capability": [12, 0],
-    "total_gib": 31.4,
-    "free_gib": 30.0,
-    "uuid": "GPU-55555555-2222-3333-4444-555555555555",
-}
+RTX_5090 = fake_gpu("RTX_5090", uuid="GPU-55555555-2222-3333-4444-555555555555", free_gib=30.0)
 
 
 @pytest.fixture
@@ -39,7 +34,9 @@ def site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return folder
 
 
-def fake_extension(site: Path, name: str, version: str, cubins: list[int], ptx: list[int] = ()):
+def fake_extension(
+    site: Path, name: str, version: str, cubins: list[int], ptx: list[int] | tuple[int, ...] = ()
+):
     """A dist-info whose RECORD lists one extension library with these architectures."""
     folder = write_dist(site, name, version)
     rel = f"{name.replace('-', '_')}/_C.so"
@@ -66,9 +63,9 @@ def test_target_arch_without_gpu_names_the_bitsandbytes_build_that_lacks_it(
     assert cuda is not None
     monkeypatch.setenv("BNB_CUDA_VERSION", f"{cuda[0]}{cuda[1]}")
     fake_nvml(no_driver=True)
-    run = run_env(pytester, "--unsloth-checks=arch", "--unsloth-target-arch=sm_120")
-    assert run.failed() == {"arch"}
-    msg = run.text["arch"]
+    msg = run_env(pytester, "--unsloth-checks=arch", "--unsloth-target-arch=sm_120").only_failure(
+        "arch"
+    )
     assert f"{lacking} (bitsandbytes " in msg
     assert "has no code for target sm_120 (--unsloth-target-arch), sm_120" in msg
     assert "no kernel image is available" in msg
@@ -104,9 +101,7 @@ def test_fake_extension_lacking_the_gpu_on_a_visible_gpu(
     """A visible RTX 5090 (sm_120) and an xformers built for sm_80/sm_90 only: names both."""
     fake_nvml(gpus=[RTX_5090], driver="580.159.04", cuda_driver=13000)
     fake_extension(site, "xformers", "0.0.99", [80, 90])
-    run = run_env(pytester, "--unsloth-checks=arch")
-    assert run.failed() == {"arch"}
-    msg = run.text["arch"]
+    msg = run_env(pytester, "--unsloth-checks=arch").only_failure("arch")
     assert (
         "_C.so (xformers 0.0.99) has no code for cuda:0 (NVIDIA GeForce RTX 5090), sm_120 "
         "(carries cubins sm_80 sm_90; PTX none)" in msg

@@ -16,15 +16,6 @@ from pytest_unsloth.compat.constraints import main, package_report
 from pytest_unsloth.compat.distributions import Distributions
 
 
-@pytest.fixture
-def site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A folder first on sys.path where tests write fake installs."""
-    folder = tmp_path / "site"
-    folder.mkdir()
-    monkeypatch.syspath_prepend(str(folder))
-    return folder
-
-
 def _drift(site: Path) -> None:
     write_dist(site, "unsloth", "2026.10.9", ["trl!=0.19.0,<=1.15.0,>=0.18.2"])
     write_dist(site, "trl", "1.16.0")

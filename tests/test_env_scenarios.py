@@ -14,15 +14,10 @@ from pathlib import Path
 import pytest
 
 from distfake import write_dist
+from gpuspecs import fake_gpu
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None
-H100 = {
-    "name": "NVIDIA H100 80GB HBM3",
-    "capability": [9, 0],
-    "total_gib": 79.6,
-    "free_gib": 79.0,
-    "uuid": "GPU-11111111-2222-3333-4444-555555555555",
-}
+H100 = fake_gpu("H100", uuid="GPU-11111111-2222-3333-4444-555555555555", free_gib=79.0)
 
 
 @dataclass
@@ -37,14 +32,10 @@ class EnvRun:
     def failed(self) -> set[str]:
         return {n for n, o in self.outcomes.items() if o == "failed"}
 
-
-@pytest.fixture
-def site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A folder first on sys.path where tests write fake installs."""
-    folder = tmp_path / "site"
-    folder.mkdir()
-    monkeypatch.syspath_prepend(str(folder))
-    return folder
+    def only_failure(self, name: str) -> str:
+        """Assert that ``name`` is the one check that failed; return its failure text."""
+        assert self.failed() == {name}
+        return self.text[name]
 
 
 def run_env(pytester: pytest.Pytester, *args: str) -> EnvRun:
@@ -355,9 +346,9 @@ def test_low_free_vram_names_the_processes(pytester: pytest.Pytester, fake_nvml)
         "processes": [{"pid": 4242, "used_gib": 7.8}],
     }
     fake_nvml(gpus=[l4], driver="580.159.04", cuda_driver=13000)
-    run = run_env(pytester, "--unsloth-checks=vram", "--unsloth-min-free-vram=24GiB")
-    assert run.failed() == {"vram"}
-    msg = run.text["vram"]
+    msg = run_env(pytester, "--unsloth-checks=vram", "--unsloth-min-free-vram=24GiB").only_failure(
+        "vram"
+    )
     assert "cuda:0 (NVIDIA L4) has 14.7 GiB free of 22.5 GiB, needs 24.0 GiB" in msg
     assert "pid 4242" in msg and "7.8 GiB" in msg
 
@@ -444,9 +435,7 @@ def test_kernel_not_installed_and_not_required_skips(pytester: pytest.Pytester, 
 @pytest.mark.skipif(importlib.util.find_spec("trl") is not None, reason="only without trl")
 def test_grpo_settings_without_trl_fail_in_three_lines(pytester: pytest.Pytester):
     pytester.makeini("[pytest]\nunsloth_grpo_config =\n    num_generations = 4\n")
-    run = run_env(pytester, "--unsloth-checks=grpo-config")
-    assert run.failed() == {"grpo-config"}
-    msg = run.text["grpo-config"]
+    msg = run_env(pytester, "--unsloth-checks=grpo-config").only_failure("grpo-config")
     assert "found: ini unsloth_grpo_config in tox.ini is set, but trl is not installed" in msg
     assert "fix:   pip install trl" in msg
     assert "Traceback" not in msg

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from distfake import write_dist
+from gpuspecs import fake_gpu
 from pytest_unsloth.checks.per_gpu import GpuGroup, combine, gpu_groups
 from pytest_unsloth.gpu import read_snapshot
 from pytest_unsloth.probes.protocol import ProbeResult
@@ -23,20 +24,8 @@ from pytest_unsloth.probes.runner import Pin
 
 pytest.importorskip("xdist")
 
-H200 = {
-    "name": "NVIDIA H200",
-    "uuid": "GPU-00000000-aaaa-bbbb-cccc-000000000000",
-    "total_gib": 139.8,
-    "free_gib": 139.0,
-    "capability": [9, 0],
-}
-L4 = {
-    "name": "NVIDIA L4",
-    "uuid": "GPU-11111111-aaaa-bbbb-cccc-111111111111",
-    "total_gib": 22.5,
-    "free_gib": 22.0,
-    "capability": [8, 9],
-}
+H200 = fake_gpu("H200", uuid="GPU-00000000-aaaa-bbbb-cccc-000000000000", free_gib=139.0)
+L4 = fake_gpu("L4", uuid="GPU-11111111-aaaa-bbbb-cccc-111111111111", free_gib=22.0)
 # Imports fine on any GPU but the L4: the probe child sees only its pinned GPU.
 FAKE_UNSLOTH = f"""
 import os

@@ -38,15 +38,6 @@ def _real_trl_import_utils() -> Path:
         pytest.skip("trl is not installed")
 
 
-@pytest.fixture
-def site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A folder first on sys.path where tests write fake installs."""
-    folder = tmp_path / "site"
-    folder.mkdir()
-    monkeypatch.syspath_prepend(str(folder))
-    return folder
-
-
 def test_active_extras_need_every_package_of_the_extra() -> None:
     """An extra counts only when all its packages are installed; dev/test extras never do."""
     dist = Dist(
@@ -73,9 +64,7 @@ def test_trl_vllm_extra_is_enforced_when_vllm_is_installed(
     write_dist(site, "vllm", "0.11.0")
     write_dist(site, "aiohttp", "3.13.3")
     write_dist(site, "requests", "2.32.5")
-    run = run_env(pytester, "--unsloth-checks=pins")
-    assert run.failed() == {"pins"}
-    msg = run.text["pins"]
+    msg = run_env(pytester, "--unsloth-checks=pins").only_failure("pins")
     assert "trl[vllm] 1.16.0 requires vllm>=0.22.0,<=0.31.0; vllm 0.11.0 is installed" in msg
     assert "pip install 'vllm>=0.22.0,<=0.31.0' 'torch==" in msg
 
@@ -113,9 +102,7 @@ def test_vllm_outside_trls_window_fails_with_the_source_line(
     (folder / "RECORD").write_text("trl/__init__.py,,\ntrl/import_utils.py,,\n")
     write_dist(site, "torch", "2.11.0+cu130")
     write_dist(site, "vllm", "0.11.0")
-    run = run_env(pytester, "--unsloth-checks=windows")
-    assert run.failed() == {"windows"}
-    msg = run.text["windows"]
+    msg = run_env(pytester, "--unsloth-checks=windows").only_failure("windows")
     low, high, line, _ = window
     assert f"vllm 0.11.0 is outside the vllm versions trl 1.16.0 supports ({low} to {high})" in msg
     assert f"import_utils.py:{line}: `if not (Version(" in msg

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from gpuspecs import fake_gpu
 from pytest_unsloth.fit import accelerate_style, estimate_memory
 from pytest_unsloth.fit import vllm as vllm_sizing
 from pytest_unsloth.fit.arch import arch_from_config
@@ -30,20 +31,8 @@ RECORDS = [json.loads(line) for line in GRID.read_text().splitlines()]
 MEASURED = [r for r in RECORDS if r["ok"]]
 CONFIGS = {r["model"]: r["config"] for r in RECORDS}
 
-H100 = {
-    "name": "NVIDIA H100 80GB HBM3",
-    "uuid": "GPU-10010010-0000-1111-2222-333333333333",
-    "total_gib": 79.6,
-    "free_gib": 79.0,
-    "capability": [9, 0],
-}
-L4 = {
-    "name": "NVIDIA L4",
-    "uuid": "GPU-4c4c4c4c-0000-1111-2222-333333333333",
-    "total_gib": 22.5,
-    "free_gib": 14.7,
-    "capability": [8, 9],
-}
+H100 = fake_gpu("H100", uuid="GPU-10010010-0000-1111-2222-333333333333", free_gib=79.0)
+L4 = fake_gpu("L4", uuid="GPU-4c4c4c4c-0000-1111-2222-333333333333", free_gib=14.7)
 
 
 def _err(rec: dict[str, Any]) -> float:
@@ -384,7 +373,11 @@ def test_largest_fitting_is_a_monotone_search():
 
 def test_what_fits_brings_the_estimate_under_the_budget():
     cfg = CONFIGS["llama-3.1-8b"]
-    settings = {"task": "grpo", "num_generations": 16, "max_completion_length": 2048}
+    settings: dict[str, Any] = {
+        "task": "grpo",
+        "num_generations": 16,
+        "max_completion_length": 2048,
+    }
     budget = 24 * GIB
     assert estimate_memory(cfg, **settings).total_bytes > budget
     found = what_fits(cfg, settings, budget)

@@ -13,33 +13,26 @@ from typing import Any
 
 import pytest
 
+from gpuspecs import fake_gpu
 from pytest_unsloth import gpu
 
 ON_GPU_MACHINE = os.environ.get("UNSLOTH_TEST_GPU") == "1"
 GIB = 1024**3
 
-L4 = {"name": "NVIDIA L4", "total_gib": 22.5, "free_gib": 14.7, "capability": [8, 9]}
-T4 = {"name": "Tesla T4", "total_gib": 15.0, "free_gib": 14.5, "capability": [7, 5]}
+L4 = fake_gpu("L4", free_gib=14.7)
+T4 = fake_gpu("T4", free_gib=14.5)
 
 
 def h100(i: int, free: float = 79.0) -> dict[str, Any]:
-    return {
-        "name": "NVIDIA H100 80GB HBM3",
-        "uuid": f"GPU-{i}aaa{i}bbb-1111-2222-3333-44445555666{i}",
-        "total_gib": 79.6,
-        "free_gib": free,
-        "capability": [9, 0],
-    }
+    return fake_gpu("H100", uuid=f"GPU-{i}aaa{i}bbb-1111-2222-3333-44445555666{i}", free_gib=free)
 
 
 def a100_mig(i: int, n: int = 2) -> dict[str, Any]:
-    return {
-        "name": "NVIDIA A100-SXM4-80GB",
-        "uuid": f"GPU-a100{i}000-0000-0000-0000-00000000000{i}",
-        "capability": [8, 0],
-        "total_gib": 79.2,
-        "free_gib": 79.0,
-        "mig": [
+    return fake_gpu(
+        "A100",
+        uuid=f"GPU-a100{i}000-0000-0000-0000-00000000000{i}",
+        free_gib=79.0,
+        mig=[
             {
                 "uuid": f"MIG-{i}{s}c0ffee-0000-0000-0000-000000000000",
                 "name": "NVIDIA A100-SXM4-80GB MIG 3g.40gb",
@@ -48,7 +41,7 @@ def a100_mig(i: int, n: int = 2) -> dict[str, Any]:
             }
             for s in range(n)
         ],
-    }
+    )
 
 
 # ----------------------------------------------------------------------------------------------

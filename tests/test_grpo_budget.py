@@ -36,7 +36,7 @@ def templated_length(tokenizer: Any, prompt: Any) -> int:
 
 def test_lengths_match_trl_tokenize_prompts(tokenizer: Any) -> None:
     pytest.importorskip("trl")
-    from trl import GRPOTrainer
+    from trl import GRPOTrainer  # type: ignore[attr-defined]
 
     prompts = [chat("What is 2 + 2?"), chat("word " * 40), chat("答案是 4")]
     # GRPOTrainer._tokenize_prompts on a stand-in self: the exact code TRL runs at each step.
@@ -48,7 +48,7 @@ def test_lengths_match_trl_tokenize_prompts(tokenizer: Any) -> None:
         chat_template=None,
         chat_template_kwargs={},
     )
-    trl_ids, _, _ = GRPOTrainer._tokenize_prompts(fake_self, prompts)
+    trl_ids, _, _ = GRPOTrainer._tokenize_prompts(fake_self, prompts)  # type: ignore[arg-type]
     report = check_length_budget(
         tokenizer, [{"prompt": p} for p in prompts], max_seq_length=10_000, max_completion_length=1
     )
@@ -107,7 +107,7 @@ def test_max_prompt_length_in_config_is_called_out(tokenizer: Any) -> None:
 
 def test_default_completion_length_from_installed_trl(tokenizer: Any) -> None:
     pytest.importorskip("trl")
-    from trl import GRPOConfig
+    from trl import GRPOConfig  # type: ignore[attr-defined]
 
     report = check_length_budget(tokenizer, [{"prompt": chat("hi")}], max_seq_length=4096)
     assert (
@@ -180,7 +180,7 @@ def test_many_prompts_measured_exactly(
     if not fast_path_agrees:
         # A tokenizer whose raw Rust encoding differs from TRL's call must not be trusted.
         monkeypatch.setattr(budget, "_fast_lengths", lambda *a: [1] * _count(a[1]))
-    texts = [chat("word " * (i % 37) + str(i)) for i in range(120)]
+    texts: list[Any] = [chat("word " * (i % 37) + str(i)) for i in range(120)]
     texts += [f"plain {i} " * (i % 11) for i in range(60)]
     rows = [{"prompt": t} for t in texts]
     expected = [templated_length(tokenizer, t) for t in texts[:120]]

@@ -67,7 +67,7 @@ def _preload_stack() -> None:
         with contextlib.suppress(ImportError):
             importlib.import_module(module)
     with contextlib.suppress(ImportError):
-        from trl import GRPOConfig  # noqa: F401
+        from trl import GRPOConfig  # type: ignore[attr-defined]  # noqa: F401
 
 
 @pytest.fixture

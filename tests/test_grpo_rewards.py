@@ -30,7 +30,7 @@ def needs(*modules: str) -> pytest.MarkDecorator:
 # --- seed article 002: the five GSM8K reward functions, verbatim ------------------------------
 
 
-def correctness_reward_func(prompts, completions, answer, **kwargs):  # type: ignore[no-untyped-def]
+def correctness_reward_func(prompts, completions, answer, **kwargs):
     responses = [c[0]["content"] for c in completions]
     extracted = [
         r.split("<answer>")[-1].split("</answer>")[0].strip() if "<answer>" in r else ""
@@ -39,7 +39,7 @@ def correctness_reward_func(prompts, completions, answer, **kwargs):  # type: ig
     return [2.0 if e == a else 0.0 for e, a in zip(extracted, answer, strict=False)]
 
 
-def int_reward_func(completions, **kwargs):  # type: ignore[no-untyped-def]
+def int_reward_func(completions, **kwargs):
     responses = [c[0]["content"] for c in completions]
     extracted = [
         r.split("<answer>")[-1].split("</answer>")[0].strip() if "<answer>" in r else ""
@@ -48,13 +48,13 @@ def int_reward_func(completions, **kwargs):  # type: ignore[no-untyped-def]
     return [0.5 if e.isdigit() else 0.0 for e in extracted]
 
 
-def soft_format_reward_func(completions, **kwargs):  # type: ignore[no-untyped-def]
+def soft_format_reward_func(completions, **kwargs):
     pattern = r"<reasoning>.*?</reasoning>\s*<answer>.*?</answer>"
     responses = [c[0]["content"] for c in completions]
     return [0.5 if re.search(pattern, r) else 0.0 for r in responses]
 
 
-def xmlcount_reward_func(completions, **kwargs):  # type: ignore[no-untyped-def]
+def xmlcount_reward_func(completions, **kwargs):
     responses = [c[0]["content"] for c in completions]
     scores = []
     for r in responses:
@@ -71,7 +71,7 @@ def xmlcount_reward_func(completions, **kwargs):  # type: ignore[no-untyped-def]
     return scores
 
 
-def strict_format_reward_func(completions, **kwargs):  # type: ignore[no-untyped-def]
+def strict_format_reward_func(completions, **kwargs):
     pattern = r"^<reasoning>\n.*?\n</reasoning>\n<answer>\n.*?\n</answer>\n$"
     responses = [c[0]["content"] for c in completions]
     return [0.5 if re.match(pattern, r) else 0.0 for r in responses]
@@ -88,7 +88,7 @@ ARTICLE_002 = [
 # --- seed article 000: the nested-list version ("completions[i] holds num_generations") -------
 
 
-def nested_correctness_reward_func(prompts, completions, answer, **kwargs):  # type: ignore[no-untyped-def]
+def nested_correctness_reward_func(prompts, completions, answer, **kwargs):
     batch_rewards = []
     for i in range(len(prompts)):
         this_completions = completions[i]
@@ -104,32 +104,32 @@ def nested_correctness_reward_func(prompts, completions, answer, **kwargs):  # t
 # --- one defect each ----------------------------------------------------------------------------
 
 
-def float_reward(completions, **kwargs):  # type: ignore[no-untyped-def]
+def float_reward(completions, **kwargs):
     return 0.5
 
 
-def short_reward(completions, **kwargs):  # type: ignore[no-untyped-def]
+def short_reward(completions, **kwargs):
     return [1.0] * (len(completions) // 2)
 
 
-def string_reward(completions, **kwargs):  # type: ignore[no-untyped-def]
+def string_reward(completions, **kwargs):
     return ["good" for _ in completions]
 
 
-def none_reward(completions, **kwargs):  # type: ignore[no-untyped-def]
+def none_reward(completions, **kwargs):
     return [None for _ in completions]
 
 
-def no_kwargs_reward(prompts, completions):  # type: ignore[no-untyped-def]
+def no_kwargs_reward(prompts, completions):
     return [1.0 for _ in completions]
 
 
-def length_reward(completions, **kwargs):  # type: ignore[no-untyped-def]
+def length_reward(completions, **kwargs):
     """A varying reward, so a real step has a non-zero advantage and updates the weights."""
     return [float(len(c[0]["content"])) for c in completions]
 
 
-async def async_reward(completions, **kwargs):  # type: ignore[no-untyped-def]
+async def async_reward(completions, **kwargs):
     await asyncio.sleep(0)
     return [1.0 for _ in completions]
 
@@ -144,11 +144,11 @@ class AsyncObjectReward:
         return [0.0 for _ in completions]
 
 
-def plain_only_reward(completions, **kwargs):  # type: ignore[no-untyped-def]
+def plain_only_reward(completions, **kwargs):
     return [float(len(c.strip())) for c in completions]
 
 
-def empty_crash_reward(completions, **kwargs):  # type: ignore[no-untyped-def]
+def empty_crash_reward(completions, **kwargs):
     return [float(c[0]["content"].split()[0] == "4") for c in completions]
 
 
@@ -326,7 +326,7 @@ def test_crash_names_the_completion_that_triggers_it() -> None:
 
 
 def test_bool_returns_are_accepted() -> None:
-    def bool_reward(completions, **kwargs):  # type: ignore[no-untyped-def]
+    def bool_reward(completions, **kwargs):
         return [True for _ in completions]
 
     report = check_reward_funcs([bool_reward], rows())
@@ -338,10 +338,10 @@ def test_tensor_and_array_returns_are_accepted() -> None:
     import numpy as np
     import torch
 
-    def tensor_reward(completions, **kwargs):  # type: ignore[no-untyped-def]
+    def tensor_reward(completions, **kwargs):
         return torch.ones(len(completions))
 
-    def array_reward(completions, **kwargs):  # type: ignore[no-untyped-def]
+    def array_reward(completions, **kwargs):
         return np.zeros(len(completions))
 
     report = check_reward_funcs([tensor_reward, array_reward], rows())
@@ -391,7 +391,7 @@ def train_once(
     """Build a GRPOTrainer and train one step; return (train output, whether weights changed)."""
     import torch
     from datasets import Dataset
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOConfig, GRPOTrainer  # type: ignore[attr-defined]
 
     model, tokenizer = tiny_lm
     args = GRPOConfig(
@@ -490,7 +490,7 @@ def test_hanging_function_times_out_instead_of_hanging() -> None:
 
     release = threading.Event()
 
-    def hanging_reward(completions, **kwargs):  # type: ignore[no-untyped-def]
+    def hanging_reward(completions, **kwargs):
         release.wait(30)
         return [0.0 for _ in completions]
 

@@ -13,6 +13,7 @@ import pytest
 import pytest_unsloth
 from pytest_unsloth.checks.base import Check
 from pytest_unsloth.checks.registry import ATTR, CheckList, _contributed, decorated_checks
+from subrun import output
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given, settings  # noqa: E402
@@ -23,7 +24,7 @@ ONE_CHECK = ("--unsloth-env", "--unsloth-checks=python")
 
 def _run(pytester: pytest.Pytester, *args: str) -> tuple[pytest.RunResult, str]:
     result = pytester.runpytest(*args)
-    return result, result.stdout.str() + result.stderr.str()
+    return result, output(result)
 
 
 def _clean(out: str) -> None:
@@ -307,7 +308,7 @@ def test_check_decorator_gives_a_check_or_a_usage_error(
     module = types.ModuleType("fake_conftest")
     module.__file__ = "/fake/conftest.py"
     try:
-        module.declared = pytest_unsloth.check(name, **kwargs)(target)
+        module.declared = pytest_unsloth.check(name, **kwargs)(target)  # type: ignore[attr-defined]
     except TypeError:
         # only when `name` is callable (bare @check) and the result is then called with target
         assert callable(name)

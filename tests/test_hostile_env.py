@@ -23,24 +23,14 @@ from typing import Any
 import pytest
 
 from distfake import write_dist
+from gpuspecs import fake_gpu
 from pytest_unsloth.util.versions import version_of
+from subrun import run_pytest
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None
 IMPORT_ERROR_ENV = "PYTEST_UNSLOTH_FAKE_NVML_IMPORT_ERROR"
-L4 = {
-    "name": "NVIDIA L4",
-    "capability": [8, 9],
-    "total_gib": 22.5,
-    "free_gib": 20.0,
-    "uuid": "GPU-aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee",
-}
-OLD = {
-    "name": "Tesla T4",
-    "capability": [7, 5],
-    "total_gib": 15.0,
-    "free_gib": 14.0,
-    "uuid": "GPU-99999999-bbbb-cccc-dddd-eeeeeeeeeeee",
-}
+L4 = fake_gpu("L4", uuid="GPU-aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee", free_gib=20.0)
+OLD = fake_gpu("T4", uuid="GPU-99999999-bbbb-cccc-dddd-eeeeeeeeeeee", free_gib=14.0)
 
 # A user's test file touching every GPU-facing part of the plugin.
 GPU_TESTS = """
@@ -110,11 +100,17 @@ def _run(pytester: pytest.Pytester, *args: str, report: bool = True, timeout: fl
     if path.exists():
         path.unlink()
     extra = [f"--unsloth-report={path}"] if report and "--unsloth-env" in args else []
-    result = pytester.runpytest_subprocess(
-        "-p", "no:cacheprovider", "-p", "no:randomly", "-rA", *extra, *args, timeout=timeout
+    result, out = run_pytest(
+        pytester,
+        "-p",
+        "no:cacheprovider",
+        "-p",
+        "no:randomly",
+        "-rA",
+        *extra,
+        *args,
+        timeout=timeout,
     )
-    out = result.stdout.str() + "\n" + result.stderr.str()
-    assert "INTERNALERROR" not in out, out
     assert "Traceback" not in out, out
     data = json.loads(path.read_text("utf-8")) if path.exists() else None
     records = {r["name"]: r for r in data["checks"]} if data else {}
@@ -163,7 +159,7 @@ def no_nvml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 # ----------------------------------------------------------------------------------------------
 # 1. Broken metadata: one finding of the packages check, readable everywhere else.
 
-META_CASES: dict[str, tuple[Callable[[Path], None], str, str]] = {
+META_CASES: dict[str, tuple[Callable[[Path], object], str, str]] = {
     "metadata-not-utf8": (
         lambda s: raw_dist(s, "trl-1.0.dist-info", b"Name: trl\nVersion: 1.0\xff\xfe\n"),
         "trl",

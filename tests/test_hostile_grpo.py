@@ -226,7 +226,7 @@ def test_mutating_reward_is_reported_and_others_see_pristine_inputs() -> None:
 
 
 def _constant(value: Any, kind: str) -> Any:
-    def reward(completions: list[Any], **kwargs: Any) -> list[Any]:
+    def reward(completions: list[Any], **kwargs: Any) -> Any:
         if kind == "numpy":
             import numpy as np
 
@@ -612,7 +612,7 @@ def test_trl_trains_with_multitask_none_and_signal_based_rewards(
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOConfig, GRPOTrainer  # type: ignore[attr-defined]
 
     from pytest_unsloth.models import tiny
 
@@ -637,7 +637,7 @@ def test_trl_trains_with_multitask_none_and_signal_based_rewards(
     )
     trainer = GRPOTrainer(
         model=model,
-        reward_funcs=funcs,
+        reward_funcs=funcs,  # type: ignore[arg-type]
         args=args,
         train_dataset=Dataset.from_list(data),
         processing_class=tiny.load_tokenizer(folder),

@@ -18,11 +18,12 @@ from typing import Any
 import pytest
 
 from pytest_unsloth.settings import OPTIONS, Settings, resolve
+from subrun import run_pytest
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
-    import tomli as tomllib
+    import tomli as tomllib  # type: ignore[import-not-found, unused-ignore]
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
@@ -84,7 +85,7 @@ def toml_string(text: str) -> str:
     return '"' + "".join(out) + '"'
 
 
-TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=12)
+TEXT = st.text(st.characters(blacklist_categories=["Cs"]), max_size=12)
 SPECIAL_TEXT = st.sampled_from(
     [
         "1e400",
@@ -466,8 +467,7 @@ def test_hostile_value_is_a_usage_error(
 def test_hostile_value_in_a_real_subprocess(pytester: pytest.Pytester, filename: str, text: str):
     """The same through a real pytest process and the plugin's entry point."""
     (pytester.path / filename).write_text(text, encoding="utf-8")
-    result = pytester.runpytest_subprocess("--unsloth-env", timeout=120)
-    out = result.stdout.str() + result.stderr.str()
+    result, out = run_pytest(pytester, "--unsloth-env", timeout=120)
     assert result.ret == pytest.ExitCode.USAGE_ERROR, out
     assert "pytest-unsloth: ini unsloth_" in out and "Fix:" in out
     assert "Traceback" not in out and "INTERNALERROR" not in out
@@ -510,10 +510,7 @@ def test_grpo_wrong_type_end_to_end_is_a_finding(pytester: pytest.Pytester):
         "[pytest]\nunsloth_grpo_config =\n    num_generations = 'four'\n"
         "    per_device_train_batch_size = 1.5\n"
     )
-    result = pytester.runpytest_subprocess(
-        "--unsloth-env", "--unsloth-checks=grpo-config", timeout=300
-    )
-    out = result.stdout.str() + result.stderr.str()
+    result, out = run_pytest(pytester, "--unsloth-env", "--unsloth-checks=grpo-config", timeout=300)
     assert result.ret == pytest.ExitCode.TESTS_FAILED, out
     assert "num_generations = 'four' is a string" in out
     assert "per_device_train_batch_size = 1.5 is a float" in out

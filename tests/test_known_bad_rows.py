@@ -108,15 +108,6 @@ SCENARIOS: dict[str, tuple[Dists, str]] = {
 }
 
 
-@pytest.fixture
-def site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A folder first on sys.path where tests write fake installs."""
-    folder = tmp_path / "site"
-    folder.mkdir()
-    monkeypatch.syspath_prepend(str(folder))
-    return folder
-
-
 def test_table_has_at_least_20_rows_each_with_a_url_and_a_scenario() -> None:
     """Every row carries its evidence, and every row is exercised below (no untested row)."""
     rows = load_known_bad()

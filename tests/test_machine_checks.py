@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from gpuspecs import fake_gpu
 from pytest_unsloth.checks import machine
 from pytest_unsloth.checks.base import CheckContext, CheckFailed, CheckSkipped
 from pytest_unsloth.settings import Settings
@@ -24,8 +25,8 @@ needs_trainer = pytest.mark.skipif(
 
 
 GIB = 1024**3
-H200 = {"name": "NVIDIA H200", "capability": [9, 0], "total_gib": 139.8, "free_gib": 139.0}
-L40S = {"name": "NVIDIA L40S", "capability": [8, 9], "total_gib": 44.4, "free_gib": 44.0}
+H200 = fake_gpu("H200", free_gib=139.0)
+L40S = fake_gpu("L40S", free_gib=44.0)
 
 
 def statvfs(total: float, free: float) -> Callable[[str], Any]:

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from distfake import write_dist
+from gpuspecs import fake_gpu
 from pytest_unsloth import markers
 from pytest_unsloth.util.units import GIB
 
@@ -23,35 +24,19 @@ with contextlib.suppress(ImportError):
 
 GPU_MACHINE = os.environ.get("UNSLOTH_TEST_GPU") == "1"
 
-L4 = {
-    "name": "NVIDIA L4",
-    "uuid": "GPU-4c4c4c4c-0000-1111-2222-333333333333",
-    "total_gib": 22.5,
-    "free_gib": 14.7,
-    "capability": [8, 9],
-}
-T4 = {
-    "name": "Tesla T4",
-    "uuid": "GPU-74747474-0000-1111-2222-333333333333",
-    "total_gib": 15.0,
-    "free_gib": 14.5,
-    "capability": [7, 5],
-}
-BUSY_H100 = {
-    "name": "NVIDIA H100 80GB HBM3",
-    "uuid": "GPU-h100h100-0000-1111-2222-333333333333",
-    "total_gib": 79.6,
-    "free_gib": 2.25,
-    "capability": [9, 0],
-    "processes": [{"pid": 4242, "used_gib": 77.0}],
-}
-A100_MIG = {
-    "name": "NVIDIA A100-SXM4-80GB",
-    "uuid": "GPU-a100a100-0000-1111-2222-333333333333",
-    "capability": [8, 0],
-    "total_gib": 79.2,
-    "free_gib": 79.0,
-    "mig": [
+L4 = fake_gpu("L4", uuid="GPU-4c4c4c4c-0000-1111-2222-333333333333", free_gib=14.7)
+T4 = fake_gpu("T4", uuid="GPU-74747474-0000-1111-2222-333333333333", free_gib=14.5)
+BUSY_H100 = fake_gpu(
+    "H100",
+    uuid="GPU-h100h100-0000-1111-2222-333333333333",
+    free_gib=2.25,
+    processes=[{"pid": 4242, "used_gib": 77.0}],
+)
+A100_MIG = fake_gpu(
+    "A100",
+    uuid="GPU-a100a100-0000-1111-2222-333333333333",
+    free_gib=79.0,
+    mig=[
         {
             "uuid": "MIG-aaaa0000-0000-1111-2222-333333333333",
             "name": "NVIDIA A100-SXM4-80GB MIG 3g.40gb",
@@ -65,7 +50,7 @@ A100_MIG = {
             "free_gib": 39.0,
         },
     ],
-}
+)
 NO_DRIVER = "needs an NVIDIA GPU, but NVML is unavailable: NVML Shared Library Not Found"
 
 

@@ -69,8 +69,8 @@ def test_cpu_load_is_real_nf4_and_verified(shared: LoadedModel) -> None:
     assert (shared.quantized_layers, shared.linear_layers) == (14, 15)
     assert (shared.device, shared.dtype, shared.max_seq_length) == ("cpu", "float32", 256)
     q_proj = shared.model.model.layers[0].self_attn.q_proj
-    assert isinstance(q_proj, bnb.nn.Linear4bit)
-    assert q_proj.weight.quant_state.quant_type == "nf4"
+    assert isinstance(q_proj, bnb.nn.Linear4bit)  # type: ignore[attr-defined]
+    assert q_proj.weight.quant_state.quant_type == "nf4"  # type: ignore[attr-defined]
     assert q_proj.weight.dtype == torch.uint8
     assert shared.model.max_seq_length == 256
     model, tokenizer = shared
@@ -93,7 +93,7 @@ def test_load_without_4bit_layers_fails(
     skip_all = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
     def skipping(**kwargs: Any) -> Any:
-        return real(**kwargs, llm_int8_skip_modules=[*skip_all, "lm_head"])
+        return real(**kwargs, llm_int8_skip_modules=[*skip_all, "lm_head"])  # type: ignore[no-untyped-call]
 
     monkeypatch.setattr(transformers, "BitsAndBytesConfig", skipping)
     with pytest.raises(ModelCheckError) as info:

@@ -10,18 +10,15 @@ import json
 import os
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 
 from distfake import write_dist
+from gpuspecs import fake_gpu
+from subrun import run_pytest
 
-H100 = {
-    "name": "NVIDIA H100 80GB HBM3",
-    "capability": [9, 0],
-    "total_gib": 79.6,
-    "free_gib": 79.0,
-    "uuid": "GPU-aaaaaaaa-0000-0000-0000-000000000001",
-}
+H100 = fake_gpu("H100", uuid="GPU-aaaaaaaa-0000-0000-0000-000000000001", free_gib=79.0)
 
 
 class Env:
@@ -61,19 +58,24 @@ class Env:
         monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
 
     def run(self, *args: str) -> pytest.RunResult:
-        result = self.pytester.runpytest_subprocess(
-            "--unsloth-env", "--unsloth-checks=vllm", "--unsloth-report=r.json", *args, timeout=120
+        result, _ = run_pytest(
+            self.pytester,
+            "--unsloth-env",
+            "--unsloth-checks=vllm",
+            "--unsloth-report=r.json",
+            *args,
+            timeout=120,
         )
-        assert "INTERNALERROR" not in result.stdout.str() + result.stderr.str()
         return result
 
     @property
     def probes(self) -> int:
         return len(self.log.read_text().splitlines()) if self.log.exists() else 0
 
-    def record(self) -> dict:
+    def record(self) -> dict[str, Any]:
         data = json.loads((self.pytester.path / "r.json").read_text())
-        return data["checks"][0]["probes"][0]
+        record: dict[str, Any] = data["checks"][0]["probes"][0]
+        return record
 
 
 @pytest.fixture

@@ -28,15 +28,6 @@ VLLM_0_11 = [
 ]
 
 
-@pytest.fixture
-def site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A folder first on sys.path where tests write fake installs."""
-    folder = tmp_path / "site"
-    folder.mkdir()
-    monkeypatch.syspath_prepend(str(folder))
-    return folder
-
-
 def test_missing_xformers_is_installed_next_to_the_installed_torch(
     pytester: pytest.Pytester, site: Path
 ) -> None:
@@ -44,9 +35,7 @@ def test_missing_xformers_is_installed_next_to_the_installed_torch(
     write_dist(site, "torch", "2.11.0+cu130", ["triton==3.6.0"])
     write_dist(site, "triton", "3.6.0")
     write_dist(site, "unsloth", "2026.10.9", ["xformers>=0.0.27.post2"])
-    run = run_env(pytester, "--unsloth-checks=pins")
-    assert run.failed() == {"pins"}
-    msg = run.text["pins"]
+    msg = run_env(pytester, "--unsloth-checks=pins").only_failure("pins")
     assert "fix:   pip install 'xformers>=0.0.27.post2' 'torch==2.11.0' 'triton==3.6.0'" in msg
     assert "pins the installed torch==2.11.0, triton==3.6.0 so pip picks a build" in msg
 
@@ -57,9 +46,7 @@ def test_xformers_built_for_another_torch_moves_xformers_not_torch(
     """xformers 0.0.28.post1 (torch==2.4.1) over torch 2.11: reinstall xformers for 2.11."""
     write_dist(site, "torch", "2.11.0+cu130")
     write_dist(site, "xformers", "0.0.28.post1", XFORMERS_0_0_28)
-    run = run_env(pytester, "--unsloth-checks=pins")
-    assert run.failed() == {"pins"}
-    msg = run.text["pins"]
+    msg = run_env(pytester, "--unsloth-checks=pins").only_failure("pins")
     assert "xformers 0.0.28.post1 requires torch==2.4.1; torch 2.11.0+cu130 is installed" in msg
     # Real accelerate/peft/bitsandbytes in this environment accept the installed torch.
     assert re.search(
@@ -96,9 +83,7 @@ def test_no_torch_fits_both_says_which_package_to_move_first(
     write_dist(site, "transformers", "5.17.0")
     write_dist(site, "vllm", "0.11.0", [r for r in VLLM_0_11 if "xformers" not in r])
     write_dist(site, "xformers", "0.0.28.post1", XFORMERS_0_0_28)
-    run = run_env(pytester, "--unsloth-checks=pins")
-    assert run.failed() == {"pins"}
-    msg = run.text["pins"]
+    msg = run_env(pytester, "--unsloth-checks=pins").only_failure("pins")
     assert re.search(
         r"no torch version satisfies [^;]*vllm \(==2\.8\.0\), xformers \(==2\.4\.1\); "
         r"move xformers first: it disagrees with the installed torch 2\.8\.0, which "

@@ -82,7 +82,7 @@ def test_settings_are_frozen(pytester: pytest.Pytester):
 
     s = _settings(pytester)
     with pytest.raises(dataclasses.FrozenInstanceError):
-        s.probe_timeout = 1  # type: ignore[misc]
+        s.probe_timeout = 1  # type: ignore[misc, unused-ignore]
 
 
 @pytest.mark.parametrize(

@@ -10,21 +10,15 @@ from typing import Any
 
 import pytest
 
+from gpuspecs import fake_gpu
 from pytest_unsloth.checks import topology
 from pytest_unsloth.checks.base import CheckContext, CheckFailed, CheckSkipped
 from pytest_unsloth.settings import Settings
 
 
 def h200(i: int, **extra: Any) -> dict[str, Any]:
-    return {
-        "name": "NVIDIA H200",
-        "uuid": f"GPU-{i}0000000-1111-2222-3333-44445555666{i}",
-        "capability": [9, 0],
-        "total_gib": 139.8,
-        "free_gib": 139.0,
-        "nvlinks": 18,
-        **extra,
-    }
+    uuid = f"GPU-{i}0000000-1111-2222-3333-44445555666{i}"
+    return fake_gpu("H200", uuid=uuid, free_gib=139.0, **{"nvlinks": 18, **extra})
 
 
 NVLINKED = {

@@ -541,7 +541,7 @@ def nvmlDeviceGetMaxMigDeviceCount(handle: c_nvmlDevice_t) -> int:
     migs = _mig_list(entry)
     if entry.get("mig") is None:
         return 0
-    return max([7] + [m["slot"] + 1 for m in migs])
+    return max([7] + [int(m["slot"]) + 1 for m in migs])
 
 
 def nvmlDeviceGetMigDeviceHandleByIndex(handle: c_nvmlDevice_t, index: int) -> c_nvmlDevice_t:
