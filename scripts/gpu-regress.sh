@@ -6,10 +6,11 @@
 # Run from the repository root with .whl (the wheelhouse) and .gpu (this repo's wheel) carried.
 set -uo pipefail
 OUT=${OUT:?set OUT to the folder for the logs}; mkdir -p "$OUT"
+SITE=$(mktemp -d)  # the carried wheels are installed here
 REPO=$PWD
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl .gpu/*.whl >/dev/null 2>&1 || exit 1
-export PYTHONPATH=/tmp/site:$REPO/src HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
+  --target "$SITE" .whl/*.whl .gpu/*.whl >/dev/null 2>&1 || exit 1
+export PYTHONPATH=$SITE:$REPO/src HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
 { date -u; nvidia-smi --query-gpu=index,name,memory.used,memory.total,driver_version --format=csv; } > "$OUT/machine.txt" 2>&1
 proj=$(mktemp -d)
 for i in 1 2; do
@@ -25,5 +26,5 @@ UNSLOTH_TEST_GPU=1 timeout -k 5 "${TESTS_LIMIT:-400}" python3 -m pytest -p no:ra
   -p no:cacheprovider -rA --durations=15 -o faulthandler_timeout=380 -m gpu tests > "$OUT/gpu-tests.log" 2>&1
 echo "gpu-tests rc=$?" >> "$OUT/gpu-tests.log"
 wait $archs
-(cd "$OUT" && tar czf /tmp/logs.tgz . && find . -mindepth 1 -delete && mv /tmp/logs.tgz "$OUT/logs.tgz")
+(cd "$OUT" && tar czf "$SITE/logs.tgz" . && find . -mindepth 1 -delete && mv "$SITE/logs.tgz" "$OUT/logs.tgz")
 exit 0
