@@ -311,26 +311,11 @@ def budget_gib(point: dict[str, Any]) -> float:
     """A generous guess of one point's peak, for scheduling only."""
     try:  # the estimator when it is importable (it is on the GPU machine), with a margin
         sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+        from fit_calibrate import settings_of
+
         from pytest_unsloth.fit import estimate_memory
 
-        settings: dict[str, Any] = {
-            "task": point["task"],
-            "stack": "unsloth" if point["stack"] == "unsloth" else "transformers",
-            "load_in_4bit": point["load_in_4bit"],
-            "lora_r": point["lora_r"],
-            "optim": point["optim"],
-            "use_gradient_checkpointing": point["gradient_checkpointing"],
-            "per_device_train_batch_size": point["batch_size"],
-        }
-        if point["task"] == "grpo":
-            settings.update(
-                num_generations=point["num_generations"],
-                max_completion_length=point["max_completion_length"],
-                max_prompt_length=point["prompt_len"],
-                beta=point["beta"],
-            )
-        else:
-            settings["max_seq_length"] = point["seq_len"]
+        settings = settings_of(point)
         est = estimate_memory(CONFIGS[point["model"]], **settings).total_bytes / 2**30
         return min(130.0, max(25.0, est * 1.3))
     except Exception:
