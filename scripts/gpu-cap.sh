@@ -6,10 +6,7 @@
 # $CAPS, all at once. Run from the repo root with .whl and .gpu carried.
 set -uo pipefail
 OUT=${OUT:?set OUT to the folder for the logs}; mkdir -p "$OUT"
-SITE=$(mktemp -d)  # the carried wheels are installed here
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target "$SITE" .whl/*.whl .gpu/*.whl >/dev/null 2>&1 || exit 1
-export PYTHONPATH=$SITE:$PWD/src HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
+source scripts/gpu-env.sh
 pids=()
 for spec in ${CAPS:?set CAPS, e.g. "34@5.34 34@4.27"}; do
   idx=${spec%@*}; gib=${spec#*@}

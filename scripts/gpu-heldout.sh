@@ -4,11 +4,7 @@
 # Run from the repo root with the wheelhouse (.whl) and this repo's wheel (.gpu) carried.
 set -uo pipefail
 OUT=${OUT:?set OUT to the folder for the logs}; mkdir -p "$OUT"
-SITE=$(mktemp -d)  # the carried wheels are installed here
-REPO=$PWD
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target "$SITE" .whl/*.whl .gpu/*.whl >/dev/null 2>&1 || exit 1
-export PYTHONPATH=$SITE:$REPO/src HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
+source scripts/gpu-env.sh
 { date -u; nvidia-smi --query-gpu=index,name,memory.used,memory.total,driver_version --format=csv; } > "$OUT/machine.txt" 2>&1
 python3 benchmarks/fit_grid.py --out "$OUT/fit_heldout.jsonl" --log "$OUT/fit_heldout.log" \
   --only "${FIT_ONLY:-27,31,32,33,34,35,36,37,38,39}" --jobs 5 --gib 135 --deadline 120 --timeout 400 \

@@ -8,12 +8,9 @@
 set -uo pipefail
 OUT=${OUT:?set OUT to the folder for the logs}; mkdir -p "$OUT"
 STEPS=${STEPS:-"multi pinning env archs fit"}
-export SITE=${SITE:-$(mktemp -d)}
 PROJ=$(mktemp -d)
 REPO=$PWD
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target "$SITE" .whl/*.whl .gpu/*.whl >/dev/null 2>&1 || exit 1
-export PYTHONPATH=$SITE:$REPO/src HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
+source scripts/gpu-env.sh
 step() { case " $STEPS " in *" $1 "*) return 0;; esac; return 1; }
 { date -u; nvidia-smi --query-gpu=index,name,memory.used,memory.total --format=csv; } > "$OUT/machine-$$.txt" 2>&1
 

@@ -6,11 +6,7 @@
 # Run from the repository root with .whl (the wheelhouse) and .gpu (this repo's wheel) carried.
 set -uo pipefail
 OUT=${OUT:?set OUT to the folder for the logs}; mkdir -p "$OUT"
-SITE=$(mktemp -d)  # the carried wheels are installed here
-REPO=$PWD
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target "$SITE" .whl/*.whl .gpu/*.whl >/dev/null 2>&1 || exit 1
-export PYTHONPATH=$SITE:$REPO/src HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
+source scripts/gpu-env.sh
 { date -u; nvidia-smi --query-gpu=index,name,memory.used,memory.total,driver_version --format=csv; } > "$OUT/machine.txt" 2>&1
 proj=$(mktemp -d)
 for i in 1 2; do
