@@ -796,6 +796,8 @@ def main(argv: list[str] | None = None) -> int:
             "versions": vers,
             "ok": res is not None,
             "wall_s": round(time.time() - t, 1),
+            # expandable_segments changes what "reserved" means (no cached, outgrown blocks)
+            "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
         }
         if res:
             record.update(res)
