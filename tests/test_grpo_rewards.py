@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 import pytest_unsloth
+from cpugrpo import cpu_grpo_config
 from pytest_unsloth.grpo import rewards as rewards_mod
 from pytest_unsloth.grpo.rewards import assert_reward_funcs, check_reward_funcs, reward_contract
 
@@ -391,23 +392,10 @@ def train_once(
     """Build a GRPOTrainer and train one step; return (train output, whether weights changed)."""
     import torch
     from datasets import Dataset
-    from trl import GRPOConfig, GRPOTrainer  # type: ignore[attr-defined]
+    from trl import GRPOTrainer  # type: ignore[attr-defined]
 
     model, tokenizer = tiny_lm
-    args = GRPOConfig(
-        output_dir=str(tmp_path),
-        max_steps=1,
-        per_device_train_batch_size=4,
-        num_generations=2,
-        max_completion_length=6,
-        learning_rate=1e-2,
-        report_to="none",
-        use_cpu=True,
-        bf16=False,
-        save_strategy="no",
-        disable_tqdm=True,
-        seed=0,
-    )
+    args = cpu_grpo_config(str(tmp_path), max_steps=1)
     trainer = GRPOTrainer(
         model=model,
         reward_funcs=funcs,

@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from cpugrpo import cpu_grpo_config
 from pytest_unsloth.grpo.budget import check_length_budget
 from pytest_unsloth.grpo.rewards import RewardReport, check_reward_funcs
 
@@ -612,7 +613,7 @@ def test_trl_trains_with_multitask_none_and_signal_based_rewards(
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
-    from trl import GRPOConfig, GRPOTrainer  # type: ignore[attr-defined]
+    from trl import GRPOTrainer  # type: ignore[attr-defined]
 
     from pytest_unsloth.models import tiny
 
@@ -621,20 +622,7 @@ def test_trl_trains_with_multitask_none_and_signal_based_rewards(
     assert check_reward_funcs(funcs, data).ok
     folder = tiny.build("llama", seed=0, cache_dir=tmp_path / "tiny")
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
-    args = GRPOConfig(
-        output_dir=str(tmp_path / "out"),
-        max_steps=2,
-        per_device_train_batch_size=4,
-        num_generations=2,
-        max_completion_length=6,
-        learning_rate=1e-2,
-        report_to="none",
-        use_cpu=True,
-        bf16=False,
-        save_strategy="no",
-        disable_tqdm=True,
-        seed=0,
-    )
+    args = cpu_grpo_config(str(tmp_path / "out"), max_steps=2)
     trainer = GRPOTrainer(
         model=model,
         reward_funcs=funcs,  # type: ignore[arg-type]
