@@ -328,6 +328,12 @@ def budget_gib(point: dict[str, Any]) -> float:
 # ---------------------------------------------------------------- child side
 
 
+def nvml_index() -> int:
+    """NVML's index of the GPU this process's cuda:0 is: NVML ignores CUDA_VISIBLE_DEVICES."""
+    first = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip()
+    return int(first) if first.isdigit() else 0
+
+
 class NvmlSampler:
     """Poll NVML for this process's used GPU memory (the CUDA context included)."""
 
@@ -341,7 +347,7 @@ class NvmlSampler:
 
             pynvml.nvmlInit()
             self._nvml = pynvml
-            self._handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+            self._handle = pynvml.nvmlDeviceGetHandleByIndex(nvml_index())
             self.ok = True
         except Exception:
             return
@@ -798,6 +804,7 @@ def main(argv: list[str] | None = None) -> int:
             "wall_s": round(time.time() - t, 1),
             # expandable_segments changes what "reserved" means (no cached, outgrown blocks)
             "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
+            "gpu_index": nvml_index(),
         }
         if res:
             record.update(res)
