@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -467,6 +468,8 @@ def test_grid_script_smoke_on_cpu(tmp_path: Path):
         capture_output=True,
         text=True,
         timeout=300,
+        # the grid's measure: the reserved peak with expandable segments (README, "Will it fit?")
+        env={**os.environ, "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"},
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     rec = json.loads(out.read_text().splitlines()[0])
@@ -643,6 +646,8 @@ def test_fresh_measurement_on_the_gpu_stays_in_band(tmp_path: Path, index: int):
         capture_output=True,
         text=True,
         timeout=300,
+        # the grid's measure: the reserved peak with expandable segments (README, "Will it fit?")
+        env={**os.environ, "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"},
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     rec = json.loads(out.read_text().splitlines()[0])

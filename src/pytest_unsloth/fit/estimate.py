@@ -5,9 +5,10 @@ and optimizer states) plus the largest transient of the step's phases: the train
 forward/backward (activations and the logits/loss buffers), GRPO's ``generate`` (KV cache) and the
 reference pass, plus what the caching allocator holds beyond the live tensors. Byte counts of
 weights, adapters and optimizer states are exact arithmetic; activation and logits coefficients
-are bytes per element calibrated on measured peaks (``tests/data/fit_grid.jsonl``, H200, torch
-2.11, transformers 5.17, peft 0.21, unsloth 2026.10.9); ``docs/gpu-runs/2026-11-30/fit-grid.md``
-has the run.
+are bytes per element calibrated on measured peaks (``tests/data/fit_grid.jsonl``: 40 points on
+an H200 under expandable segments, torch 2.11, transformers 5.17, peft 0.21, unsloth 2026.10.9;
+``docs/gpu-runs/2026-11-30/session3/`` has the run) and checked on points measured after the fit
+(``tests/data/fit_heldout.jsonl``).
 """
 
 from __future__ import annotations
@@ -66,10 +67,10 @@ class Coefficients:
     """Bytes per element of the transient buffers, calibrated on the measured grid."""
 
     # saved activations per token per decoder layer (no checkpointing, plain transformers+peft)
-    act_hidden: float = 16.5
-    act_q: float = 5.38
+    act_hidden: float = 8.001
+    act_q: float = 14.445
     act_kv: float = 4.0
-    act_inter: float = 6.45
+    act_inter: float = 8.159
     # eager attention: bytes per score (heads x seq per token per layer): the bf16 scores, the
     # soft-capped copy and the fp32 softmax. Was fitted to 170 on gemma-2 points with
     # checkpointing, where it stood in for the logit cap below; a held-out gemma-2 point without
@@ -77,20 +78,26 @@ class Coefficients:
     act_eager_scores: float = 8.0
     # checkpointing: the per-layer input kept (2 bytes x hidden) times this, plus this many
     # layers' worth of full activations alive during one layer's recompute and backward
-    ckpt_kept: float = 1.36
+    ckpt_kept: float = 1.34
     ckpt_live_layers: float = 0.5
     unsloth_ckpt_kept: float = 0.0
-    unsloth_live_layers: float = 2.15
-    unsloth_act_scale: float = 0.62
+    unsloth_live_layers: float = 2.101
+    unsloth_act_scale: float = 0.643
     # logits/loss buffers per (token x vocab) element
-    logits_sft: float = 11.7
-    logits_grpo: float = 6.95
-    unsloth_logits_sft: float = 0.21
-    unsloth_logits_grpo: float = 5.29
-    logits_ref: float = 10.0
+    logits_sft: float = 14.982
+    logits_grpo: float = 5.687
+    unsloth_logits_sft: float = 0.295
+    unsloth_logits_grpo: float = 5.652
+    logits_ref: float = 7.165
+    # GRPO's per-token log-probs (TRL's selective_log_softmax) loop over the rows of a bf16
+    # batch: one completion row's log-softmax temporaries are alive at a time, bytes per logit
+    # of that row; they count once, however many rows the batch has
+    logits_row: float = 5.1
     logits_softcap: float = 3.0  # final_logit_softcapping's extra buffers per logit
-    # reserved beyond allocated, as a share of the step's transient
-    allocator: float = 0.25
+    # reserved beyond allocated, as a share of the step's transient: small, because the peaks
+    # are measured with expandable segments (unsloth_zoo turns them on at import), where the
+    # allocator keeps no outgrown blocks; see "What is measured" in the README
+    allocator: float = 0.024
     # CUDA context + cuBLAS/cuDNN workspaces, as NVML shows beyond torch's reserved memory
     context_bytes: int = 758 * MIB
     grpo_context_bytes: int = 30 * MIB  # generate's extra kernels/workspaces
@@ -310,7 +317,7 @@ def _layer_token_bytes(arch: Arch, seq: int, c: Coefficients) -> float:
 
 
 def training_transient(
-    arch: Arch, s: Mapping[str, Any], tokens: int, seq: int, logit_rows: int, c: Coefficients
+    arch: Arch, s: Mapping[str, Any], tokens: int, seq: int, step: _Step, c: Coefficients
 ) -> tuple[float, float]:
     """(activations, logits) bytes of one training forward+backward."""
     per = _layer_token_bytes(arch, seq, c)
@@ -333,7 +340,14 @@ def training_transient(
         coeff = c.unsloth_logits_grpo if unsloth else c.logits_grpo
     if arch.logit_softcap and not unsloth:
         coeff += c.logits_softcap
-    return act, logit_rows * arch.vocab * coeff
+    return act, step.logit_rows * arch.vocab * coeff + _row_bytes(arch, s, step, c)
+
+
+def _row_bytes(arch: Arch, s: Mapping[str, Any], step: _Step, c: Coefficients) -> float:
+    """GRPO: the one completion row whose log-softmax temporaries are alive at a time."""
+    if s["task"] != "grpo":
+        return 0.0
+    return (step.logit_rows // max(1, step.batch)) * arch.vocab * c.logits_row
 
 
 class _Step(NamedTuple):
@@ -376,7 +390,7 @@ def estimate_memory(
         + (c.unsloth_4bit_context_bytes if s["stack"] == "unsloth" and s["load_in_4bit"] else 0)
     )
     trainable = _count_trainable(arch, s, parts, notes)
-    act, logits = training_transient(arch, s, step.batch * step.seq, step.seq, step.logit_rows, c)
+    act, logits = training_transient(arch, s, step.batch * step.seq, step.seq, step, c)
     phases = {"train": int(act + logits)}
     if grpo:
         phases.update(_grpo_phases(arch, s, step, c, parts, weights, notes))
@@ -441,7 +455,8 @@ def _grpo_phases(
     kv = gen_batch * step.seq * arch.layers * 2 * arch.kv_dim * 2
     phases = {"generate": int(kv + gen_batch * arch.vocab * 4 * 2)}
     if s["beta"] > 0:
-        phases["reference"] = int(step.logit_rows * arch.vocab * c.logits_ref)
+        ref = step.logit_rows * arch.vocab * c.logits_ref + _row_bytes(arch, s, step, c)
+        phases["reference"] = int(ref)
         if s["full_finetuning"]:
             parts["weights"] += weights  # a second, frozen copy of the model
             notes.append("beta > 0 with full fine-tuning loads a reference model copy")
