@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from gpuspecs import fake_gpu
+from pytest_unsloth.checks.fit import CLOSE_CALL
 from pytest_unsloth.fit import accelerate_style, estimate_memory
 from pytest_unsloth.fit import vllm as vllm_sizing
 from pytest_unsloth.fit.arch import arch_from_config
@@ -69,12 +70,78 @@ def test_estimate_within_band_of_measured_peak(rec: dict[str, Any]):
 HELD_OUT = [
     json.loads(line) for line in (GRID.with_name("fit_heldout.jsonl")).read_text().splitlines()
 ]
-# generate's KV cache grows by torch.cat and the caching allocator keeps the outgrown blocks:
-# not modelled yet (README, "Held out").
-KNOWN_MISSES = {
-    33: "+18.5 %: the reference pass is over-counted",
-    34: "-56 %: the uncapped peak holds generate's cached, reclaimable KV blocks",
-}
+PREDICTIONS = ROOT / "docs/gpu-runs/2026-11-30/session3/heldout-predictions-before-measuring.txt"
+
+
+@pytest.mark.parametrize("rec", HELD_OUT, ids=[f"{r['index']}-{r['model']}" for r in HELD_OUT])
+def test_held_out_point_within_band(rec: dict[str, Any]):
+    err = _err(rec)
+    assert abs(err) <= BAND, f"estimate off by {err:+.1%} on held-out point {rec['index']}"
+
+
+def test_held_out_points_are_new_settings_estimated_before_the_run():
+    seen = {json.dumps(settings_of(r) | {"m": r["model"]}, sort_keys=True) for r in MEASURED}
+    assert len(HELD_OUT) == 8 and all(r["ok"] and r["index"] >= 40 for r in HELD_OUT)
+    for rec in HELD_OUT:
+        assert json.dumps(settings_of(rec) | {"m": rec["model"]}, sort_keys=True) not in seen
+        assert rec["alloc_conf"] == "expandable_segments:True"
+    assert {"hf", "unsloth"} == {r["stack"] for r in HELD_OUT}
+    assert any(r["beta"] > 0 and r["load_in_4bit"] for r in HELD_OUT)
+
+
+def test_held_out_estimates_written_before_the_run_were_within_band():
+    # the figures as written down before the run (the coefficients have moved since only by
+    # modelling the context's growth with completion length)
+    pattern = r"^#(\d+) .*: estimate ([0-9.]+) GiB$"
+    written = dict(re.findall(pattern, PREDICTIONS.read_text(), re.M))
+    assert sorted(map(int, written)) == [r["index"] for r in HELD_OUT]
+    errors = [float(written[str(r["index"])]) * GIB / r["peak_total"] - 1 for r in HELD_OUT]
+    assert max(map(abs, errors)) <= BAND
+    assert statistics.median(map(abs, errors)) < 0.06
+
+
+def test_grid_is_measured_under_expandable_segments_as_unsloth_runs():
+    # unsloth_zoo sets PYTORCH_ALLOC_CONF / PYTORCH_CUDA_ALLOC_CONF to expandable_segments:True
+    # at import, so every point carries that setting, unsloth's through its own import
+    assert all(r["alloc_conf"] == "expandable_segments:True" for r in MEASURED)
+    default = {
+        r["index"]: r
+        for r in map(json.loads, GRID.with_name("fit_default_alloc.jsonl").read_text().splitlines())
+    }
+    # the default allocator's reserved peak is never meaningfully below the expandable one, and
+    # on GRPO it can be far above it (generate's outgrown KV blocks stay cached)
+    ratios = {r["index"]: default[r["index"]]["peak_total"] / r["peak_total"] for r in MEASURED}
+    assert min(ratios.values()) > 0.92
+    assert max(ratios.values()) > 2.0 and max(ratios, key=ratios.__getitem__) == 34
+
+
+CAPPED = [
+    json.loads(line) for line in (GRID.with_name("fit_capped.jsonl")).read_text().splitlines()
+]
+NEED = {r["index"]: r["peak_reserved"] for r in MEASURED + HELD_OUT}
+
+
+def _cap_of(rec: dict[str, Any]) -> float:
+    """The cap as a multiple of the estimate's torch part (the estimate minus its context)."""
+    est = estimate_memory(rec["config"], **settings_of(rec))
+    return float(rec["cap_bytes"] / (est.total_bytes - est.parts["cuda_context"]))
+
+
+@pytest.mark.parametrize(
+    "rec",
+    [r for r in CAPPED if r["margin"] == 1.0],
+    ids=lambda r: f"{r['index']}-at-estimate",
+)
+def test_capped_at_the_estimate_a_step_completes_when_the_estimate_covers_its_need(
+    rec: dict[str, Any],
+):
+    # default allocator, torch capped at the estimate (context apart): the step completes exactly
+    # when the cap reaches the reserved peak measured with expandable segments (1.5 % slack), so
+    # that peak is the need, whatever the default allocator's uncapped peak was
+    # the caps were the estimates of the day (within 2 % of today's)
+    assert rec["alloc_conf"] == "" and abs(_cap_of(rec) - 1.0) < 0.02
+    assert rec["ok"] is (rec["cap_bytes"] >= NEED[rec["index"]] * 0.985), rec["index"]
+    assert rec["ok"] or rec["oom"]  # a failure under a cap is an OOM, nothing else
 
 
 @pytest.mark.parametrize(
@@ -82,60 +149,34 @@ KNOWN_MISSES = {
     [
         pytest.param(
             r,
-            marks=[pytest.mark.xfail(strict=True, reason=KNOWN_MISSES[r["index"]])]
-            if r["index"] in KNOWN_MISSES
+            marks=[
+                pytest.mark.xfail(
+                    strict=True,
+                    reason="#26's 4-bit reference pass fragments the default allocator past 10 %",
+                )
+            ]
+            if r["index"] == 26
             else [],
-            id=f"{r['index']}-{r['model']}",
+            id=f"{r['index']}-at-110pct",
         )
-        for r in HELD_OUT
+        for r in CAPPED
+        if r["margin"] == 1.1
     ],
 )
-def test_held_out_point_within_band(rec: dict[str, Any]):
-    err = _err(rec)
-    assert abs(err) <= BAND, f"estimate off by {err:+.1%} on held-out point {rec['index']}"
+def test_the_close_call_margin_covers_the_default_allocator(rec: dict[str, Any]):
+    # the fit check calls anything within 10 % of free memory a close call: with 10 % more than
+    # the estimate, the step completes under PyTorch's default allocator (held-out points too)
+    # the check calls a fit comfortable when free >= estimate / (1 - CLOSE_CALL): the run had
+    # no more room than that above today's estimate
+    assert rec["alloc_conf"] == "" and 1.08 < _cap_of(rec) <= 1 / (1 - CLOSE_CALL)
+    assert rec["ok"], rec.get("error", "")[-300:]
 
 
-def test_held_out_points_are_new_settings_with_long_completions():
-    seen = {json.dumps(settings_of(r) | {"m": r["model"]}, sort_keys=True) for r in MEASURED}
-    assert len(HELD_OUT) == 10 and all(r["ok"] and r["index"] >= 27 for r in HELD_OUT)
-    for rec in HELD_OUT:
-        assert json.dumps(settings_of(rec) | {"m": rec["model"]}, sort_keys=True) not in seen
-    assert {1024, 2048} <= {r["max_completion_length"] for r in HELD_OUT}
-    assert statistics.median(abs(_err(r)) for r in HELD_OUT) < 0.05
-
-
-CAPPED = [
-    json.loads(line) for line in (GRID.with_name("fit_capped.jsonl")).read_text().splitlines()
-]
-
-
-def _under_cap(rec: dict[str, Any]) -> pytest.ParameterSet:
-    miss = rec["index"] == 29  # OOM at its estimate: the estimate is 6 % under (README)
-    marks = [pytest.mark.xfail(strict=True, reason="#29 needs more than its estimate")] * miss
-    return pytest.param(rec, marks=marks, id=f"{rec['index']}-cap{rec['cap_bytes'] / 2**30:.2f}")
-
-
-@pytest.mark.parametrize("rec", [_under_cap(r) for r in CAPPED if r.get("cap_bytes")])
-def test_a_step_runs_under_a_cap_exactly_when_the_estimate_says_it_fits(rec: dict[str, Any]):
-    est = estimate_memory(rec["config"], **settings_of(rec))
-    # the caps were the estimates printed to two decimals of a GiB
-    says_fits = rec["cap_bytes"] >= est.total_bytes - est.parts["cuda_context"] - 2**30 / 200
-    assert rec["ok"] is says_fits, (rec["index"], rec.get("error", "")[-300:])
-    assert rec["ok"] or rec["oom"]  # a failure under a cap is an OOM, nothing else
-
-
-def test_fragmented_generate_point_fits_its_estimate_without_the_cached_blocks():
-    # Point 34 reserved 13.9 GiB uncapped (generate's outgrown KV blocks stay cached), ran under
-    # a cap of its estimate, failed at 80 % of it, and peaked near the estimate with
-    # expandable segments: the cached blocks are reclaimable, the estimate is the need.
-    by_cap = {r.get("cap_bytes", 0): r for r in CAPPED if r["index"] == 34}
-    est = estimate_memory(by_cap[0]["config"], **settings_of(by_cap[0]))
-    assert by_cap[0]["alloc_conf"] == "expandable_segments:True"
-    assert abs(by_cap[0]["peak_total"] / est.total_bytes - 1) <= BAND
-    ran = [r for cap, r in by_cap.items() if cap and r["ok"]]
-    failed = [r for cap, r in by_cap.items() if cap and not r["ok"]]
-    assert ran and failed and max(r["cap_bytes"] for r in failed) < min(r["cap_bytes"] for r in ran)
-    assert all(abs(r["peak_total"] / est.total_bytes - 1) <= 0.02 for r in ran)
+def test_capped_runs_cover_held_out_points_and_every_under_estimate():
+    at_110 = {r["index"] for r in CAPPED if r["margin"] == 1.1}
+    assert {r["index"] for r in HELD_OUT if r["task"] == "grpo" and r["stack"] == "hf"} <= at_110
+    short = {r["index"] for r in CAPPED if r["margin"] == 1.0 and not r["ok"]}
+    assert short and short <= at_110
 
 
 def test_gemma2_logit_softcap_counts_unless_the_config_turns_it_off():
@@ -537,8 +578,8 @@ def test_fit_check_compares_with_free_gpu_memory(
     result.stdout.fnmatch_lines(["*cuda:0 (NVIDIA L4) has 14.7 GiB free*"])
 
 
-def _fit_detail(pytester: pytest.Pytester, target: str) -> str:
-    pytester.makeini(f"[pytest]\nunsloth_model = model\nunsloth_fit_target = {target}\n")
+def _fit_detail(pytester: pytest.Pytester, target: str, extra: str = "") -> str:
+    pytester.makeini(f"[pytest]\nunsloth_model = model\nunsloth_fit_target = {target}\n{extra}")
     report = pytester.path / f"fit-{target}.json"
     result = pytester.runpytest(
         "--unsloth-env", "--unsloth-checks=fit", f"--unsloth-report={report}"
@@ -556,6 +597,28 @@ def test_fit_check_calls_a_fit_inside_the_estimate_band_a_close_call(pytester: p
     close = _fit_detail(pytester, f"{need * 1.05 + 0.05:.2f}GiB")
     assert "close call" in close and "may still run out of memory" in close
     assert "close call" not in _fit_detail(pytester, f"{need * 1.2 + 0.1:.2f}GiB")
+    # unsloth turns expandable segments on itself: no allocator hint for the default stack
+    assert "expandable_segments" not in close
+
+
+def test_close_call_with_plain_transformers_names_the_allocator_setting(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+):
+    _model_dir(pytester)
+    stack = "unsloth_fit_settings =\n    stack = transformers\n"
+    for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+        monkeypatch.delenv(name, raising=False)
+    roomy = _fit_detail(pytester, "200GiB", stack)
+    need = float(re.search(r"~([0-9.]+) GiB fits", roomy).group(1))  # type: ignore[union-attr]
+    target = f"{need * 1.05 + 0.05:.2f}GiB"
+    assert "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True" in _fit_detail(
+        pytester, target, stack
+    )
+    for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+        monkeypatch.setenv(name, "expandable_segments:True")
+        close = _fit_detail(pytester, target, stack)
+        assert "close call" in close and "expandable_segments" not in close
+        monkeypatch.delenv(name)
 
 
 def test_fit_check_skips_without_a_model(pytester: pytest.Pytester):

@@ -67,10 +67,10 @@ class Coefficients:
     """Bytes per element of the transient buffers, calibrated on the measured grid."""
 
     # saved activations per token per decoder layer (no checkpointing, plain transformers+peft)
-    act_hidden: float = 8.001
-    act_q: float = 14.445
+    act_hidden: float = 8.0
+    act_q: float = 14.796
     act_kv: float = 4.0
-    act_inter: float = 8.159
+    act_inter: float = 7.94
     # eager attention: bytes per score (heads x seq per token per layer): the bf16 scores, the
     # soft-capped copy and the fp32 softmax. Was fitted to 170 on gemma-2 points with
     # checkpointing, where it stood in for the logit cap below; a held-out gemma-2 point without
@@ -78,29 +78,31 @@ class Coefficients:
     act_eager_scores: float = 8.0
     # checkpointing: the per-layer input kept (2 bytes x hidden) times this, plus this many
     # layers' worth of full activations alive during one layer's recompute and backward
-    ckpt_kept: float = 1.34
+    ckpt_kept: float = 1.294
     ckpt_live_layers: float = 0.5
     unsloth_ckpt_kept: float = 0.0
-    unsloth_live_layers: float = 2.101
-    unsloth_act_scale: float = 0.643
+    unsloth_live_layers: float = 2.144
+    unsloth_act_scale: float = 0.649
     # logits/loss buffers per (token x vocab) element
-    logits_sft: float = 14.982
-    logits_grpo: float = 5.687
-    unsloth_logits_sft: float = 0.295
-    unsloth_logits_grpo: float = 5.652
-    logits_ref: float = 7.165
+    logits_sft: float = 14.898
+    logits_grpo: float = 5.821
+    unsloth_logits_sft: float = 0.271
+    unsloth_logits_grpo: float = 5.722
+    logits_ref: float = 7.21
     # GRPO's per-token log-probs (TRL's selective_log_softmax) loop over the rows of a bf16
     # batch: one completion row's log-softmax temporaries are alive at a time, bytes per logit
     # of that row; they count once, however many rows the batch has
-    logits_row: float = 5.1
+    logits_row: float = 4.067
     logits_softcap: float = 3.0  # final_logit_softcapping's extra buffers per logit
     # reserved beyond allocated, as a share of the step's transient: small, because the peaks
     # are measured with expandable segments (unsloth_zoo turns them on at import), where the
     # allocator keeps no outgrown blocks; see "What is measured" in the README
-    allocator: float = 0.024
+    allocator: float = 0.031
     # CUDA context + cuBLAS/cuDNN workspaces, as NVML shows beyond torch's reserved memory
     context_bytes: int = 758 * MIB
-    grpo_context_bytes: int = 30 * MIB  # generate's extra kernels/workspaces
+    # memory outside torch's pool that grows with generate's length: 758 MiB + 0.089 MiB per
+    # completion token fits the NVML figures of all GRPO points (772 MiB at 128 tokens, 938 at 2048)
+    grpo_context_per_token: int = 91 * 1024
     unsloth_4bit_context_bytes: int = 70 * MIB  # unsloth's 4-bit kernels
 
 
@@ -386,7 +388,7 @@ def estimate_memory(
     parts["weights"] = weights
     parts["cuda_context"] = (
         c.context_bytes
-        + (c.grpo_context_bytes if grpo else 0)
+        + (c.grpo_context_per_token * s["max_completion_length"] if grpo else 0)
         + (c.unsloth_4bit_context_bytes if s["stack"] == "unsloth" and s["load_in_4bit"] else 0)
     )
     trainable = _count_trainable(arch, s, parts, notes)
