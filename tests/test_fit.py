@@ -502,19 +502,20 @@ def test_grid_script_smoke_on_cpu(tmp_path: Path):
             "cpu",
             "--tiny",
             "--only",
-            "0",
+            "0@1.5",
             "--out",
             str(out),
         ],
         capture_output=True,
         text=True,
         timeout=300,
-        # the grid's measure: the reserved peak with expandable segments (README, "Will it fit?")
         env={**os.environ, "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"},
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     rec = json.loads(out.read_text().splitlines()[0])
     assert rec["ok"] and rec["trainable_params"] > 0, rec
+    # each record says which allocator setting and which cap (INDEX@GIB) it ran under
+    assert rec["alloc_conf"] == "expandable_segments:True" and rec["cap_bytes"] == 1.5 * GIB
 
 
 # ---------------------------------------------------------------------------------------------
