@@ -116,7 +116,7 @@ def _estimate(config_path: Path, settings: dict[str, Any]) -> MemoryEstimate:
 
     try:
         return estimate_memory(config_path, **settings)
-    except (ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CheckFailed(
             found=f"cannot estimate {config_path}: {exc}",
             why="the settings or the config.json do not describe a trainable causal LM",

@@ -121,23 +121,54 @@ def read_config(config_or_path: Mapping[str, Any] | str | os.PathLike[str]) -> d
     if path.is_dir():
         path = path / "config.json"
     with open(path, encoding="utf-8") as fh:
-        data = json.load(fh)
+        try:
+            data = json.load(fh)
+        except RecursionError:  # JSON nested deeper than Python's stack: not a config
+            raise ValueError(f"{path}: config.json is nested too deeply to be a config") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: config.json is not a JSON object")
     return data
 
 
-def _int(cfg: Mapping[str, Any], key: str, default: int | None = None) -> int:
+# Sizes beyond this are not a model's (and would overflow float arithmetic downstream).
+SIZE_LIMIT = 2**31 - 1
+
+
+def _int(cfg: Mapping[str, Any], key: str, default: int | None = None, minimum: int = 1) -> int:
     value = cfg.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"config key {key!r} is {value!r}; a positive integer is needed")
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= SIZE_LIMIT:
+        raise ValueError(
+            f"config key {key!r} is {_short(value)}; an integer from {minimum} to {SIZE_LIMIT} "
+            "is needed"
+        )
     return value
+
+
+def _optional_int(cfg: Mapping[str, Any], key: str) -> int:
+    """A count the config may leave out (absent, null or 0 mean none)."""
+    return 0 if cfg.get(key) in (None, 0) else _int(cfg, key, minimum=0)
+
+
+def _flag(cfg: Mapping[str, Any], key: str, default: bool) -> bool:
+    value = cfg.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ValueError(f"config key {key!r} is {_short(value)}; true or false is needed")
+    return value
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def arch_from_config(config_or_path: Mapping[str, Any] | str | os.PathLike[str]) -> Arch:
     """Read the architecture numbers; unknown families are counted on the meta device."""
     cfg = _language_model_config(read_config(config_or_path))
-    model_type = str(cfg.get("model_type", ""))
+    model_type = cfg.get("model_type", "")
+    if not isinstance(model_type, str):
+        raise ValueError(f"config key 'model_type' is {_short(model_type)}; a string is needed")
     family = FAMILIES.get(model_type)
     if family is None:
         return count_on_meta(cfg)
@@ -145,15 +176,15 @@ def arch_from_config(config_or_path: Mapping[str, Any] | str | os.PathLike[str])
     layers = _int(cfg, "num_hidden_layers")
     heads = _int(cfg, "num_attention_heads")
     kv = _int(cfg, "num_key_value_heads", heads)
-    head_dim = cfg.get("head_dim") or h // heads
+    head_dim = _int(cfg, "head_dim") if cfg.get("head_dim") is not None else h // heads
+    if head_dim < 1:
+        raise ValueError(f"hidden_size {h} over num_attention_heads {heads} leaves no head_dim")
     vocab = _int(cfg, "vocab_size")
-    experts = int(cfg.get("num_local_experts") or cfg.get("num_experts") or 0)
-    if experts:
-        inter = int(cfg.get("moe_intermediate_size") or cfg["intermediate_size"])
-    else:
-        inter = _int(cfg, "intermediate_size")
+    experts = _optional_int(cfg, "num_local_experts") or _optional_int(cfg, "num_experts")
+    inter = _optional_int(cfg, "moe_intermediate_size") if experts else 0
+    inter = inter or _int(cfg, "intermediate_size")
     q, kvd = heads * head_dim, kv * head_dim
-    bias = bool(cfg.get("attention_bias", family.qkv_bias))
+    bias = _flag(cfg, "attention_bias", family.qkv_bias)
     norm_params = layers * family.norms_per_layer * h + h
     if model_type.startswith("qwen3") or model_type == "gemma3_text" or model_type == "gemma3":
         norm_params += layers * 2 * head_dim  # q_norm / k_norm
@@ -168,15 +199,15 @@ def arch_from_config(config_or_path: Mapping[str, Any] | str | os.PathLike[str])
         layers=layers,
         heads=heads,
         kv_heads=kv,
-        head_dim=int(head_dim),
+        head_dim=head_dim,
         vocab=vocab,
-        tied=bool(cfg.get("tie_word_embeddings", family.tied)),
+        tied=_flag(cfg, "tie_word_embeddings", family.tied),
         linears=tuple(_linear_layers(cfg, family.fused, h, q, kvd, inter, experts)),
         norm_params=norm_params,
         bias_params=layers * (q + 2 * kvd) if bias else 0,
         experts=experts,
-        experts_per_token=int(cfg.get("num_experts_per_tok") or 0),
-        sliding_window=int(window) if isinstance(window, int) else None,
+        experts_per_token=_optional_int(cfg, "num_experts_per_tok"),
+        sliding_window=window if isinstance(window, int) and not isinstance(window, bool) else None,
         attention="eager" if model_type == "gemma2" else "sdpa",
         norms_per_layer=family.norms_per_layer,
         logit_softcap=softcap is not None,
@@ -217,7 +248,7 @@ def _linear_layers(
     ]
     if experts:
         lin.append(Linear("router", h, experts, 1))
-        shared = int(cfg.get("shared_expert_intermediate_size") or 0)
+        shared = _optional_int(cfg, "shared_expert_intermediate_size")
         if shared:
             lin += [
                 Linear("shared_expert.gate_proj", h, shared, 1),
@@ -237,9 +268,19 @@ def count_on_meta(cfg: Mapping[str, Any]) -> Arch:
             f"model_type {cfg.get('model_type')!r} is not a known family and counting it "
             f"needs transformers and torch: {exc}"
         ) from exc
-    config = transformers.AutoConfig.for_model(**dict(cfg))
-    with torch.device("meta"):
-        model = transformers.AutoModelForCausalLM.from_config(config)  # type: ignore[no-untyped-call]
+    model_type = cfg.get("model_type")
+    if not model_type:
+        raise ValueError("config.json has no model_type, so the architecture is unknown")
+    try:
+        config = transformers.AutoConfig.for_model(**dict(cfg))
+        with torch.device("meta"):
+            model = transformers.AutoModelForCausalLM.from_config(config)  # type: ignore[no-untyped-call]
+    except Exception as exc:  # whatever transformers raises for a config it cannot build
+        raise ValueError(
+            f"model_type {model_type!r} is not a family the estimator knows, and transformers "
+            f"{transformers.__version__} could not build it from the config: "
+            f"{type(exc).__name__}: {_short(str(exc))}"
+        ) from None
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     h = int(text.hidden_size)
     layers = int(text.num_hidden_layers)

@@ -238,15 +238,19 @@ def normalize_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
         out["per_device_train_batch_size"] = _positive_int(
             "per_device_train_batch_size", out["per_device_train_batch_size"]
         )
-    beta = float(out["beta"])
-    if beta < 0:
-        raise ValueError(f"beta={out['beta']!r} must be >= 0")
-    out["beta"] = beta
+    if out["max_lora_rank"] is not None:
+        out["max_lora_rank"] = _positive_int("max_lora_rank", out["max_lora_rank"])
+    out["target_modules"] = _targets(out["target_modules"])
+    out["beta"] = _number("beta", out["beta"])
     if isinstance(out["gpu_total_memory"], str):
         from pytest_unsloth.settings import parse_amount_bytes
 
         out["gpu_total_memory"] = parse_amount_bytes(out["gpu_total_memory"])
-    util = float(out["gpu_memory_utilization"])
+    if out["gpu_total_memory"] is not None:
+        out["gpu_total_memory"] = _positive_int(
+            "gpu_total_memory", out["gpu_total_memory"], 0, 2**60
+        )
+    util = _number("gpu_memory_utilization", out["gpu_memory_utilization"])
     if not 0 < util <= 1:
         raise ValueError(f"gpu_memory_utilization={util!r} must be in (0, 1]")
     out["gpu_memory_utilization"] = util
@@ -266,14 +270,39 @@ def _bool(key: str, value: Any) -> bool:
     raise ValueError(f"{key}={value!r} is not a boolean")
 
 
-def _positive_int(key: str, value: Any, minimum: int = 1) -> int:
+def _positive_int(key: str, value: Any, minimum: int = 1, maximum: int = 2**31 - 1) -> int:
     try:
         number = int(value)
-    except (TypeError, ValueError):
+        whole = float(value) == number
+    except (TypeError, ValueError, OverflowError):
         raise ValueError(f"{key}={value!r} is not an integer") from None
-    if number < minimum or isinstance(value, bool) or float(value) != number:
-        raise ValueError(f"{key}={value!r} must be an integer >= {minimum}")
+    if not minimum <= number <= maximum or isinstance(value, bool) or not whole:
+        raise ValueError(f"{key}={value!r} must be an integer from {minimum} to {maximum}")
     return number
+
+
+def _number(key: str, value: Any) -> float:
+    """A finite, non-negative number."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"{key}={value!r} is not a number") from None
+    if isinstance(value, bool) or not 0 <= number < float("inf"):
+        raise ValueError(f"{key}={value!r} must be a finite number >= 0")
+    return number
+
+
+def _targets(value: Any) -> str | list[str]:
+    """LoRA target modules: "all-linear", one name, or a list of names."""
+    if value is None:
+        return "all-linear"
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise ValueError(
+        f"target_modules={value!r} must be 'all-linear', a module name or a list of names"
+    )
 
 
 def weight_bytes(arch: Arch, s: Mapping[str, Any]) -> int:
