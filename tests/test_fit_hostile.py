@@ -224,3 +224,34 @@ def test_the_cli_turns_a_hostile_config_into_a_usage_error(tmp_path: Path):
     )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "num_attention_heads" in proc.stderr
+
+
+def _budget(tmp_path: Path, budget: str) -> subprocess.CompletedProcess[str]:
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA))
+    return subprocess.run(
+        [sys.executable, "-m", "pytest_unsloth.fit", str(tmp_path), f"--budget={budget}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_a_budget_below_the_weights_says_nothing_else_can_make_room(tmp_path: Path):
+    proc = _budget(tmp_path, "1MiB")
+    assert proc.returncode == 1, proc.stderr
+    last = proc.stdout.splitlines()[-1]
+    # a small amount reads in MiB, not as "0.0 GiB"
+    assert last.startswith("does not fit in 1 MiB; settings that fit: none (the weights")
+    assert "no batch size, length or generation count makes room" in last
+
+
+def test_a_zero_budget_is_a_budget(tmp_path: Path):
+    proc = _budget(tmp_path, "0GiB")
+    assert proc.returncode == 1 and "does not fit in 0 MiB" in proc.stdout, proc.stdout
+
+
+@pytest.mark.parametrize("budget", ["-5GiB", "1e400GiB", "nanGiB", "infGiB", "lots"])
+def test_a_budget_that_is_not_an_amount_is_a_usage_error(tmp_path: Path, budget: str):
+    proc = _budget(tmp_path, budget)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert budget in proc.stderr and "not an amount of memory" in proc.stderr

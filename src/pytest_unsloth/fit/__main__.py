@@ -9,7 +9,7 @@ import sys
 from typing import Any
 
 from pytest_unsloth.fit.estimate import ALIASES, DEFAULTS, estimate_memory
-from pytest_unsloth.fit.plan import describe_fits, find_config, what_fits
+from pytest_unsloth.fit.plan import describe_fits, find_config, gib, what_fits
 from pytest_unsloth.settings import parse_amount_bytes
 from pytest_unsloth.util.units import GIB
 
@@ -66,12 +66,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = find_config(args.model)
         est = estimate_memory(config, **settings)
-        fits = what_fits(config, settings, args.budget) if args.budget else None
+        fits = what_fits(config, settings, args.budget) if args.budget is not None else None
     except (OSError, ValueError, KeyError) as exc:
         ap.error(str(exc))
     if args.json:
         out = est.as_dict()
-        if args.budget:
+        if args.budget is not None:
             out["budget_bytes"] = args.budget
             out["fits"] = est.total_bytes <= args.budget
             out["largest_fitting"] = fits
@@ -94,15 +94,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {'total':<{width}}  {est.total_bytes / GIB:8.2f} GiB")
         for note in est.notes:
             print(f"note: {note}")
-        if args.budget and fits is not None:
+        if fits is not None:
             if est.total_bytes <= args.budget:
-                print(f"fits in {args.budget / GIB:.1f} GiB")
+                print(f"fits in {gib(args.budget)}")
             else:
                 print(
-                    f"does not fit in {args.budget / GIB:.1f} GiB; settings that fit: "
+                    f"does not fit in {gib(args.budget)}; settings that fit: "
                     f"{describe_fits(fits, est)}"
                 )
-    return 1 if args.budget and est.total_bytes > args.budget else 0
+    return 1 if args.budget is not None and est.total_bytes > args.budget else 0
 
 
 if __name__ == "__main__":

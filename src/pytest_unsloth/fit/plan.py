@@ -8,7 +8,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from pytest_unsloth.fit.estimate import MemoryEstimate, estimate_memory
-from pytest_unsloth.util.units import GIB
+from pytest_unsloth.util.units import GIB, MIB
 
 if TYPE_CHECKING:
     from pytest_unsloth.settings import Settings
@@ -131,6 +131,12 @@ def what_fits(
 
 def describe_fits(found: Mapping[str, Any], est: MemoryEstimate) -> str:
     """`num_generations <= 4, max_completion_length <= 700` (only the knobs that can help)."""
+    if found and all(value is None for value in found.values()):
+        fixed = est.parts["weights"] + est.parts["cuda_context"]
+        return (
+            f"none (the weights and the CUDA context alone need {gib(fixed)}; no batch size, "
+            "length or generation count makes room)"
+        )
     bits = []
     for key, value in found.items():
         current = est.settings.get(key)
@@ -142,5 +148,7 @@ def describe_fits(found: Mapping[str, Any], est: MemoryEstimate) -> str:
 
 
 def gib(n: int | float) -> str:
-    """Bytes as `12.3 GiB`."""
+    """Bytes as `12.3 GiB`, or `27 MiB` below a tenth of a GiB (which `0.0 GiB` would hide)."""
+    if abs(n) < GIB / 10:
+        return f"{n / MIB:.0f} MiB"
     return f"{n / GIB:.1f} GiB"
