@@ -1,6 +1,9 @@
-"""pytest runs inside the plugin's tests: a fresh interpreter with a time limit, whole output."""
+"""Subprocess runs in the plugin's tests: a fresh interpreter with a time limit, whole output."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
 
 import pytest
 
@@ -21,3 +24,13 @@ def run_pytest(
     out = output(result)
     assert "INTERNALERROR" not in out, out
     return result, out
+
+
+def fit_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """``python -m pytest_unsloth.fit ARGS`` in a fresh interpreter, output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "pytest_unsloth.fit", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

@@ -21,6 +21,7 @@ from pytest_unsloth.fit import vllm as vllm_sizing
 from pytest_unsloth.fit.arch import arch_from_config
 from pytest_unsloth.fit.plan import largest_fitting, what_fits
 from pytest_unsloth.util.units import GIB
+from subrun import fit_cli
 
 ROOT = Path(__file__).parent.parent
 GRID = ROOT / "tests" / "data" / "fit_grid.jsonl"
@@ -447,28 +448,19 @@ def test_estimate_is_fast_and_imports_no_torch(tmp_path: Path):
     assert float(proc.stdout) < 0.05
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "pytest_unsloth.fit", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
 def test_cli_table_json_and_budget(tmp_path: Path):
     (tmp_path / "config.json").write_text(json.dumps(CONFIGS["llama-3.1-8b"]))
-    table = _cli(str(tmp_path), "--task", "grpo", "--num_generations", "8")
+    table = fit_cli(str(tmp_path), "--task", "grpo", "--num_generations", "8")
     assert table.returncode == 0, table.stderr
     assert "weights" in table.stdout and "total" in table.stdout
-    out = _cli(str(tmp_path / "config.json"), "--json", "--max-seq-length", "4096")
+    out = fit_cli(str(tmp_path / "config.json"), "--json", "--max-seq-length", "4096")
     data = json.loads(out.stdout)
     assert data["total_bytes"] == sum(data["parts"].values())
     assert (
         data["total_bytes"]
         == estimate_memory(CONFIGS["llama-3.1-8b"], max_seq_length=4096).total_bytes
     )
-    over = _cli(
+    over = fit_cli(
         str(tmp_path),
         "--task",
         "grpo",
@@ -483,11 +475,11 @@ def test_cli_table_json_and_budget(tmp_path: Path):
 
 
 def test_cli_bad_input_is_a_usage_error(tmp_path: Path):
-    missing = _cli(str(tmp_path / "nope"))
+    missing = fit_cli(str(tmp_path / "nope"))
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
     assert "nope" in missing.stderr
     (tmp_path / "config.json").write_text(json.dumps(CONFIGS["llama-3.1-8b"]))
-    bad = _cli(str(tmp_path), "--optim", "lion9000")
+    bad = fit_cli(str(tmp_path), "--optim", "lion9000")
     assert bad.returncode == 2 and "optim='lion9000'" in bad.stderr
 
 

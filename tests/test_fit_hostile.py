@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,17 +17,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pytest_unsloth.fit import estimate_memory
+from subrun import fit_cli
 
-LLAMA = {
-    "model_type": "llama",
-    "hidden_size": 2048,
-    "intermediate_size": 8192,
-    "num_hidden_layers": 16,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
-    "vocab_size": 128256,
-    "tie_word_embeddings": True,
-}
+GRID = Path(__file__).parent / "data" / "fit_grid.jsonl"
+LLAMA = next(
+    r["config"]
+    for r in map(json.loads, GRID.read_text().splitlines())
+    if r["model"] == "llama-3.2-1b"
+)
 MOE = {**LLAMA, "model_type": "qwen2_moe", "num_experts": 8, "num_experts_per_tok": 2}
 
 
@@ -67,7 +63,8 @@ def test_a_hostile_config_value_is_a_value_error_naming_the_key(
 
 def test_heads_wider_than_the_hidden_size_leave_no_head_dim():
     with pytest.raises(ValueError, match="leaves no head_dim"):
-        estimate_memory({**LLAMA, "hidden_size": 16, "num_attention_heads": 32})
+        no_head_dim = {k: v for k, v in LLAMA.items() if k != "head_dim"}
+        estimate_memory({**no_head_dim, "hidden_size": 16, "num_attention_heads": 32})
 
 
 @pytest.mark.parametrize(
@@ -216,24 +213,14 @@ def test_requires_fit_with_a_hostile_config_is_an_error_naming_it(pytester: pyte
 
 def test_the_cli_turns_a_hostile_config_into_a_usage_error(tmp_path: Path):
     (tmp_path / "config.json").write_text(json.dumps({**LLAMA, "num_attention_heads": 1e308}))
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest_unsloth.fit", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = fit_cli(str(tmp_path))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "num_attention_heads" in proc.stderr
 
 
 def _budget(tmp_path: Path, budget: str) -> subprocess.CompletedProcess[str]:
     (tmp_path / "config.json").write_text(json.dumps(LLAMA))
-    return subprocess.run(
-        [sys.executable, "-m", "pytest_unsloth.fit", str(tmp_path), f"--budget={budget}"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return fit_cli(str(tmp_path), f"--budget={budget}")
 
 
 def test_a_budget_below_the_weights_says_nothing_else_can_make_room(tmp_path: Path):
