@@ -2,8 +2,8 @@
 # Third-session call on 2x H200 (issues 12 and 15), everything at once:
 # 1) issue 15: every fit point (the 30 calibration points and the 10 held out until then) measured
 #    again with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True, so the reserved peak is what the
-#    step needs
-#    rather than what the default allocator keeps cached after generate() outgrows its blocks;
+#    step needs rather than what the default allocator keeps cached after generate() outgrows
+#    its blocks;
 #    the points are split over the two GPUs (CUDA_VISIBLE_DEVICES; NVML follows it), longest first;
 # 2) issue 12: the NCCL rank code and topology tests on two real GPUs, then the other GPU-marked
 #    tests while time is left.
