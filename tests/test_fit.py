@@ -238,6 +238,22 @@ def test_parameter_count_matches_transformers(model: str, params: int):
     assert arch_from_config(CONFIGS[model]).total_params == params
 
 
+@pytest.mark.parametrize(
+    ("config_class", "layers"),
+    [("MixtralConfig", 2), ("Qwen2MoeConfig", 2), ("Qwen3MoeConfig", 2), ("GraniteConfig", 2)],
+)
+def test_moe_and_other_families_count_what_transformers_builds(config_class: str, layers: int):
+    # the config classes' defaults are real checkpoints' shapes (Mixtral-8x7B, Qwen1.5-MoE-A2.7B
+    # with its gated shared expert, a Qwen3-MoE); two layers keep the meta build quick
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    config = getattr(transformers, config_class)(num_hidden_layers=layers)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    built = sum(p.numel() for p in model.parameters())
+    assert arch_from_config(config.to_dict()).total_params == built
+
+
 def test_unknown_family_is_counted_on_the_meta_device():
     pytest.importorskip("transformers")
     cfg = {

@@ -62,8 +62,8 @@ def test_a_hostile_config_value_is_a_value_error_naming_the_key(
 
 
 def test_heads_wider_than_the_hidden_size_leave_no_head_dim():
+    no_head_dim = {k: v for k, v in LLAMA.items() if k != "head_dim"}
     with pytest.raises(ValueError, match="leaves no head_dim"):
-        no_head_dim = {k: v for k, v in LLAMA.items() if k != "head_dim"}
         estimate_memory({**no_head_dim, "hidden_size": 16, "num_attention_heads": 32})
 
 

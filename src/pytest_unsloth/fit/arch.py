@@ -254,6 +254,7 @@ def _linear_layers(
                 Linear("shared_expert.gate_proj", h, shared, 1),
                 Linear("shared_expert.up_proj", h, shared, 1),
                 Linear("shared_expert.down_proj", shared, h, 1),
+                Linear("shared_expert_gate", h, 1, 1),  # Qwen2-MoE scales the shared expert
             ]
     return lin
 
