@@ -277,6 +277,42 @@ def test_multimodal_wrapper_reads_text_config(tmp_path: Path):
     assert arch_from_config(tmp_path).total_params == arch_from_config(text).total_params
 
 
+@pytest.mark.parametrize(
+    "vision",
+    [
+        {},  # SiglipVisionConfig's defaults, with the attention-pooling head
+        # gemma-3-4b-it's vision_config (the keys its config.json writes)
+        {
+            "hidden_size": 1152,
+            "image_size": 896,
+            "intermediate_size": 4304,
+            "num_attention_heads": 16,
+            "num_hidden_layers": 27,
+            "patch_size": 14,
+            "vision_use_head": False,
+        },
+    ],
+    ids=["siglip-defaults", "gemma-3-4b-vision"],
+)
+def test_gemma3_multimodal_counts_its_vision_tower_like_transformers(vision: dict[str, Any]):
+    # FastModel / Gemma3ForConditionalGeneration load the vision tower too: ~0.4 B parameters
+    # (0.8 GB in 16 bit) that the text config alone would miss
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    config = transformers.Gemma3Config(
+        vision_config=vision or None, text_config={"num_hidden_layers": 2}
+    )
+    with torch.device("meta"):
+        model = transformers.Gemma3ForConditionalGeneration(config)
+    built = sum(p.numel() for p in model.parameters())
+    written = {"model_type": "gemma3", "text_config": config.text_config.to_dict()}
+    written["vision_config"] = {"model_type": "siglip_vision_model", **vision}
+    arch = arch_from_config(written)
+    assert arch.total_params == built and arch.vision_params > 0
+    text_only = estimate_memory(config.text_config.to_dict()).parts["weights"]
+    assert estimate_memory(written).parts["weights"] - text_only == 2 * arch.vision_params
+
+
 def test_moe_experts_and_tied_embeddings():
     dense = {**CONFIGS["qwen2.5-0.5b"], "model_type": "qwen2_moe"}
     moe = {**dense, "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 512}

@@ -20,11 +20,8 @@ from pytest_unsloth.fit import estimate_memory
 from subrun import fit_cli
 
 GRID = Path(__file__).parent / "data" / "fit_grid.jsonl"
-LLAMA = next(
-    r["config"]
-    for r in map(json.loads, GRID.read_text().splitlines())
-    if r["model"] == "llama-3.2-1b"
-)
+CONFIGS = {r["model"]: r["config"] for r in map(json.loads, GRID.read_text().splitlines())}
+LLAMA = CONFIGS["llama-3.2-1b"]
 MOE = {**LLAMA, "model_type": "qwen2_moe", "num_experts": 8, "num_experts_per_tok": 2}
 
 
@@ -59,6 +56,18 @@ def test_a_hostile_config_value_is_a_value_error_naming_the_key(
 ):
     with pytest.raises(ValueError, match=key):
         estimate_memory({**base, key: value})
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("hidden_size", "1152"), ("hidden_size", 1e308), ("image_size", -1), ("patch_size", 0)],
+)
+def test_a_hostile_vision_config_is_a_value_error_naming_it(key: str, value: Any):
+    vision = {"model_type": "siglip_vision_model", key: value}
+    with pytest.raises(ValueError, match=f"vision_config: config key '{key}'"):
+        estimate_memory(
+            {"model_type": "gemma3", "text_config": CONFIGS["gemma-3-1b"], "vision_config": vision}
+        )
 
 
 def test_heads_wider_than_the_hidden_size_leave_no_head_dim():

@@ -86,6 +86,7 @@ class Arch:
     known: bool = True
     norms_per_layer: int = 2
     logit_softcap: bool = False
+    vision_params: int = 0  # a multimodal checkpoint's vision tower and projector (16-bit)
 
     @property
     def q_dim(self) -> int:
@@ -110,7 +111,13 @@ class Arch:
     @property
     def total_params(self) -> int:
         """Every parameter of the model."""
-        return self.linear_params + self.embed_params + self.norm_params + self.bias_params
+        return (
+            self.linear_params
+            + self.embed_params
+            + self.norm_params
+            + self.bias_params
+            + self.vision_params
+        )
 
 
 def read_config(config_or_path: Mapping[str, Any] | str | os.PathLike[str]) -> dict[str, Any]:
@@ -165,7 +172,8 @@ def _short(value: Any) -> str:
 
 def arch_from_config(config_or_path: Mapping[str, Any] | str | os.PathLike[str]) -> Arch:
     """Read the architecture numbers; unknown families are counted on the meta device."""
-    cfg = _language_model_config(read_config(config_or_path))
+    raw = read_config(config_or_path)
+    cfg = _language_model_config(raw)
     model_type = cfg.get("model_type", "")
     if not isinstance(model_type, str):
         raise ValueError(f"config key 'model_type' is {_short(model_type)}; a string is needed")
@@ -211,7 +219,49 @@ def arch_from_config(config_or_path: Mapping[str, Any] | str | os.PathLike[str])
         attention="eager" if model_type == "gemma2" else "sdpa",
         norms_per_layer=family.norms_per_layer,
         logit_softcap=softcap is not None,
+        vision_params=_vision_params(raw, h),
     )
+
+
+# transformers' SiglipVisionConfig defaults, for keys a vision_config leaves out
+_SIGLIP = {
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_channels": 3,
+    "image_size": 224,
+    "patch_size": 16,
+}
+
+
+def _vision_params(raw: Mapping[str, Any], text_hidden: int) -> int:
+    """Parameters of a SigLIP vision tower and Gemma 3's projector (Gemma 3 4B/12B/27B)."""
+    vc = raw.get("vision_config")
+    if not (isinstance(vc, Mapping) and vc.get("model_type") == "siglip_vision_model"):
+        return 0
+    try:
+        return _siglip_params(vc, text_hidden, raw.get("model_type") == "gemma3")
+    except ValueError as exc:
+        raise ValueError(f"vision_config: {exc}") from None
+
+
+def _siglip_params(vc: Mapping[str, Any], text_hidden: int, gemma3: bool) -> int:
+    v = {**_SIGLIP, **{k: vc[k] for k in _SIGLIP if vc.get(k) is not None}}
+    h, inter, layers = (
+        _int(v, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers")
+    )
+    patch = _int(v, "patch_size")
+    mlp = 2 * h * inter + inter + h
+    per_layer = 4 * (h * h + h) + mlp + 4 * h  # q/k/v/out with biases, fc1/fc2, two LayerNorms
+    embed = (
+        _int(v, "num_channels") * patch * patch * h + h + (_int(v, "image_size") // patch) ** 2 * h
+    )
+    total = layers * per_layer + embed + 2 * h  # + post_layernorm
+    if _flag(vc, "vision_use_head", True):  # attention-pooling head
+        total += h + 3 * h * h + 3 * h + h * h + h + 2 * h + mlp
+    if gemma3:  # mm_input_projection and its RMSNorm
+        total += h * text_hidden + h
+    return total
 
 
 def _language_model_config(cfg: dict[str, Any]) -> dict[str, Any]:

@@ -309,7 +309,7 @@ def weight_bytes(arch: Arch, s: Mapping[str, Any]) -> int:
     """Bytes of the model's weights as loaded (16-bit, NF4 with absmax, or int8 with scales)."""
     dt = DTYPE_BYTES[str(s["dtype"]).lower()]
     n_lin = arch.linear_params
-    rest = arch.embed_params + arch.norm_params + arch.bias_params  # stays 16-bit
+    rest = arch.embed_params + arch.norm_params + arch.bias_params + arch.vision_params  # 16-bit
     if s["load_in_4bit"] and not s["full_finetuning"]:
         # bitsandbytes NF4: two 4-bit codes per byte; one absmax per 64-element block, fp32, or
         # with double quantization uint8 plus one fp32 absmax (and offset) per 256 blocks
