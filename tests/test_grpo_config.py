@@ -275,3 +275,9 @@ def test_several_gpus_without_a_launcher(monkeypatch: pytest.MonkeyPatch) -> Non
     assert "accelerate launch --num_processes 2" in p.fix
     monkeypatch.setenv("LOCAL_RANK", "0")
     assert not check_grpo_config(settings, gpus=gpus, unsloth=False).problems
+
+
+@pytest.mark.parametrize("bad", ["2048", 2048.0, True, [2048]])
+def test_model_max_length_that_is_not_an_int_names_itself(bad: Any):
+    with pytest.raises(TypeError, match=r"model_max_length=.*pass the model's context length"):
+        check_grpo_config({"output_dir": "out"}, model_max_length=bad)

@@ -185,6 +185,14 @@ def check_grpo_config(
     unsloth: bool | None = None,
 ) -> ConfigReport:
     """Build the installed GRPOConfig; report every error with a fix, plus GPU/context checks."""
+    if model_max_length is not None and (
+        isinstance(model_max_length, bool) or not isinstance(model_max_length, int)
+    ):
+        raise TypeError(
+            f"check_grpo_config(model_max_length={model_max_length!r}): pass the model's context "
+            "length as an int (tokenizer.model_max_length or config.max_position_embeddings), "
+            "or None"
+        )
     cls = _config_class()
     trl_version = installed_version("trl")
     tf_version = installed_version("transformers")
