@@ -141,6 +141,14 @@ def test_bom_and_wrong_explicit_schema(tmp_path: Path) -> None:
     assert [p.code for p in report.bad] == ["missing-field"]
 
 
+def test_a_line_nested_past_the_parsers_depth_is_a_bad_line(tmp_path: Path) -> None:
+    deep = b'{"a":' * 5000 + b"1" + b"}" * 5000 + b"\n"
+    path = write(tmp_path / "d.jsonl", [line(GOOD["prompt"]), deep, line(GOOD["prompt"])])
+    report = check_jsonl(path)
+    assert [(p.line, p.code) for p in report.bad] == [(2, "invalid-json")]
+    assert "nested too deeply" in report.bad[0].message and report.records == 2
+
+
 def test_unknown_schema_and_empty_file(tmp_path: Path) -> None:
     report = check_jsonl(write(tmp_path / "u.jsonl", [line({"text": "hi"})]))
     assert [p.code for p in report.problems] == ["unknown-schema"]

@@ -233,6 +233,9 @@ def _parse_record(number: int, raw: bytes, bad: _BadLines) -> tuple[dict[str, An
     except ValueError as exc:
         bad.flag(number, "invalid-json", f"invalid JSON: {exc}")
         return None, False
+    except RecursionError:  # valid JSON nested deeper than Python's parser can follow
+        bad.flag(number, "invalid-json", "JSON nested too deeply to read (not a training record)")
+        return None, False
     ok = True
     escaped = _ESCAPED_CONTROL.search(raw)
     if escaped is not None:
