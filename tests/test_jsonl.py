@@ -142,7 +142,7 @@ def test_bom_and_wrong_explicit_schema(tmp_path: Path) -> None:
 
 
 def test_a_line_nested_past_the_parsers_depth_is_a_bad_line(tmp_path: Path) -> None:
-    deep = b'{"a":' * 5000 + b"1" + b"}" * 5000 + b"\n"
+    deep = b'{"a":' * 100_000 + b"1" + b"}" * 100_000 + b"\n"  # past every Python's limit
     path = write(tmp_path / "d.jsonl", [line(GOOD["prompt"]), deep, line(GOOD["prompt"])])
     report = check_jsonl(path)
     assert [(p.line, p.code) for p in report.bad] == [(2, "invalid-json")]
